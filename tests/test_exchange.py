@@ -1,0 +1,139 @@
+"""The exchange lifecycle: every request ends exactly once, in a known state."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tproxy.core.errors import IllegalTransition
+from tproxy.core.events import (
+    CacheHit,
+    ClientGone,
+    Fact,
+    HeadersReceived,
+    Rejected,
+    ResponseFinished,
+    ShutDown,
+    TimedOut,
+    UpstreamEnded,
+    UpstreamFailed,
+    UpstreamRequested,
+)
+from tproxy.core.exchange import TERMINAL_STATES, TRANSITIONS, Exchange, State, describe_transitions
+
+
+def new_exchange() -> Exchange:
+    return Exchange("req-1", started_at=100.0)
+
+
+def test_a_streamed_answer_goes_from_received_to_completed() -> None:
+    exchange = new_exchange()
+    exchange.handle(UpstreamRequested("local", 1), 100.1)
+    exchange.handle(HeadersReceived(200), 100.2)
+    exchange.note_upstream_chunk(10, 100.3)
+    exchange.note_events(1)
+    exchange.handle(UpstreamEnded(), 100.4)
+    exchange.handle(ResponseFinished(), 100.5)
+    assert exchange.state is State.COMPLETED
+    assert exchange.finished
+    assert exchange.status == 200
+    assert exchange.upstream == "local"
+    assert exchange.first_byte_at == 100.3
+    assert exchange.ended_at == 100.5
+    assert exchange.history == [
+        State.RECEIVED,
+        State.CONNECTING,
+        State.STREAMING,
+        State.UPSTREAM_DONE,
+    ]
+
+
+def test_a_second_end_of_stream_is_illegal_and_changes_nothing() -> None:
+    exchange = new_exchange()
+    exchange.handle(UpstreamRequested("local", 1), 1.0)
+    exchange.handle(HeadersReceived(200), 1.0)
+    exchange.handle(UpstreamEnded(), 2.0)
+    with pytest.raises(IllegalTransition, match="UpstreamEnded is not allowed"):
+        exchange.handle(UpstreamEnded(), 3.0)
+    assert exchange.state is State.UPSTREAM_DONE
+
+
+def test_end_of_stream_after_completion_is_illegal() -> None:
+    exchange = new_exchange()
+    for fact in (UpstreamRequested("u", 1), HeadersReceived(200), UpstreamEnded(), ResponseFinished()):
+        exchange.handle(fact, 1.0)
+    with pytest.raises(IllegalTransition):
+        exchange.handle(UpstreamEnded(), 2.0)
+    assert exchange.state is State.COMPLETED
+
+
+def test_a_retry_stays_connecting_and_counts_attempts() -> None:
+    exchange = new_exchange()
+    exchange.handle(UpstreamRequested("a", 1), 1.0)
+    exchange.handle(UpstreamRequested("b", 2), 1.1)
+    assert exchange.state is State.CONNECTING
+    assert (exchange.upstream, exchange.attempts) == ("b", 2)
+
+
+@pytest.mark.parametrize(
+    ("facts", "final"),
+    [
+        ([Rejected(413, "request_too_large")], State.REJECTED),
+        ([CacheHit(3.0), ResponseFinished()], State.COMPLETED),
+        ([UpstreamRequested("u", 1), UpstreamFailed("refused")], State.UPSTREAM_FAILED),
+        ([UpstreamRequested("u", 1), TimedOut("first_byte")], State.TIMED_OUT),
+        ([UpstreamRequested("u", 1), HeadersReceived(200), TimedOut("idle")], State.TIMED_OUT),
+        ([UpstreamRequested("u", 1), HeadersReceived(200), ClientGone()], State.CLIENT_GONE),
+        ([UpstreamRequested("u", 1), HeadersReceived(200), ShutDown()], State.SHUT_DOWN),
+        ([UpstreamRequested("u", 1), HeadersReceived(200), UpstreamEnded(), ClientGone()], State.CLIENT_GONE),
+    ],
+)
+def test_each_terminal_state_is_reachable(facts: list[Fact], final: State) -> None:
+    exchange = new_exchange()
+    for fact in facts:
+        exchange.handle(fact, 1.0)
+    assert exchange.state is final
+    assert exchange.finished
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    assert all(source not in TERMINAL_STATES for source, _ in TRANSITIONS)
+
+
+def test_the_diagram_names_every_transition() -> None:
+    diagram = describe_transitions()
+    assert diagram.count("-->") == len(TRANSITIONS) + 1 + len(TERMINAL_STATES)
+
+
+ALL_FACTS: list[Fact] = [
+    Rejected(400, "bad"),
+    CacheHit(1.0),
+    UpstreamRequested("u", 1),
+    HeadersReceived(200),
+    UpstreamEnded(),
+    ResponseFinished(),
+    UpstreamFailed("reset"),
+    TimedOut("idle"),
+    ClientGone(),
+    ShutDown(),
+]
+
+
+@given(st.lists(st.sampled_from(ALL_FACTS), max_size=30))
+def test_any_sequence_of_facts_ends_at_most_once(facts: list[Fact]) -> None:
+    """Oracle: the table. Legal facts move as it says; illegal ones raise and change nothing."""
+    exchange = new_exchange()
+    terminal_transitions = 0
+    for moment, fact in enumerate(facts):
+        before = exchange.state
+        expected = TRANSITIONS.get((before, type(fact)))
+        if expected is None:
+            with pytest.raises(IllegalTransition):
+                exchange.handle(fact, float(moment))
+            assert exchange.state is before
+        else:
+            assert exchange.handle(fact, float(moment)) is expected
+            terminal_transitions += expected.terminal
+    assert terminal_transitions <= 1
+    assert terminal_transitions == int(exchange.finished)

@@ -1,0 +1,88 @@
+"""The facts the I/O layer reports about one exchange.
+
+The I/O code never decides what state a request is in: it observes something ("the upstream sent
+its headers", "the client went away") and reports it as one of these frozen values. The exchange
+state machine in :mod:`tproxy.core.exchange` decides what the fact means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The proxy answered the request itself with an error (bad input, no route, too large)."""
+
+    status: int
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    """A stored answer was found and is being replayed; ``age`` is in seconds."""
+
+    age: float
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequested:
+    """The request was sent to an upstream; ``attempt`` counts from 1 (retries add one)."""
+
+    upstream: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersReceived:
+    """The upstream's response status and headers arrived."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEnded:
+    """The upstream's body ended cleanly: every byte it meant to send has arrived."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFinished:
+    """The last byte of the response was handed to the client and the response closed cleanly."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailed:
+    """The upstream could not be reached, or its response broke; ``reason`` says how."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """A deadline passed; ``phase`` is ``connect``, ``first_byte``, ``idle`` or ``total``."""
+
+    phase: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientGone:
+    """The client disconnected before its response was complete."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShutDown:
+    """The server is stopping and cut this exchange short."""
+
+
+Fact = (
+    Rejected
+    | CacheHit
+    | UpstreamRequested
+    | HeadersReceived
+    | UpstreamEnded
+    | ResponseFinished
+    | UpstreamFailed
+    | TimedOut
+    | ClientGone
+    | ShutDown
+)

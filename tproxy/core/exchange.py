@@ -1,0 +1,175 @@
+"""The lifecycle of one request, as a table-driven state machine.
+
+Theory of operation: an :class:`Exchange` starts in ``RECEIVED`` once the request has been read.
+The I/O layer reports facts (:mod:`tproxy.core.events`); :meth:`Exchange.handle` looks the pair
+``(state, type of fact)`` up in :data:`TRANSITIONS` and moves to the state it names. A pair that is
+not in the table raises :class:`~tproxy.core.errors.IllegalTransition` and changes nothing.
+
+Terminal states have no way out, so every exchange ends exactly once. The end of the upstream's
+body moves ``STREAMING`` to ``UPSTREAM_DONE``, where a second ``UpstreamEnded`` is not in the
+table: processing a body twice after its end is impossible by construction, not by care.
+
+Counters (bytes, chunks, events) are accounting, not lifecycle: they are plain methods that do not
+touch the state. Times are passed in by the caller (any monotonic clock), keeping this module pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from tproxy.core.errors import IllegalTransition
+from tproxy.core.events import (
+    CacheHit,
+    ClientGone,
+    Fact,
+    HeadersReceived,
+    Rejected,
+    ResponseFinished,
+    ShutDown,
+    TimedOut,
+    UpstreamEnded,
+    UpstreamFailed,
+    UpstreamRequested,
+)
+
+
+class State(Enum):
+    """Where an exchange is. The last six are terminal."""
+
+    RECEIVED = "received"
+    REPLAYING = "replaying"
+    CONNECTING = "upstream_connecting"
+    STREAMING = "streaming"
+    UPSTREAM_DONE = "upstream_done"
+    COMPLETED = "completed"
+    REJECTED = "rejected"
+    CLIENT_GONE = "client_gone"
+    UPSTREAM_FAILED = "upstream_failed"
+    TIMED_OUT = "timed_out"
+    SHUT_DOWN = "shut_down"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        State.COMPLETED,
+        State.REJECTED,
+        State.CLIENT_GONE,
+        State.UPSTREAM_FAILED,
+        State.TIMED_OUT,
+        State.SHUT_DOWN,
+    }
+)
+
+_LIVE = (State.RECEIVED, State.REPLAYING, State.CONNECTING, State.STREAMING, State.UPSTREAM_DONE)
+
+TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
+    (State.RECEIVED, Rejected): State.REJECTED,
+    (State.RECEIVED, CacheHit): State.REPLAYING,
+    (State.RECEIVED, UpstreamRequested): State.CONNECTING,
+    # A retry on the next upstream of the route, before any response arrived.
+    (State.CONNECTING, UpstreamRequested): State.CONNECTING,
+    (State.CONNECTING, HeadersReceived): State.STREAMING,
+    (State.CONNECTING, UpstreamFailed): State.UPSTREAM_FAILED,
+    (State.CONNECTING, TimedOut): State.TIMED_OUT,
+    (State.STREAMING, UpstreamEnded): State.UPSTREAM_DONE,
+    (State.STREAMING, UpstreamFailed): State.UPSTREAM_FAILED,
+    (State.STREAMING, TimedOut): State.TIMED_OUT,
+    (State.UPSTREAM_DONE, ResponseFinished): State.COMPLETED,
+    (State.REPLAYING, ResponseFinished): State.COMPLETED,
+    **{(state, ClientGone): State.CLIENT_GONE for state in _LIVE},
+    **{(state, ShutDown): State.SHUT_DOWN for state in _LIVE},
+}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's life: its state, what happened when, and how much flowed.
+
+    Raises :class:`IllegalTransition` from :meth:`handle` when a fact does not fit the state.
+    """
+
+    request_id: str
+    started_at: float
+    state: State = State.RECEIVED
+    upstream: str | None = None
+    attempts: int = 0
+    status: int | None = None
+    reason: str | None = None
+    headers_at: float | None = None
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+    upstream_bytes: int = 0
+    upstream_chunks: int = 0
+    delivered_bytes: int = 0
+    events: int = 0
+    history: list[State] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.terminal
+
+    def handle(self, fact: Fact, now: float) -> State:
+        """Apply ``fact``; return the new state. Illegal facts raise and change nothing."""
+        try:
+            new_state = TRANSITIONS[self.state, type(fact)]
+        except KeyError:
+            raise IllegalTransition(
+                f"exchange {self.request_id}: {type(fact).__name__} is not allowed in state "
+                f"{self.state.value}"
+            ) from None
+        self._record(fact, now)
+        self.history.append(self.state)
+        self.state = new_state
+        if new_state.terminal:
+            self.ended_at = now
+        return new_state
+
+    def _record(self, fact: Fact, now: float) -> None:
+        match fact:
+            case UpstreamRequested(upstream=upstream, attempt=attempt):
+                self.upstream = upstream
+                self.attempts = attempt
+            case HeadersReceived(status=status):
+                self.status = status
+                self.headers_at = now
+            case Rejected(status=status, code=code):
+                self.status = status
+                self.reason = code
+            case UpstreamFailed(reason=reason):
+                self.reason = reason
+            case TimedOut(phase=phase):
+                self.reason = f"timeout:{phase}"
+            case CacheHit():
+                self.status = 200
+                self.headers_at = now
+            case _:
+                pass
+
+    def note_upstream_chunk(self, size: int, now: float) -> None:
+        """Count a chunk of the upstream's body (accounting only)."""
+        if self.first_byte_at is None:
+            self.first_byte_at = now
+        self.upstream_chunks += 1
+        self.upstream_bytes += size
+
+    def note_delivered(self, size: int) -> None:
+        """Count bytes handed to the client (accounting only)."""
+        self.delivered_bytes += size
+
+    def note_events(self, count: int) -> None:
+        """Count server-sent events parsed from the upstream's body (accounting only)."""
+        self.events += count
+
+
+def describe_transitions() -> str:
+    """The transition table as a Mermaid state diagram, for docs/architecture.md."""
+    lines = ["stateDiagram-v2", f"    [*] --> {State.RECEIVED.value}"]
+    for (source, fact_type), target in TRANSITIONS.items():
+        lines.append(f"    {source.value} --> {target.value}: {fact_type.__name__}")
+    lines.extend(f"    {state.value} --> [*]" for state in State if state.terminal)
+    return "\n".join(lines)
