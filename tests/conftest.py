@@ -1,0 +1,92 @@
+"""Shared fixtures: a fake upstream on a real socket, and tproxy served by real Hypercorn.
+
+Everything listens on 127.0.0.1 with a port the kernel picks; every test gets its own upstream,
+its own proxy and its own LMDB directory, so no state is shared between tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import pytest
+import trio
+
+from tests.fakeupstream import FakeUpstream
+from tproxy.config import Overrides, Settings, load_settings
+from tproxy.server import Listening, serve_tproxy
+from tproxy.storewriter import StoreWriter
+
+
+@dataclass
+class RunningProxy:
+    settings: Settings
+    url: str
+    admin_url: str
+    stop: trio.Event
+    store_writer: StoreWriter | None
+
+    async def flush(self) -> None:
+        """Wait until every answer the proxy decided to store is in the store."""
+        if self.store_writer is not None:
+            await self.store_writer.flush()
+
+
+StartProxy = Callable[..., Awaitable[RunningProxy]]
+
+# The openai SDK stops reading its own async generators (and httpx2's) at ``[DONE]`` without
+# closing them; under Trio their finalizers warn when they are collected. Not ours to fix and
+# harmless (the response is closed), so tests that use the SDK tolerate exactly that.
+tolerate_sdk_generators = pytest.mark.filterwarnings(
+    "ignore:Async generator:ResourceWarning",
+    "ignore:Exception ignored in. <async_generator:pytest.PytestUnraisableExceptionWarning",
+)
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> FakeUpstream:
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    return fake
+
+
+@pytest.fixture
+def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path) -> StartProxy:
+    """Start a tproxy in front of ``upstream``; ``toml`` adds settings to its config file."""
+
+    async def start(
+        toml: str = "", *, upstream_url: str | None = None, upstream_flag: bool = True
+    ) -> RunningProxy:
+        """``upstream_flag=False`` leaves upstreams and routes to ``toml`` (as ``--upstream``
+        would replace them); ``{upstream}`` in ``toml`` is the fake upstream's URL."""
+        config = tmp_path / "tproxy.toml"
+        config.write_text(toml.replace("{upstream}", upstream.url))
+        settings = load_settings(
+            config,
+            Overrides(
+                listen="127.0.0.1:0",
+                admin_listen="127.0.0.1:0",
+                upstream=(upstream_url or upstream.url) if upstream_flag else None,
+                cache_dir=tmp_path / "store",
+            ),
+        )
+        stop = trio.Event()
+        listening: Listening = await nursery.start(serve_tproxy, settings, stop)
+        return RunningProxy(
+            settings, listening.proxy[0], listening.admin[0], stop, listening.store_writer
+        )
+
+    return start
+
+
+@pytest.fixture
+async def proxy(start_proxy: StartProxy) -> RunningProxy:
+    return await start_proxy()
+
+
+@pytest.fixture
+async def client(proxy: RunningProxy) -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10.0) as http:
+        yield http

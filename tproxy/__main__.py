@@ -1,0 +1,7 @@
+"""``python -m tproxy`` does what the ``tproxy`` command does."""
+
+import sys
+
+from tproxy.cli import main
+
+sys.exit(main())

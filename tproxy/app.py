@@ -1,0 +1,278 @@
+"""The ASGI application: read and check a request, answer from the cache or open an exchange.
+
+Everything that can be refused is refused here, before any upstream is involved: targets that
+are not origin-form (tproxy is never an open proxy), bodies over ``server.max_body_bytes`` (413
+before reading the rest), requests no route accepts. Answers from the cache are replayed in one
+body message: a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import trio
+
+from tproxy.asgi import ASGIReceive, ASGISend, Scope
+from tproxy.config import CacheSettings, RouteSettings, Settings
+from tproxy.core.cachekey import CacheDecision, Verdict, decide, format_cache_status
+from tproxy.core.entry import StoredEntry
+from tproxy.core.errors import RequestRejected
+from tproxy.core.events import CacheHit, ClientGone, Rejected, ResponseFinished
+from tproxy.core.exchange import Exchange
+from tproxy.core.headers import Header, client_request_id, header_value
+from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
+from tproxy.routing import body_model, choose_route, needs_model
+from tproxy.store import CacheStore
+
+access_log = logging.getLogger("tproxy.access")
+
+_BYPASS = {
+    Verdict.DISABLED: "bypass",
+    Verdict.METHOD: "bypass",
+    Verdict.PATH: "bypass",
+    Verdict.NO_STORE: "request",
+}
+
+
+class _ClientLeftError(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """The cache's answer for one request: an entry to replay, or how to go upstream."""
+
+    entry: StoredEntry | None
+    age: float
+    plan: CachePlan | None
+    cache_status: str | None
+    refuse_miss: bool = False  # only-if-cached and nothing usable is stored
+
+
+class ProxyApp:
+    """The proxy's ASGI entry point; one instance serves every request of a server."""
+
+    def __init__(self, settings: Settings, exchanger: Exchanger, store: CacheStore | None) -> None:
+        self._settings = settings
+        self._exchanger = exchanger
+        self._store = store
+        self._model_routing = needs_model(settings.routes)
+
+    async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        if scope["type"] == "http":
+            await self._serve_http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+
+    async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        headers: list[Header] = scope["headers"]
+        request_id = client_request_id(headers) or uuid.uuid4().hex.encode()
+        exchange = Exchange(request_id.decode(), trio.current_time())
+        report: CacheReport | None = None
+        try:
+            try:
+                request, route, model = await self._read_request(scope, receive, request_id)
+            except RequestRejected as rejection:
+                exchange.handle(Rejected(rejection.status, rejection.code), trio.current_time())
+                await send_error(send, rejection, request_id, None)
+                return
+            except _ClientLeftError:
+                exchange.handle(ClientGone(), trio.current_time())
+                return
+            lookup = self._look_up(request, route, model)
+            if lookup.entry is not None:
+                exchange.handle(CacheHit(lookup.age), trio.current_time())
+                await replay(send, lookup.entry, request_id, lookup.age, lookup.cache_status)
+                exchange.note_delivered(lookup.entry.body_size)
+                exchange.handle(ResponseFinished(), trio.current_time())
+                return
+            if lookup.refuse_miss:
+                refusal = RequestRejected(504, "not_cached", "only-if-cached: no stored answer")
+                exchange.handle(Rejected(504, "not_cached"), trio.current_time())
+                await send_error(send, refusal, request_id, _encode(lookup.cache_status))
+                return
+            report = await self._exchanger.run(
+                request,
+                exchange,
+                receive,
+                send,
+                lookup.plan,
+                self._settings.upstream(route.upstreams[0]).total_timeout,
+                _encode(lookup.cache_status),
+            )
+        finally:
+            _log_access(scope, exchange, report)
+
+    async def _read_request(
+        self, scope: Scope, receive: ASGIReceive, request_id: bytes
+    ) -> tuple[ProxyRequest, RouteSettings, str | None]:
+        """Validate the request line and headers, read the body, choose the route.
+
+        Raises :class:`RequestRejected` for anything the proxy refuses, :class:`_ClientLeftError`
+        if the client disconnects while sending its body.
+        """
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        method: str = scope["method"]
+        if method == "CONNECT" or not raw_path.startswith(b"/"):
+            raise RequestRejected(
+                400,
+                "absolute_form_refused",
+                "tproxy is a reverse proxy: only origin-form targets such as /v1/models are served",
+            )
+        headers: list[Header] = scope["headers"]
+        body = await self._read_body(headers, receive)
+        path = raw_path.decode("latin-1")
+        model = body_model(body) if self._model_routing else None
+        route = choose_route(self._settings.routes, path, model)
+        if route is None:
+            raise RequestRejected(404, "no_route", f"no route accepts {method} {path}")
+        query: bytes = scope.get("query_string", b"")
+        target = path + ("?" + query.decode("latin-1") if query else "")
+        client = scope.get("client")
+        request = ProxyRequest(
+            request_id=request_id,
+            method=method,
+            target=target,
+            headers=headers,
+            body=body,
+            client_host=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            upstreams=route.upstreams,
+            retries=route.retries,
+        )
+        return request, route, model
+
+    async def _read_body(self, headers: list[Header], receive: ASGIReceive) -> bytes:
+        limit = self._settings.server.max_body_bytes
+        declared = header_value(headers, b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise RequestRejected(400, "bad_content_length", "Content-Length is not a number")
+            if int(declared) > limit:
+                raise _too_large(limit)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientLeftError
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    def _look_up(self, request: ProxyRequest, route: RouteSettings, model: str | None) -> _Lookup:
+        cache = self._settings.cache
+        path, _, query = request.target.partition("?")
+        decision = decide(
+            enabled=cache.enabled and route.cache and self._store is not None,
+            method=request.method,
+            route=route.name,
+            path=path,
+            query=query,
+            cacheable_paths=cache.paths,
+            headers=request.headers,
+            body=request.body,
+            ignore_fields=cache.ignore_fields,
+            shared=cache.shared,
+        )
+        if decision.verdict is not Verdict.CACHEABLE or decision.key is None:
+            fwd = _BYPASS.get(decision.verdict, "miss")
+            detail = None if decision.verdict in _BYPASS else decision.verdict.value
+            return _Lookup(None, 0.0, None, format_cache_status(hit=False, fwd=fwd, detail=detail))
+        fwd = "request" if not decision.lookup else "miss"
+        if decision.lookup and self._store is not None:
+            now = time.time()
+            entry = self._store.get(decision.key, now)
+            if entry is not None:
+                age = max(0.0, now - entry.created_at)
+                if decision.max_age is None or age <= decision.max_age:
+                    ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
+                    status = format_cache_status(hit=True, ttl=ttl)
+                    return _Lookup(entry, age, None, status)
+                fwd = "stale"
+        status = format_cache_status(hit=False, fwd=fwd)
+        if decision.only_if_cached:
+            return _Lookup(None, 0.0, None, status, refuse_miss=True)
+        plan = _plan(cache, route, decision) if decision.store else None
+        return _Lookup(None, 0.0, plan, status)
+
+
+def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -> CachePlan:
+    assert decision.key is not None
+    return CachePlan(
+        key=decision.key,
+        ttl=route.ttl if route.ttl is not None else cache.default_ttl,
+        max_entry_bytes=cache.max_entry_bytes,
+        model=decision.model,
+    )
+
+
+def _encode(cache_status: str | None) -> bytes | None:
+    return None if cache_status is None else cache_status.encode()
+
+
+def _too_large(limit: int) -> RequestRejected:
+    return RequestRejected(
+        413, "request_too_large", f"request body larger than server.max_body_bytes ({limit})"
+    )
+
+
+async def replay(
+    send: ASGISend, entry: StoredEntry, request_id: bytes, age: float, cache_status: str | None
+) -> None:
+    """Send a stored answer in one body message, byte for byte as the upstream sent it."""
+    body = b"".join(entry.chunks)
+    headers = [
+        *entry.headers,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id),
+        (b"age", str(int(age)).encode()),
+    ]
+    if cache_status is not None:
+        headers.append((b"cache-status", cache_status.encode()))
+    await send({"type": "http.response.start", "status": entry.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def serve_lifespan(receive: ASGIReceive, send: ASGISend) -> None:
+    """Acknowledge ASGI lifespan events: resources are opened by the server, not the app."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _log_access(scope: Scope, exchange: Exchange, report: CacheReport | None) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    started = exchange.started_at
+    record = {
+        "request_id": exchange.request_id,
+        "method": scope.get("method"),
+        "path": scope.get("path"),
+        "state": exchange.state.value,
+        "status": exchange.status,
+        "upstream": exchange.upstream,
+        "reason": exchange.reason,
+        "bytes_out": exchange.delivered_bytes,
+        "events": exchange.events,
+        "ttfb_ms": _ms(exchange.first_byte_at, started),
+        "duration_ms": _ms(exchange.ended_at, started),
+        "cache": report.reason if report is not None else None,
+    }
+    access_log.info(json.dumps(record, separators=(",", ":")))
+
+
+def _ms(moment: float | None, started: float) -> float | None:
+    return None if moment is None else round((moment - started) * 1000, 3)

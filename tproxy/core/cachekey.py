@@ -1,0 +1,398 @@
+"""Cache keys and cacheability: may the cache answer or keep this request, and under which key.
+
+Theory of operation: :func:`decide` takes one request's facts (is the cache on, method, path,
+headers, body) and returns a :class:`CacheDecision` whose :class:`Verdict` says why. The checks run
+cheapest first and the body is parsed last; the first refusal wins. A cacheable request's key is
+the sha256 of a versioned tuple in which every field is length-prefixed::
+
+    (KEY_VERSION, METHOD, route, path?query, tenant namespace, canonical body)
+
+so two different tuples never give the same hashed bytes, and raising ``KEY_VERSION`` retires
+every stored entry at once.
+
+The canonical body is the JSON parsed and written again with keys sorted at every depth, no
+insignificant whitespace and UTF-8 text: one request written differently (key order, spacing,
+``\\u00e9`` or ``é``, ``1.0`` or ``1.00``) has one key. Numbers are read as an upstream reads
+them: integers exactly, the others as float64, so ``1`` and ``1.0`` stay different. What cannot
+be read one way only is not cached (``NOT_JSON``) and passes through untouched: bytes that are not
+UTF-8 JSON, NaN or Infinity (also a number that overflows to it), an object with a duplicate name
+(parsers disagree on which one wins), nesting deeper than 64 levels.
+
+Decisions:
+
+- ``stream`` stays in the key: a streamed answer (SSE frames) and a whole one are different
+  bytes. One entry serving both forms is later work.
+- Only fields that cannot change the answer may be ignored (the default is ``("user",)``, an
+  end-user id for abuse monitoring), and only at the top level: a ``user`` inside a message is
+  content.
+- The key covers the route (the upstream route's name): two routes never share entries, even
+  for the same model name.
+- A path is cacheable only when it is listed exactly (no prefix match); the query string is part
+  of the key.
+- Only POST and GET. A GET with an empty body is keyed with the canonical body ``b""`` (still only
+  on a listed path); any other body must be JSON.
+- Tenants: the key covers a namespace derived from the client's credential (``authorization``,
+  ``api-key``, ``x-api-key``), so clients with different credentials never see each other's
+  answers. No credential gives ``"anonymous"``; ``shared`` puts every client in ``"shared"``. The
+  namespace is a truncated hash: the credential itself never reaches a key, a log or the store.
+- Request Cache-Control (RFC 9111 §5.2.1): ``no-store`` bypasses the cache entirely (no lookup,
+  nothing stored); ``no-cache`` skips the lookup but stores the fresh answer; ``max-age`` and
+  ``only-if-cached`` are passed on for the caller to apply to a found entry or a miss. ``Pragma``
+  is deprecated by RFC 9111 and ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+KEY_VERSION: int = 1
+
+MAX_DEPTH = 64
+CACHEABLE_METHODS = frozenset({"GET", "POST"})
+CREDENTIAL_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+ANONYMOUS = "anonymous"
+SHARED = "shared"
+CACHE_NAME = "tproxy"
+
+# Domain separation: a key and a namespace are hashes of different kinds of tuple.
+_KEY_DOMAIN = b"tproxy/cache-key"
+_NAMESPACE_DOMAIN = b"tproxy/tenant"
+_NAMESPACE_HEX_DIGITS = 32
+_LENGTH = struct.Struct(">Q")
+
+# RFC 9111 §1.2.2: a delta-seconds too large to represent is taken as 2**31.
+_MAX_DELTA_SECONDS = 2**31
+_TCHAR = r"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_DIRECTIVE = re.compile(
+    rf'[ \t]*({_TCHAR}+)[ \t]*(?:=[ \t]*(?:({_TCHAR}+)|"((?:[^"\\]|\\.)*)")[ \t]*)?', re.DOTALL
+)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+_DIGITS = re.compile(r"[0-9]+")
+
+# RFC 8941 §3.3.4 and §3.3.1: what may appear bare in a structured field, and integer range.
+_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
+_SF_INTEGER_MAX = 999_999_999_999_999
+
+
+def _length_prefixed(fields: Iterable[bytes]) -> bytes:
+    return b"".join(_LENGTH.pack(len(field)) + field for field in fields)
+
+
+class _DuplicateNameError(ValueError):
+    """An object names one member twice."""
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise _DuplicateNameError
+    return members
+
+
+def _within_depth(value: Any) -> bool:
+    """Whether containers nest at most MAX_DEPTH levels, walked one level at a time.
+
+    Parsed JSON holds only exact ``dict`` and ``list`` containers, so comparing types is enough.
+    """
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(MAX_DEPTH):
+        if not level:
+            return True
+        deeper: list[Any] = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node
+            # Collecting the types runs in C: a long array of numbers is skipped quickly.
+            kinds = set(map(type, children))
+            if dict in kinds or list in kinds:
+                deeper.extend(child for child in children if isinstance(child, dict | list))
+        level = deeper
+    return not level
+
+
+def _parse_canonical(body: bytes, ignore_fields: Collection[str]) -> tuple[Any, bytes] | None:
+    """The parsed body (before any field is removed) and its canonical bytes, or None."""
+    try:
+        value = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_members)
+    except (ValueError, RecursionError):
+        return None
+    if not _within_depth(value):
+        return None
+    kept = value
+    if ignore_fields and isinstance(value, dict):
+        kept = {name: member for name, member in value.items() if name not in ignore_fields}
+    try:
+        text = json.dumps(
+            kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except ValueError:
+        return None
+    # A lone surrogate (from a "\ud800" escape) has no UTF-8 form; backslashreplace writes it
+    # back as the very JSON escape it came from, so the text still means the same.
+    return value, text.encode("utf-8", "backslashreplace")
+
+
+def canonical_json(body: bytes, ignore_fields: Collection[str] = ()) -> bytes | None:
+    """One byte form for every way of writing the same JSON request, or None if it has none.
+
+    Keys are sorted at every depth, insignificant whitespace is gone, text is UTF-8, and top-level
+    members named in ``ignore_fields`` are removed (only when the top level is an object). None
+    when the body is not UTF-8 JSON, holds NaN or Infinity, names a member twice, or nests deeper
+    than 64 levels. Never raises.
+    """
+    parsed = _parse_canonical(body, ignore_fields)
+    return None if parsed is None else parsed[1]
+
+
+def tenant_namespace(headers: Iterable[tuple[bytes, bytes]], shared: bool) -> str:
+    """The cache namespace of the client's credential, so tenants never share answers.
+
+    The credential is every non-empty ``authorization``, ``api-key`` and ``x-api-key`` value, in
+    that order, each with its header name (``Bearer A`` and ``api-key: A`` differ). Returns 32 hex
+    digits of its sha256, ``"anonymous"`` without a credential, or ``"shared"`` when ``shared``.
+    """
+    if shared:
+        return SHARED
+    found: dict[bytes, list[bytes]] = {name: [] for name in CREDENTIAL_HEADERS}
+    for name, value in headers:
+        values = found.get(name.lower())
+        if values is not None and value.strip():
+            values.append(value)
+    fields = [
+        part for name in CREDENTIAL_HEADERS for value in found[name] for part in (name, value)
+    ]
+    if not fields:
+        return ANONYMOUS
+    digest = hashlib.sha256(_length_prefixed((_NAMESPACE_DOMAIN, *fields))).hexdigest()
+    return digest[:_NAMESPACE_HEX_DIGITS]
+
+
+def cache_key(method: str, route: str, target: str, namespace: str, canonical_body: bytes) -> str:
+    """The hex sha256 naming one cacheable request.
+
+    ``target`` is the path plus ``?query`` when there is one. Every field is length-prefixed, so
+    different tuples never give the same hashed bytes. Text is encoded with ``surrogatepass``,
+    which is one-to-one and never raises.
+    """
+    fields = (method.upper(), route, target, namespace)
+    material = _length_prefixed(
+        (
+            _KEY_DOMAIN,
+            str(KEY_VERSION).encode("ascii"),
+            *(field.encode("utf-8", "surrogatepass") for field in fields),
+            canonical_body,
+        )
+    )
+    return hashlib.sha256(material).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCacheControl:
+    """The request Cache-Control directives tproxy acts on (RFC 9111 §5.2.1)."""
+
+    no_store: bool = False
+    no_cache: bool = False
+    only_if_cached: bool = False
+    max_age: int | None = None
+
+
+def _list_members(value: str) -> list[str]:
+    """Split an HTTP list on the commas that are outside quoted strings."""
+    members: list[str] = []
+    start = 0
+    quoted = escaped = False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = char == "\\"
+            quoted = char != '"'
+        elif char == '"':
+            quoted = True
+        elif char == ",":
+            members.append(value[start:index])
+            start = index + 1
+    members.append(value[start:])
+    return members
+
+
+def _delta_seconds(argument: str | None) -> int | None:
+    if argument is None or not _DIGITS.fullmatch(argument):
+        return None
+    # Compare lengths first: int() refuses strings of more than 4300 digits.
+    if len(argument) > len(str(_MAX_DELTA_SECONDS)):
+        return _MAX_DELTA_SECONDS
+    return min(int(argument), _MAX_DELTA_SECONDS)
+
+
+def parse_cache_control(values: Iterable[bytes]) -> RequestCacheControl:
+    """The request directives found in the given ``Cache-Control`` header values.
+
+    Names are case-insensitive and lists may span several header lines; arguments may be tokens
+    or quoted strings. Unknown directives and malformed members are ignored, and so is a
+    ``max-age`` that is not delta-seconds; when several are valid the first wins. Never raises.
+    ``Pragma: no-cache`` is not handled here.
+    """
+    no_store = no_cache = only_if_cached = False
+    max_age: int | None = None
+    for value in values:
+        for member in _list_members(value.decode("latin-1")):
+            match = _DIRECTIVE.fullmatch(member)
+            if match is None:
+                continue
+            name, token, quoted = match.groups()
+            argument = token if quoted is None else _QUOTED_PAIR.sub(r"\1", quoted)
+            match name.lower():
+                case "no-store":
+                    no_store = True
+                case "no-cache":
+                    no_cache = True
+                case "only-if-cached":
+                    only_if_cached = True
+                case "max-age" if max_age is None:
+                    max_age = _delta_seconds(argument)
+    return RequestCacheControl(no_store, no_cache, only_if_cached, max_age)
+
+
+class Verdict(enum.Enum):
+    """Why a request is or is not cacheable; the values appear in logs and Cache-Status."""
+
+    CACHEABLE = "cacheable"
+    DISABLED = "disabled"  # the cache is off, globally or on the route
+    METHOD = "method"  # neither POST nor GET
+    PATH = "path"  # the path is not one of the cacheable paths
+    NO_STORE = "no-store"  # the client said Cache-Control: no-store
+    NOT_JSON = "not-json"  # the body has no canonical form; it is passed through untouched
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDecision:
+    """What the cache may do with one request.
+
+    ``key`` is set iff the verdict is CACHEABLE, and ``lookup``, ``store``, ``streamed`` and
+    ``model`` are only ever true or set then. ``max_age`` and ``only_if_cached`` report the
+    client's Cache-Control whatever the verdict.
+    """
+
+    verdict: Verdict
+    key: str | None
+    lookup: bool
+    store: bool
+    max_age: int | None
+    only_if_cached: bool
+    streamed: bool
+    model: str | None
+
+
+def _refused(verdict: Verdict, control: RequestCacheControl) -> CacheDecision:
+    return CacheDecision(
+        verdict=verdict,
+        key=None,
+        lookup=False,
+        store=False,
+        max_age=control.max_age,
+        only_if_cached=control.only_if_cached,
+        streamed=False,
+        model=None,
+    )
+
+
+def decide(
+    *,
+    enabled: bool,
+    method: str,
+    route: str,
+    path: str,
+    query: str,
+    cacheable_paths: Collection[str],
+    headers: Iterable[tuple[bytes, bytes]],
+    body: bytes,
+    ignore_fields: Collection[str],
+    shared: bool,
+) -> CacheDecision:
+    """Whether and how the cache may serve and keep this request; never raises."""
+    header_list = list(headers)
+    control = parse_cache_control(
+        value for name, value in header_list if name.lower() == b"cache-control"
+    )
+    method = method.upper()
+    if not enabled:
+        return _refused(Verdict.DISABLED, control)
+    if method not in CACHEABLE_METHODS:
+        return _refused(Verdict.METHOD, control)
+    if path not in cacheable_paths:
+        return _refused(Verdict.PATH, control)
+    if control.no_store:
+        return _refused(Verdict.NO_STORE, control)
+    value: Any = None
+    canonical = b""
+    if method == "POST" or body:
+        parsed = _parse_canonical(body, ignore_fields)
+        if parsed is None:
+            return _refused(Verdict.NOT_JSON, control)
+        value, canonical = parsed
+    members = value if isinstance(value, dict) else {}
+    model = members.get("model")
+    target = f"{path}?{query}" if query else path
+    return CacheDecision(
+        verdict=Verdict.CACHEABLE,
+        key=cache_key(method, route, target, tenant_namespace(header_list, shared), canonical),
+        lookup=not control.no_cache,
+        store=True,
+        max_age=control.max_age,
+        only_if_cached=control.only_if_cached,
+        streamed=members.get("stream") is True,
+        model=model if isinstance(model, str) else None,
+    )
+
+
+def _token_or_string(text: str) -> str:
+    """``text`` as an RFC 8941 token, or else as a string.
+
+    A string holds printable ASCII only, so anything else (CR and LF included) becomes ``?``.
+    """
+    if _SF_TOKEN.fullmatch(text):
+        return text
+    printable = "".join(char if " " <= char <= "~" else "?" for char in text)
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_cache_status(
+    *,
+    hit: bool,
+    fwd: str | None = None,
+    ttl: int | None = None,
+    collapsed: bool = False,
+    detail: str | None = None,
+    stored: bool = False,
+) -> str:
+    """The ``Cache-Status`` value (RFC 9211) for one answer, e.g. ``tproxy; fwd=miss; stored``.
+
+    ``ttl`` is clamped to the structured-field integer range, and ``detail`` is quoted when it is
+    not a token. Raises ValueError for ``hit`` with ``fwd`` (a hit was not forwarded) or a ``fwd``
+    that is not a token.
+    """
+    if hit and fwd is not None:
+        raise ValueError(f"a hit is not forwarded: got hit and fwd={fwd!r}")
+    if fwd is not None and not _SF_TOKEN.fullmatch(fwd):
+        raise ValueError(f"fwd must be a token, got {fwd!r}")
+    parameters = [CACHE_NAME]
+    if hit:
+        parameters.append("hit")
+    if fwd is not None:
+        parameters.append(f"fwd={fwd}")
+    if ttl is not None:
+        parameters.append(f"ttl={max(-_SF_INTEGER_MAX, min(_SF_INTEGER_MAX, ttl))}")
+    if stored:
+        parameters.append("stored")
+    if collapsed:
+        parameters.append("collapsed")
+    if detail is not None:
+        parameters.append(f"detail={_token_or_string(detail)}")
+    return "; ".join(parameters)

@@ -1,0 +1,182 @@
+"""Talking to upstreams: the only module that uses httpx2.
+
+One ``httpx2.AsyncClient`` per configured upstream, HTTP/1.1 unless the operator opted into
+HTTP/2 (closing an HTTP/2 stream early does not stop generation upstream). Deadlines are Trio
+cancel scopes, not httpx timeouts, because httpx's read timeout is the gap between two reads,
+not a total: the time to the response headers, the gap between two body chunks and the whole
+exchange each have their own deadline. httpx2's exceptions are translated here, at the edge,
+into :mod:`tproxy.core.errors`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from dataclasses import dataclass
+
+import httpx2
+import trio
+
+from tproxy.config import Settings, UpstreamSettings
+from tproxy.core.errors import (
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from tproxy.core.headers import Header
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """An upstream response whose headers have arrived and whose body is still to be read."""
+
+    status: int
+    headers: list[Header]
+    _response: httpx2.Response
+    _idle_timeout: float
+    _deadline: float
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body as the socket delivers it, one read at a time, never re-buffered.
+
+        Raises :class:`UpstreamTimeout` (``idle`` or ``total``) or :class:`UpstreamBroken`.
+        """
+        async with aclosing(self._response.aiter_raw()) as stream:
+            while True:
+                idle_deadline = trio.current_time() + self._idle_timeout
+                with trio.CancelScope(deadline=min(idle_deadline, self._deadline)) as scope:
+                    try:
+                        chunk = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    except (httpx2.TransportError, httpx2.StreamError) as error:
+                        raise UpstreamBroken(f"upstream body broke: {error!r}") from error
+                if scope.cancelled_caught:
+                    raise UpstreamTimeout("total" if self._deadline <= idle_deadline else "idle")
+                yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    settings: UpstreamSettings
+    client: httpx2.AsyncClient
+    authorization: bytes | None
+    extra_headers: tuple[Header, ...]
+
+
+class UpstreamPool:
+    """The HTTP clients for every configured upstream, opened and closed together."""
+
+    def __init__(self, upstreams: Mapping[str, _Upstream]) -> None:
+        self._upstreams = upstreams
+
+    def settings(self, name: str) -> UpstreamSettings:
+        return self._upstreams[name].settings
+
+    def authorization(self, name: str) -> bytes | None:
+        """The ``Authorization`` value the proxy injects for this upstream, if it has a key."""
+        return self._upstreams[name].authorization
+
+    def extra_headers(self, name: str) -> tuple[Header, ...]:
+        return self._upstreams[name].extra_headers
+
+    @asynccontextmanager
+    async def open_response(
+        self,
+        name: str,
+        *,
+        method: str,
+        target: str,
+        headers: Sequence[Header],
+        body: bytes,
+        deadline: float,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send one request and wait for the response headers; close the response on exit.
+
+        Raises :class:`UpstreamConnectError` (no connection, retry-safe),
+        :class:`UpstreamTimeout` (``connect`` or ``first_byte``) or :class:`UpstreamBroken`.
+        Leaving the block early, cancelled or not, closes the upstream connection, which is how
+        generation is stopped on vLLM and llama.cpp.
+        """
+        upstream = self._upstreams[name]
+        settings = upstream.settings
+        request = upstream.client.build_request(
+            method, settings.url + target, headers=list(headers), content=body
+        )
+        first_byte_deadline = min(deadline, trio.current_time() + settings.first_byte_timeout)
+        response: httpx2.Response | None = None
+        with trio.CancelScope(deadline=first_byte_deadline) as scope:
+            try:
+                response = await upstream.client.send(request, stream=True)
+            except httpx2.ConnectTimeout as error:
+                raise UpstreamTimeout("connect") from error
+            except (httpx2.ConnectError, httpx2.UnsupportedProtocol) as error:
+                raise UpstreamConnectError(f"cannot connect to {name}: {error}") from error
+            except httpx2.TransportError as error:
+                raise UpstreamBroken(f"{name} failed before its response: {error!r}") from error
+        if response is None:
+            assert scope.cancelled_caught
+            raise UpstreamTimeout("total" if deadline <= first_byte_deadline else "first_byte")
+        try:
+            yield UpstreamResponse(
+                status=response.status_code,
+                headers=list(response.headers.raw),
+                _response=response,
+                _idle_timeout=settings.idle_timeout,
+                _deadline=deadline,
+            )
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+                await response.aclose()
+
+
+def _authorization(settings: UpstreamSettings, environ: Mapping[str, str]) -> bytes | None:
+    if settings.api_key_env is None:
+        return None
+    key = environ.get(settings.api_key_env)
+    if not key:
+        raise UpstreamError(
+            f"upstream {settings.name}: environment variable {settings.api_key_env} is not set"
+        )
+    return b"Bearer " + key.encode("latin-1")
+
+
+@asynccontextmanager
+async def open_upstream_pool(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[UpstreamPool]:
+    """Open one client per upstream; close them all on exit.
+
+    Raises :class:`UpstreamError` when an upstream's API key variable is missing, so a
+    misconfigured service fails at start, not on the first request.
+    """
+    env = os.environ if environ is None else environ
+    async with AsyncExitStack() as stack:
+        upstreams: dict[str, _Upstream] = {}
+        for upstream in settings.upstreams:
+            client = httpx2.AsyncClient(
+                http1=True,
+                http2=upstream.http2,
+                timeout=httpx2.Timeout(
+                    connect=upstream.connect_timeout, read=None, write=None, pool=None
+                ),
+                limits=httpx2.Limits(
+                    max_connections=upstream.max_connections,
+                    max_keepalive_connections=upstream.max_connections,
+                    keepalive_expiry=30.0,
+                ),
+                trust_env=False,
+                follow_redirects=False,
+            )
+            await stack.enter_async_context(client)
+            upstreams[upstream.name] = _Upstream(
+                settings=upstream,
+                client=client,
+                authorization=_authorization(upstream, env),
+                extra_headers=tuple(
+                    (n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
+                ),
+            )
+        yield UpstreamPool(upstreams)
