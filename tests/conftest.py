@@ -16,6 +16,7 @@ import trio
 
 from tests.fakeupstream import FakeUpstream
 from tproxy.config import Overrides, Settings, load_settings
+from tproxy.inflight import Inflight
 from tproxy.server import Listening, serve_tproxy
 from tproxy.storewriter import StoreWriter
 
@@ -26,10 +27,13 @@ class RunningProxy:
     url: str
     admin_url: str
     stop: trio.Event
+    stopped: trio.Event
     store_writer: StoreWriter | None
+    inflight: Inflight
 
     async def flush(self) -> None:
-        """Wait until every answer the proxy decided to store is in the store."""
+        """Wait until every request has finished and every answer to store is in the store."""
+        await self.inflight.wait_idle()
         if self.store_writer is not None:
             await self.store_writer.flush()
 
@@ -73,9 +77,23 @@ def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path) -
             ),
         )
         stop = trio.Event()
-        listening: Listening = await nursery.start(serve_tproxy, settings, stop)
+        stopped = trio.Event()
+
+        async def run(*, task_status: trio.TaskStatus[Listening]) -> None:
+            try:
+                await serve_tproxy(settings, stop, task_status=task_status)
+            finally:
+                stopped.set()
+
+        listening: Listening = await nursery.start(run)
         return RunningProxy(
-            settings, listening.proxy[0], listening.admin[0], stop, listening.store_writer
+            settings,
+            listening.proxy[0],
+            listening.admin[0],
+            stop,
+            stopped,
+            listening.store_writer,
+            listening.inflight,
         )
 
     return start

@@ -61,7 +61,12 @@ def test_a_second_end_of_stream_is_illegal_and_changes_nothing() -> None:
 
 def test_end_of_stream_after_completion_is_illegal() -> None:
     exchange = new_exchange()
-    for fact in (UpstreamRequested("u", 1), HeadersReceived(200), UpstreamEnded(), ResponseFinished()):
+    for fact in (
+        UpstreamRequested("u", 1),
+        HeadersReceived(200),
+        UpstreamEnded(),
+        ResponseFinished(),
+    ):
         exchange.handle(fact, 1.0)
     with pytest.raises(IllegalTransition):
         exchange.handle(UpstreamEnded(), 2.0)
@@ -86,7 +91,10 @@ def test_a_retry_stays_connecting_and_counts_attempts() -> None:
         ([UpstreamRequested("u", 1), HeadersReceived(200), TimedOut("idle")], State.TIMED_OUT),
         ([UpstreamRequested("u", 1), HeadersReceived(200), ClientGone()], State.CLIENT_GONE),
         ([UpstreamRequested("u", 1), HeadersReceived(200), ShutDown()], State.SHUT_DOWN),
-        ([UpstreamRequested("u", 1), HeadersReceived(200), UpstreamEnded(), ClientGone()], State.CLIENT_GONE),
+        (
+            [UpstreamRequested("u", 1), HeadersReceived(200), UpstreamEnded(), ClientGone()],
+            State.CLIENT_GONE,
+        ),
     ],
 )
 def test_each_terminal_state_is_reachable(facts: list[Fact], final: State) -> None:
@@ -137,3 +145,10 @@ def test_any_sequence_of_facts_ends_at_most_once(facts: list[Fact]) -> None:
             terminal_transitions += expected.terminal
     assert terminal_transitions <= 1
     assert terminal_transitions == int(exchange.finished)
+
+
+def test_the_architecture_page_shows_the_current_diagram() -> None:
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+    assert describe_transitions() in page.read_text()

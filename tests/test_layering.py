@@ -22,13 +22,14 @@ LIBRARY_HOME = {"httpx2": "upstream", "lmdb": "store", "hypercorn": "server"}
 LAYERS = [
     {"core"},
     {"asgi", "config"},
-    {"store", "upstream", "routing"},
+    {"store", "upstream", "routing", "inflight"},
     {"storewriter", "cache_commands"},
     {"pipeline"},
     {"app"},
     {"admin"},
     {"server"},
-    {"cli", "__main__"},
+    {"cli"},
+    {"__main__"},
 ]
 
 

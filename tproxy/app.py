@@ -24,6 +24,7 @@ from tproxy.core.errors import RequestRejected
 from tproxy.core.events import CacheHit, ClientGone, Rejected, ResponseFinished
 from tproxy.core.exchange import Exchange
 from tproxy.core.headers import Header, client_request_id, header_value
+from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
 from tproxy.routing import body_model, choose_route, needs_model
 from tproxy.store import CacheStore
@@ -56,8 +57,15 @@ class _Lookup:
 class ProxyApp:
     """The proxy's ASGI entry point; one instance serves every request of a server."""
 
-    def __init__(self, settings: Settings, exchanger: Exchanger, store: CacheStore | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        exchanger: Exchanger,
+        store: CacheStore | None,
+        inflight: Inflight,
+    ) -> None:
         self._settings = settings
+        self._inflight = inflight
         self._exchanger = exchanger
         self._store = store
         self._model_routing = needs_model(settings.routes)
@@ -72,6 +80,17 @@ class ProxyApp:
         headers: list[Header] = scope["headers"]
         request_id = client_request_id(headers) or uuid.uuid4().hex.encode()
         exchange = Exchange(request_id.decode(), trio.current_time())
+        with self._inflight.track(exchange):
+            await self._serve_exchange(scope, receive, send, exchange, request_id)
+
+    async def _serve_exchange(
+        self,
+        scope: Scope,
+        receive: ASGIReceive,
+        send: ASGISend,
+        exchange: Exchange,
+        request_id: bytes,
+    ) -> None:
         report: CacheReport | None = None
         try:
             try:

@@ -25,6 +25,7 @@ from hypercorn.typing import ASGIFramework
 from tproxy.admin import AdminApp
 from tproxy.app import ProxyApp
 from tproxy.config import Settings
+from tproxy.inflight import Inflight
 from tproxy.pipeline import Exchanger
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
@@ -40,6 +41,7 @@ class Listening:
     proxy: list[str]
     admin: list[str]
     store_writer: StoreWriter | None
+    inflight: Inflight
 
 
 def _hypercorn_config(settings: Settings, bind: str) -> Config:
@@ -88,7 +90,8 @@ async def serve_tproxy(
                 buffer_chunks=settings.server.stream_buffer_chunks,
                 max_line_bytes=settings.cache.max_line_bytes,
             )
-            proxy_app = ProxyApp(settings, exchanger, store)
+            inflight = Inflight()
+            proxy_app = ProxyApp(settings, exchanger, store, inflight)
             admin_app = AdminApp(store)
             async with trio.open_nursery() as servers:
                 proxy_binds = await servers.start(
@@ -108,7 +111,7 @@ async def serve_tproxy(
                     )
                 )
                 log.info("tproxy listening on %s (admin %s)", proxy_binds, admin_binds)
-                task_status.started(Listening(proxy_binds, admin_binds, writer))
+                task_status.started(Listening(proxy_binds, admin_binds, writer, inflight))
             if writer is not None:
                 writer.close()
 

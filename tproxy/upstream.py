@@ -11,7 +11,7 @@ into :mod:`tproxy.core.errors`.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass
 
@@ -38,7 +38,7 @@ class UpstreamResponse:
     _idle_timeout: float
     _deadline: float
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body as the socket delivers it, one read at a time, never re-buffered.
 
         Raises :class:`UpstreamTimeout` (``idle`` or ``total``) or :class:`UpstreamBroken`.

@@ -1,15 +1,15 @@
 """The exception tree of tproxy, drawn once so every layer raises from the same family.
 
-    TproxyError
-    ├── ConfigError              a settings file or flag is wrong; carries every problem found
-    ├── IllegalTransition        the exchange lifecycle refused a fact (a bug, never user input)
-    ├── RequestRejected          the client's request cannot be served; maps to a 4xx/5xx answer
-    ├── UpstreamError            the upstream failed us
-    │   ├── UpstreamConnectError     no connection could be made           -> 502
-    │   ├── UpstreamTimeout          a deadline passed                      -> 504 before headers
-    │   └── UpstreamBroken           the response broke after it started    -> truncated body
-    └── StoreError               the cache store failed
-        └── CorruptEntry             a stored entry cannot be decoded
+TproxyError
+├── ConfigError              a settings file or flag is wrong; carries every problem found
+├── IllegalTransition        the exchange lifecycle refused a fact (a bug, never user input)
+├── RequestRejected          the client's request cannot be served; maps to a 4xx/5xx answer
+├── UpstreamError            the upstream failed us
+│   ├── UpstreamConnectError     no connection could be made           -> 502
+│   ├── UpstreamTimeout          a deadline passed                      -> 504 before headers
+│   └── UpstreamBroken           the response broke after it started    -> truncated body
+└── StoreError               the cache store failed
+    └── CorruptEntry             a stored entry cannot be decoded
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ class ConfigError(TproxyError):
 
 class IllegalTransition(TproxyError):
     """A fact arrived that the exchange's current state does not allow."""
+
+
+class DecoderClosed(IllegalTransition):
+    """An SSE decoder was fed, or closed, after it had been closed."""
 
 
 class RequestRejected(TproxyError):

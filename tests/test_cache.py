@@ -1,0 +1,250 @@
+"""Caching through the whole proxy: a repeated request costs no upstream call, and a cached
+answer is never a wrong or a partial one."""
+
+from __future__ import annotations
+
+import httpx2
+import openai
+import pytest
+import trio
+
+from tests.conftest import RunningProxy, StartProxy, tolerate_sdk_generators
+from tests.fakeupstream import FakeUpstream
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(content: str, *, stream: bool = False, **extra: object) -> dict[str, object]:
+    return {
+        "model": "fake",
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+        **extra,
+    }
+
+
+async def post(
+    proxy: RunningProxy, path: str, *, headers: dict[str, str] | None = None, **kwargs: object
+) -> httpx2.Response:
+    """One request, then wait until whatever it decided to store is stored."""
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        response = await http.post(path, headers=headers, **kwargs)  # type: ignore[arg-type]
+    await proxy.flush()
+    return response
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"x-fake-framing": "lf"},
+        {"x-fake-framing": "crlf"},
+        {"x-fake-framing": "cr"},
+        {"x-fake-framing": "crlf", "x-fake-byte-chunks": "1"},
+        {"x-fake-framing": "lf", "x-fake-no-done": "1"},
+    ],
+    ids=["lf", "crlf", "cr", "crlf-byte-by-byte", "finish-reason-without-done"],
+)
+async def test_a_completed_stream_is_stored_and_replayed_byte_for_byte(
+    proxy: RunningProxy, upstream: FakeUpstream, knobs: dict[str, str]
+) -> None:
+    body = chat("the same question", stream=True)
+    first = await post(proxy, CHAT, json=body, headers=knobs)
+    second = await post(proxy, CHAT, json=body, headers=knobs)
+    assert upstream.calls[CHAT] == 1
+    assert first.headers["cache-status"] == "tproxy; fwd=miss"
+    assert second.headers["cache-status"].startswith("tproxy; hit; ttl=")
+    assert second.headers["content-type"] == first.headers["content-type"]
+    assert second.content == first.content
+    assert int(second.headers["age"]) >= 0
+
+
+async def test_a_json_answer_is_stored_and_replayed(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    first = await post(proxy, CHAT, json=chat("hello"))
+    second = await post(proxy, CHAT, json=chat("hello"))
+    assert upstream.calls[CHAT] == 1
+    assert second.content == first.content
+    assert second.headers["content-length"] == str(len(first.content))
+
+
+async def test_the_same_request_written_differently_is_one_entry(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    compact = b'{"model":"fake","messages":[{"role":"user","content":"hi"}]}'
+    spaced = b'{ "messages": [ {"content": "hi", "role": "user"} ],\n  "model": "fake" }'
+    await post(proxy, CHAT, content=compact, headers={"content-type": "application/json"})
+    hit = await post(proxy, CHAT, content=spaced, headers={"content-type": "application/json"})
+    assert upstream.calls[CHAT] == 1
+    assert hit.headers["cache-status"].startswith("tproxy; hit")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"temperature": 0.5}, {"seed": 7}, {"max_tokens": 3}, {"model": "other"}, {"stream": True}],
+)
+async def test_anything_that_changes_the_answer_changes_the_key(
+    proxy: RunningProxy, upstream: FakeUpstream, change: dict[str, object]
+) -> None:
+    await post(proxy, CHAT, json=chat("same words"))
+    await post(proxy, CHAT, json={**chat("same words"), **change})
+    assert upstream.calls[CHAT] == 2
+
+
+async def test_one_credential_never_receives_another_credentials_answer(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    await post(proxy, CHAT, json=chat("secret"), headers={"authorization": "Bearer alice"})
+    bob = await post(proxy, CHAT, json=chat("secret"), headers={"authorization": "Bearer bob"})
+    alice = await post(proxy, CHAT, json=chat("secret"), headers={"authorization": "Bearer alice"})
+    assert upstream.calls[CHAT] == 2
+    assert bob.headers["cache-status"] == "tproxy; fwd=miss"
+    assert alice.headers["cache-status"].startswith("tproxy; hit")
+
+
+async def test_a_shared_cache_serves_every_credential(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy("[cache]\nshared = true\n")
+    await post(proxy, CHAT, json=chat("common"), headers={"authorization": "Bearer alice"})
+    bob = await post(proxy, CHAT, json=chat("common"), headers={"authorization": "Bearer bob"})
+    assert upstream.calls[CHAT] == 1
+    assert bob.headers["cache-status"].startswith("tproxy; hit")
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"x-fake-break-after": "2"},
+        {"x-fake-error-event": "1"},
+        {"x-fake-status": "500"},
+        {"x-fake-stall-after": "1"},
+    ],
+    ids=["broken", "error-event", "status-500", "timeout"],
+)
+async def test_an_answer_that_did_not_complete_is_never_stored(
+    start_proxy: StartProxy, upstream: FakeUpstream, knobs: dict[str, str]
+) -> None:
+    proxy = await start_proxy("[upstreams.default]\nidle_timeout = 0.3\n")
+    body = chat("fragile answer", stream=True)
+    for _ in range(2):
+        try:
+            await post(proxy, CHAT, json=body, headers=knobs)
+        except httpx2.RemoteProtocolError:
+            await proxy.flush()
+    assert upstream.calls[CHAT] == 2
+
+
+async def test_no_store_neither_reads_nor_writes(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    first = await post(proxy, CHAT, json=chat("x"), headers={"cache-control": "no-store"})
+    await post(proxy, CHAT, json=chat("x"), headers={"cache-control": "no-store"})
+    miss = await post(proxy, CHAT, json=chat("x"))
+    assert upstream.calls[CHAT] == 3
+    assert first.headers["cache-status"] == "tproxy; fwd=request"
+    assert miss.headers["cache-status"] == "tproxy; fwd=miss"
+
+
+async def test_no_cache_goes_upstream_and_stores_the_fresh_answer(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    await post(proxy, CHAT, json=chat("x"))
+    fresh = await post(proxy, CHAT, json=chat("x"), headers={"cache-control": "no-cache"})
+    hit = await post(proxy, CHAT, json=chat("x"))
+    assert upstream.calls[CHAT] == 2
+    assert fresh.headers["cache-status"] == "tproxy; fwd=request"
+    assert hit.headers["cache-status"].startswith("tproxy; hit")
+
+
+async def test_only_if_cached_is_a_504_on_a_miss_and_a_hit_otherwise(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    only = {"cache-control": "only-if-cached"}
+    refused = await post(proxy, CHAT, json=chat("x"), headers=only)
+    await post(proxy, CHAT, json=chat("x"))
+    served = await post(proxy, CHAT, json=chat("x"), headers=only)
+    assert refused.status_code == 504
+    assert refused.json()["error"]["code"] == "not_cached"
+    assert served.status_code == 200
+    assert upstream.calls[CHAT] == 1
+
+
+async def test_max_age_refuses_an_entry_older_than_asked(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    await post(proxy, CHAT, json=chat("x"))
+    young = await post(proxy, CHAT, json=chat("x"), headers={"cache-control": "max-age=3600"})
+    assert young.headers["cache-status"].startswith("tproxy; hit")
+    stale = await post(proxy, CHAT, json=chat("x"), headers={"cache-control": "max-age=0"})
+    assert stale.headers["cache-status"] == "tproxy; fwd=stale"
+    assert upstream.calls[CHAT] == 2
+
+
+async def test_a_body_that_is_not_json_passes_through_uncached(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    for _ in range(2):
+        response = await post(proxy, CHAT, content=b"not json at all")
+    assert upstream.calls[CHAT] == 2
+    assert response.headers["cache-status"] == "tproxy; fwd=miss; detail=not-json"
+    assert upstream.requests[-1].body == b"not json at all"
+
+
+async def test_paths_outside_the_cacheable_list_bypass_the_cache(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    for _ in range(2):
+        response = await post(proxy, "/v1/other", json=chat("x"))
+    assert upstream.calls["/v1/other"] == 2
+    assert response.headers["cache-status"] == "tproxy; fwd=bypass"
+
+
+async def test_entries_survive_a_restart(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
+    first_proxy = await start_proxy()
+    first = await post(first_proxy, CHAT, json=chat("persist me", stream=True))
+    first_proxy.stop.set()
+    with trio.fail_after(10):
+        await first_proxy.stopped.wait()
+    second_proxy = await start_proxy()
+    second = await post(second_proxy, CHAT, json=chat("persist me", stream=True))
+    assert upstream.calls[CHAT] == 1
+    assert second.content == first.content
+
+
+@tolerate_sdk_generators
+async def test_repeated_embedding_requests_are_served_from_the_cache(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
+    async with client:
+        first = await client.embeddings.create(model="fake-embed", input=["a", "b"])
+        await proxy.flush()
+        second = await client.embeddings.create(model="fake-embed", input=["a", "b"])
+    assert upstream.calls["/v1/embeddings"] == 1
+    assert [d.embedding for d in second.data] == [d.embedding for d in first.data]
+
+
+@tolerate_sdk_generators
+async def test_the_openai_sdk_reads_a_replayed_stream_as_it_read_the_live_one(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
+
+    async def ask() -> list[object]:
+        stream = await client.chat.completions.create(
+            model="fake",
+            messages=[{"role": "user", "content": "tell me again"}],
+            stream=True,
+            extra_headers={"x-fake-framing": "crlf"},
+        )
+        async with stream:
+            chunks = [chunk.model_dump() async for chunk in stream]
+        await proxy.flush()
+        return chunks
+
+    async with client:
+        live = await ask()
+        replayed = await ask()
+    assert upstream.calls[CHAT] == 1
+    assert replayed == live
