@@ -319,11 +319,14 @@ class Exchanger:
             if cache is not None:
                 cache = _offer(cache, _CacheChunk(frames, chunk, now - started))
         exchange.handle(UpstreamEnded(), trio.current_time())
-        if decoder is not None and cache is not None:
-            tail = decoder.close()
-            if tail:
-                offset = trio.current_time() - started
-                cache = _offer(cache, _CacheChunk([Frame(tail, None)], tail, offset))
+        if decoder is not None:
+            frames = decoder.close()
+            if frames:
+                exchange.note_events(sum(1 for frame in frames if frame.event is not None))
+                if cache is not None:
+                    raw = b"".join(frame.raw for frame in frames)
+                    offset = trio.current_time() - started
+                    cache = _offer(cache, _CacheChunk(frames, raw, offset))
         if cache is not None:
             _offer(cache, _CleanEnd())
         await to_client.send(_CleanEnd())
