@@ -1,0 +1,608 @@
+"""The LMDB cache store, on real files: what it keeps, what it drops, and what survives a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import tproxy.store
+from tproxy.core.entry import StoredEntry, encode_entry
+from tproxy.core.errors import StoreError
+from tproxy.store import SCHEMA_VERSION, LmdbStore
+
+KIB = 1024
+MIB = 1024 * KIB
+NOW = 1_000_000.0
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def body_entry(
+    text: str, size: int = 1000, *, now: float = NOW, ttl: float = 3600.0
+) -> StoredEntry:
+    """A whole-body entry whose bytes are derived from ``text``."""
+    seed = hashlib.sha256(text.encode()).hexdigest().encode()
+    body = (seed * (size // len(seed) + 1))[:size]
+    return StoredEntry(
+        status=200,
+        headers=((b"content-type", b"application/json"),),
+        chunks=(body,),
+        offsets=(0.0,),
+        streamed=False,
+        created_at=now,
+        expires_at=now + ttl,
+        model="test-model",
+    )
+
+
+def stream_entry(frames: int, *, now: float = NOW, ttl: float = math.inf) -> StoredEntry:
+    events = [f'data: {{"n": {n}}}\n\n'.encode() for n in range(frames)]
+    chunks = (*events, b"data: [DONE]\n\n")
+    return StoredEntry(
+        status=200,
+        headers=((b"content-type", b"text/event-stream"),),
+        chunks=chunks,
+        offsets=tuple(0.01 * n for n in range(len(chunks))),
+        streamed=True,
+        created_at=now,
+        expires_at=now + ttl,
+    )
+
+
+def entry_for_key(key: str) -> StoredEntry:
+    """What the crash-test writer stores under ``key``: anyone can recompute it from the key."""
+    digest = hashlib.sha256(key.encode()).digest()
+    size = 2_000 + int.from_bytes(digest[:2], "big") % 40_000
+    body = (digest * (size // len(digest) + 1))[:size]
+    return StoredEntry(200, (), (body,), (0.0,), False, 1.0, math.inf, model=key)
+
+
+def open_store(path: Path, **limits: int) -> LmdbStore:
+    limits.setdefault("max_total_bytes", 4 * MIB)
+    limits.setdefault("max_entry_bytes", 512 * KIB)
+    return LmdbStore(path, **limits)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LmdbStore]:
+    opened = open_store(tmp_path / "cache")
+    yield opened
+    opened.close()
+
+
+def keys_of(store: LmdbStore) -> set[str]:
+    return {info.key for info in store.entries()}
+
+
+# -- keeping and finding ---------------------------------------------------------------
+
+
+def test_a_stored_entry_comes_back_equal(store: LmdbStore) -> None:
+    body, stream = body_entry("a"), stream_entry(50)
+    result = store.put_many([("body", body), ("stream", stream)], NOW)
+    assert (result.stored, result.skipped_too_large, result.evicted) == (2, 0, 0)
+    assert store.get("body", NOW) == body
+    assert store.get("stream", NOW) == stream
+
+
+def test_hits_and_misses_are_counted(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("k"))], NOW)
+    store.get("k", NOW)
+    store.get("absent", NOW)
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
+    assert stats.bytes == len(encode_entry(body_entry("k")))
+    assert stats.schema_version == SCHEMA_VERSION
+
+
+def test_putting_a_key_again_replaces_it_and_its_bytes(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("old", 5000))], NOW)
+    store.put_many([("k", body_entry("new", 100))], NOW + 1)
+    assert store.get("k", NOW + 1) == body_entry("new", 100)
+    assert store.stats().bytes == len(encode_entry(body_entry("new", 100)))
+
+
+def test_an_expired_entry_is_a_miss_and_counted_as_expired(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("k", ttl=60))], NOW)
+    assert store.get("k", NOW + 59) is not None
+    assert store.get("k", NOW + 60) is None
+    stats = store.stats()
+    assert (stats.expired, stats.misses, stats.entries) == (1, 1, 1)
+
+
+def test_delete_reports_whether_there_was_an_entry(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("k"))], NOW)
+    assert store.delete("k") is True
+    assert store.delete("k") is False
+    assert store.get("k", NOW) is None
+    assert store.stats().bytes == 0
+
+
+def test_purge_by_age_also_drops_expired_entries(store: LmdbStore) -> None:
+    store.put_many([("old", body_entry("old", now=NOW))], NOW)
+    store.put_many([("short", body_entry("short", now=NOW + 50, ttl=10))], NOW + 50)
+    store.put_many([("young", body_entry("young", now=NOW + 90))], NOW + 90)
+    assert store.purge(older_than=100, now=NOW + 100) == 2
+    assert keys_of(store) == {"young"}
+    assert store.stats().bytes == len(encode_entry(body_entry("young", now=NOW + 90)))
+
+
+def test_purge_of_everything_empties_the_store(store: LmdbStore) -> None:
+    store.put_many([(f"k{n}", body_entry(str(n))) for n in range(5)], NOW)
+    assert store.purge(older_than=None, now=NOW) == 5
+    assert store.stats().entries == 0
+    assert store.stats().bytes == 0
+    assert store.put_many([("after", body_entry("after"))], NOW).stored == 1
+
+
+def test_entries_lists_metadata_without_the_bodies(store: LmdbStore) -> None:
+    store.put_many([("s", stream_entry(3)), ("b", body_entry("b", 700))], NOW)
+    infos = {info.key: info for info in store.entries()}
+    assert infos["s"].streamed is True
+    assert infos["s"].model is None
+    assert infos["s"].expires_at == math.inf
+    assert infos["b"].model == "test-model"
+    assert infos["b"].size == len(encode_entry(body_entry("b", 700)))
+    assert infos["b"].status == 200
+
+
+def test_entries_shows_hits_not_yet_written(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("k"))], NOW)
+    store.get("k", NOW + 30)
+    assert next(store.entries()).last_used_at == NOW + 30
+
+
+def test_a_reopened_store_keeps_entries_and_hit_times(tmp_path: Path) -> None:
+    first = open_store(tmp_path / "cache")
+    first.put_many([("k", body_entry("k"))], NOW)
+    first.get("k", NOW + 30)
+    first.close()
+    again = open_store(tmp_path / "cache")
+    assert next(again.entries()).last_used_at == NOW + 30
+    assert again.get("k", NOW + 31) == body_entry("k")
+    again.close()
+
+
+def test_flush_touches_writes_pending_hits(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache")
+    store.put_many([("k", body_entry("k"))], NOW)
+    store.get("k", NOW + 5)
+    assert store.flush_touches() == 1
+    assert store.flush_touches() == 0
+    store.close()
+
+
+def test_the_directory_is_private_to_its_owner(store: LmdbStore, tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    assert directory.stat().st_mode & 0o777 == 0o700
+    for name in ("data.mdb", "lock.mdb"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_close_twice_is_harmless_and_a_closed_store_misses(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache")
+    store.put_many([("k", body_entry("k"))], NOW)
+    store.close()
+    store.close()
+    assert store.get("k", NOW) is None
+    with pytest.raises(StoreError):
+        store.stats()
+
+
+# -- limits and eviction ---------------------------------------------------------------
+
+
+def test_the_least_recently_used_entry_is_evicted_first(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache", max_total_bytes=32_000)  # three 10 KB entries fit
+    for n, key in enumerate(("a", "b", "c")):
+        store.put_many([(key, body_entry(key, 10_000))], NOW + n)
+    assert store.get("a", NOW + 10) is not None  # a is now the most recently used
+    result = store.put_many([("d", body_entry("d", 10_000))], NOW + 11)
+    assert result.evicted == 1
+    assert keys_of(store) == {"a", "c", "d"}
+    assert store.stats().evictions == 1
+    store.close()
+
+
+def test_a_batch_larger_than_the_cap_keeps_its_newest_entries(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache", max_total_bytes=32_000)
+    batch = [(f"k{n}", body_entry(str(n), 10_000)) for n in range(5)]
+    result = store.put_many(batch, NOW)
+    assert (result.stored, result.evicted) == (5, 2)
+    assert keys_of(store) == {"k2", "k3", "k4"}
+    assert store.stats().bytes <= 32_000
+    store.close()
+
+
+def test_entries_over_the_size_limits_are_skipped_and_counted(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache", max_total_bytes=50_000, max_entry_bytes=20_000)
+    result = store.put_many(
+        [
+            ("fits", body_entry("fits", 20_000)),
+            ("body too big", body_entry("big", 20_001)),
+            ("k" * 500, body_entry("long key")),
+        ],
+        NOW,
+    )
+    assert (result.stored, result.skipped_too_large) == (1, 2)
+    assert keys_of(store) == {"fits"}
+    store.close()
+
+
+def test_an_entry_bigger_than_the_whole_cap_is_skipped(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache", max_total_bytes=10_000, max_entry_bytes=MIB)
+    assert store.put_many([("k", body_entry("k", 10_000))], NOW).skipped_too_large == 1
+    store.close()
+
+
+def test_a_full_map_grows_up_to_its_bound(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "cache", max_total_bytes=512 * KIB, map_headroom=0)
+    initial = store.stats().map_size
+    for n in range(40):
+        result = store.put_many([(f"k{n}", body_entry(str(n), 15_000))], NOW + n)
+        assert result.stored == 1
+    assert initial < store.stats().map_size <= 2 * 512 * KIB
+    assert store.get("k39", NOW + 40) == body_entry("39", 15_000)
+    store.close()
+
+
+def test_a_full_map_at_its_bound_evicts_the_oldest_and_stores_the_batch(tmp_path: Path) -> None:
+    # A negative headroom makes the map smaller than the byte cap, so the map fills first.
+    store = open_store(tmp_path / "cache", max_total_bytes=MIB, map_headroom=-900 * KIB)
+    evicted = 0
+    for n in range(0, 100, 4):
+        batch = [(f"k{n + i}", body_entry(str(n + i), 15_000)) for i in range(4)]
+        result = store.put_many(batch, NOW + n)
+        assert (result.stored, result.skipped_no_room) == (4, 0)
+        evicted += result.evicted
+    assert evicted > 0
+    assert keys_of(store) >= {"k96", "k97", "k98", "k99"}
+    assert "k0" not in keys_of(store)
+    store.close()
+
+
+def test_an_entry_that_cannot_fit_the_map_is_skipped_not_raised(tmp_path: Path) -> None:
+    store = open_store(
+        tmp_path / "cache", max_total_bytes=MIB, max_entry_bytes=MIB, map_headroom=-2 * MIB
+    )
+    result = store.put_many([("huge", body_entry("huge", 900_000))], NOW)
+    assert (result.stored, result.skipped_no_room) == (0, 1)
+    assert store.put_many([("small", body_entry("small"))], NOW).stored == 1
+    store.close()
+
+
+def test_reads_on_one_thread_survive_map_growth_by_a_writer_thread(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The map starts at 512 KiB and must grow several times while the main thread reads.
+    store = open_store(tmp_path / "cache", max_total_bytes=8 * MIB, map_headroom=-7680 * KIB)
+    store.put_many([("stable", body_entry("stable"))], NOW)
+    initial = store.stats().map_size
+
+    def write() -> None:
+        for n in range(60):
+            batch = [(f"k{n}-{i}", body_entry(f"{n}-{i}", 15_000)) for i in range(4)]
+            assert store.put_many(batch, NOW + n).stored == 4
+
+    writer = threading.Thread(target=write)
+    reads = 0
+    with caplog.at_level(logging.WARNING, logger="tproxy.store"):
+        writer.start()
+        while writer.is_alive() and reads < 1_000_000:
+            assert store.get("stable", NOW) == body_entry("stable")
+            reads += 1
+        writer.join()
+    assert caplog.text == ""
+    assert reads > 0
+    assert store.stats().map_size > initial
+    assert store.stats().entries == 241
+    store.close()
+
+
+# -- damage, versions, and opening ----------------------------------------------------
+
+
+def test_a_corrupt_value_is_a_miss_and_removed_at_the_next_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cache"
+    store = open_store(path)
+    victim = body_entry("victim", 20_000)
+    store.put_many([("victim", victim), ("bystander", body_entry("bystander"))], NOW)
+    store.close()
+    data = bytearray((path / "data.mdb").read_bytes())
+    body = victim.chunks[0]
+    assert data.count(body) == 1
+    data[data.index(body) + 1000] ^= 0xFF
+    (path / "data.mdb").write_bytes(bytes(data))
+
+    store = open_store(path)
+    with caplog.at_level(logging.WARNING, logger="tproxy.store"):
+        assert store.get("victim", NOW) is None
+    assert "corrupt" in caplog.text
+    assert store.get("bystander", NOW) == body_entry("bystander")
+    assert "victim" in keys_of(store)
+    store.put_many([("new", body_entry("new"))], NOW)
+    assert keys_of(store) == {"bystander", "new"}
+    assert store.stats().bytes == sum(info.size for info in store.entries())
+    store.close()
+
+
+def test_a_store_of_another_schema_is_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(tproxy.store, "SCHEMA_VERSION", 0)
+        old = open_store(path)
+        old.put_many([("k", body_entry("k"))], NOW)
+        old.close()
+    with caplog.at_level(logging.WARNING, logger="tproxy.store"):
+        store = open_store(path)
+    assert store.stats().entries == 0
+    assert store.get("k", NOW) is None
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("cache.incompatible-0-")]
+    assert len(aside) == 1
+    assert (tmp_path / aside[0] / "data.mdb").is_file()
+    assert "moved it to" in caplog.text
+    store.close()
+
+
+def test_a_directory_of_garbage_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"not lmdb" * 2000)
+    store = open_store(path)
+    store.put_many([("k", body_entry("k"))], NOW)
+    assert store.get("k", NOW) is not None
+    assert any(p.name.startswith("cache.incompatible-unreadable-") for p in tmp_path.iterdir())
+    store.close()
+
+
+def test_a_second_open_in_one_process_fails_without_moving_anything(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("k"))], NOW)
+    path = Path(store.stats().path)
+    with pytest.raises(StoreError, match="already open"):
+        open_store(path)
+    assert [p.name for p in path.parent.iterdir()] == ["cache"]
+    assert store.get("k", NOW) is not None
+
+
+def test_open_existing_never_creates_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no cache store"):
+        LmdbStore.open_existing(tmp_path / "absent")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_open_existing_reads_and_refuses_writes(store: LmdbStore) -> None:
+    store.put_many([("k", body_entry("k"))], NOW)
+    path = Path(store.stats().path)
+    store.close()
+    reader = LmdbStore.open_existing(path)
+    assert reader.peek("k") == body_entry("k")
+    assert reader.stats().max_bytes == 4 * MIB  # the cap the writer recorded
+    with pytest.raises(StoreError, match="read-only"):
+        reader.put_many([("k2", body_entry("k2"))], NOW)
+    reader.close()
+
+
+def test_open_existing_reports_another_schema_and_leaves_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "cache"
+    with monkeypatch.context() as patch:
+        patch.setattr(tproxy.store, "SCHEMA_VERSION", 7)
+        open_store(path).close()
+    with pytest.raises(StoreError, match="schema version 7"):
+        LmdbStore.open_existing(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+# -- against a model ------------------------------------------------------------------
+
+
+class StoreAgainstADict(RuleBasedStateMachine):
+    """The store, driven with a fake clock, must agree with a dict after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # One directory per example: hypothesis runs many examples inside one test call, so
+        # the tmp_path fixture cannot provide them.
+        self.directory = Path(tempfile.mkdtemp(prefix="tproxy-store-"))
+        self.store = open_store(self.directory / "cache", max_total_bytes=64 * MIB)
+        self.model: dict[str, StoredEntry] = {}
+        self.now = NOW
+
+    keys = st.sampled_from(["a", "b", "c", "d", "e"])
+
+    def make(self, key: str, size: int, ttl: float, streamed: bool) -> StoredEntry:
+        if streamed:
+            return stream_entry(size // 100, now=self.now, ttl=ttl)
+        return body_entry(f"{key}{size}", size, now=self.now, ttl=ttl)
+
+    @rule(
+        items=st.lists(
+            st.tuples(
+                keys,
+                st.integers(min_value=0, max_value=3000),
+                st.sampled_from([5.0, 60.0, math.inf]),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    def put(self, items: list[tuple[str, int, float, bool]]) -> None:
+        batch = [(key, self.make(key, size, ttl, streamed)) for key, size, ttl, streamed in items]
+        assert self.store.put_many(batch, self.now).stored == len(batch)
+        self.model.update(batch)
+
+    @rule(key=keys)
+    def get(self, key: str) -> None:
+        expected = self.model.get(key)
+        if expected is not None and expected.expires_at <= self.now:
+            expected = None
+        assert self.store.get(key, self.now) == expected
+
+    @rule(key=keys)
+    def delete(self, key: str) -> None:
+        assert self.store.delete(key) == (key in self.model)
+        self.model.pop(key, None)
+
+    @rule(seconds=st.sampled_from([1.0, 10.0, 100.0]))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(older_than=st.one_of(st.none(), st.sampled_from([0.0, 5.0, 50.0])))
+    def purge(self, older_than: float | None) -> None:
+        doomed = {
+            key
+            for key, entry in self.model.items()
+            if older_than is None
+            or entry.expires_at <= self.now
+            or self.now - entry.created_at >= older_than
+        }
+        assert self.store.purge(older_than=older_than, now=self.now) == len(doomed)
+        for key in doomed:
+            del self.model[key]
+
+    @precondition(lambda self: bool(self.model))
+    @rule()
+    def reopen(self) -> None:
+        self.store.close()
+        self.store = open_store(self.directory / "cache", max_total_bytes=64 * MIB)
+
+    @invariant()
+    def same_keys_and_bytes(self) -> None:
+        assert keys_of(self.store) == set(self.model)
+        stats = self.store.stats()
+        assert stats.entries == len(self.model)
+        assert stats.bytes == sum(len(encode_entry(entry)) for entry in self.model.values())
+
+    def teardown(self) -> None:
+        self.store.close()
+        shutil.rmtree(self.directory)
+
+
+TestStoreAgainstADict = StoreAgainstADict.TestCase
+TestStoreAgainstADict.settings = settings(max_examples=50, stateful_step_count=25, deadline=None)
+
+
+# -- several processes ----------------------------------------------------------------
+
+CRASH_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from tests.test_store import entry_for_key
+    from tproxy.store import LmdbStore
+
+    store = LmdbStore(Path(sys.argv[1]), max_total_bytes=3 << 20, max_entry_bytes=1 << 20)
+    start = int(sys.argv[2])
+    for batch in range(start, start + 100_000):
+        keys = [f"{batch}-{n}" for n in range(8)]
+        store.put_many([(key, entry_for_key(key)) for key in keys], float(batch))
+        print(batch, flush=True)
+    """
+)
+
+SHARING_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from tests.test_store import entry_for_key
+    from tproxy.store import LmdbStore
+
+    store = LmdbStore(Path(sys.argv[1]), max_total_bytes=8 << 20, max_entry_bytes=1 << 20)
+    filler = [(f"filler-{n}", entry_for_key(f"filler-{n}")) for n in range(80)]
+    store.put_many(filler + [("shared", entry_for_key("shared"))], 1.0)
+    store.close()
+    print("written", flush=True)
+    """
+)
+
+
+def start_python(script: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_line(process: subprocess.Popen[bytes], wanted: int, timeout: float = 30.0) -> int:
+    """Read the writer's batch numbers until one is at least ``wanted``; return it."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    pending = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        data = os.read(process.stdout.fileno(), 4096)
+        if not data:
+            break
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if int(line) >= wanted:
+                return int(line)
+    process.kill()
+    _, errors = process.communicate()
+    raise AssertionError(f"the writer did not reach batch {wanted}: {errors.decode()}")
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_write_leaves_only_whole_entries(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    start = 0
+    for wanted in (5, 20, 40):
+        writer = start_python(CRASH_WRITER, str(path), str(start))
+        reached = wait_for_line(writer, start + wanted)
+        writer.send_signal(signal.SIGKILL)
+        writer.communicate()
+        assert writer.returncode == -signal.SIGKILL
+        start = reached + 1
+
+        store = open_store(path, max_total_bytes=3 * MIB, max_entry_bytes=MIB)
+        infos = list(store.entries())
+        assert infos
+        for info in infos:
+            assert store.get(info.key, 2.0) == entry_for_key(info.key)
+        # Every batch the writer reported is either whole or evicted, never partial.
+        last = [f"{reached}-{n}" for n in range(8)]
+        assert all(store.get(key, 2.0) is not None for key in last)
+        assert store.stats().bytes == sum(info.size for info in infos)
+        store.close()
+
+
+def test_two_processes_share_one_store(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    # This process maps only 256 KiB; the other one writes more than that, so reading here
+    # must adopt the size the other process gave the map.
+    reader = open_store(path, max_total_bytes=256 * KIB, map_headroom=0)
+    writer = start_python(SHARING_WRITER, str(path))
+    output, errors = writer.communicate(timeout=60)
+    assert writer.returncode == 0, errors.decode()
+    assert output == b"written\n"
+    assert reader.get("shared", 2.0) == entry_for_key("shared")
+    assert reader.stats().map_size > 256 * KIB
+    reader.close()
