@@ -231,14 +231,16 @@ async def test_a_client_that_leaves_closes_the_upstream_connection(
     http: httpx2.AsyncClient, upstream: FakeUpstream
 ) -> None:
     words = " ".join(f"w{i}" for i in range(200))
-    async with http.stream(
-        "POST",
-        "/v1/chat/completions",
-        json=chat(words, stream=True),
-        headers={"x-fake-delay": "0.05"},
-    ) as response:
-        async with aclosing(response.aiter_raw()) as chunks:
-            await anext(chunks)
+    async with (
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=chat(words, stream=True),
+            headers={"x-fake-delay": "0.05"},
+        ) as response,
+        aclosing(response.aiter_raw()) as chunks,
+    ):
+        await anext(chunks)
     with trio.fail_after(5):
         await upstream.disconnected.wait()
     assert upstream.active_streams == 0
