@@ -151,6 +151,10 @@ paths = ["/v1/chat/completions"]
 ignore_fields = ["user", "metadata"]
 shared = true
 max_line_bytes = 10
+coalesce = false
+on_disconnect = "finish"
+finish_timeout = 30
+max_background = 2
 
 [log]
 level = "debug"
@@ -202,6 +206,10 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
             ignore_fields=("user", "metadata"),
             shared=True,
             max_line_bytes=10,
+            coalesce=False,
+            on_disconnect="finish",
+            finish_timeout=30.0,
+            max_background=2,
         ),
         log=LogSettings(level="debug", format="json"),
         upstreams=(

@@ -79,7 +79,14 @@ class ProxyApp:
     async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         headers: list[Header] = scope["headers"]
         request_id = client_request_id(headers) or uuid.uuid4().hex.encode()
-        exchange = Exchange(request_id.decode(), trio.current_time())
+        client = scope.get("client")
+        exchange = Exchange(
+            request_id.decode(),
+            trio.current_time(),
+            method=scope["method"],
+            path=scope["path"],
+            client=client[0] if client else None,
+        )
         with self._inflight.track(exchange):
             await self._serve_exchange(scope, receive, send, exchange, request_id)
 

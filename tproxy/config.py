@@ -100,6 +100,10 @@ class CacheSettings:
     ignore_fields: tuple[str, ...] = ("user",)
     shared: bool = False
     max_line_bytes: int = 1024 * 1024
+    coalesce: bool = True
+    on_disconnect: str = "cancel"
+    finish_timeout: float = 300.0
+    max_background: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,7 @@ _NO_OVERRIDES = Overrides()
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+DISCONNECT_POLICIES = ("cancel", "finish")
 
 # Headers the proxy writes itself on the upstream leg: configuring them would break framing,
 # the identity encoding the cache relies on, or the request id.
@@ -510,6 +515,10 @@ _CACHE: dict[str, _Checker] = {
     "ignore_fields": _array(_text),
     "shared": _boolean,
     "max_line_bytes": _size,
+    "coalesce": _boolean,
+    "on_disconnect": _choice(DISCONNECT_POLICIES),
+    "finish_timeout": _seconds,
+    "max_background": _count,
 }
 _LOG: dict[str, _Checker] = {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)}
 _UPSTREAM: dict[str, _Checker] = {

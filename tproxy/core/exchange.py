@@ -95,7 +95,14 @@ class Exchange:
 
     request_id: str
     started_at: float
+    method: str = ""
+    path: str = ""
+    client: str | None = None
     state: State = State.RECEIVED
+    model: str | None = None
+    tenant: str | None = None  # a short hash of the client's credential, never the credential
+    cache_status: str | None = None
+    followers: int = 0
     upstream: str | None = None
     attempts: int = 0
     status: int | None = None
