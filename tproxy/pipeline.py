@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 
 from tproxy.asgi import ASGIReceive, ASGISend
+from tproxy.config import Settings
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected, UpstreamConnectError, UpstreamError, UpstreamTimeout
@@ -386,6 +387,19 @@ class Exchanger:
             return
         report.stored = self.store_writer.submit(plan.key, outcome)
         report.reason = "stored" if report.stored else "store writer busy"
+
+
+@asynccontextmanager
+async def open_exchanger(
+    settings: Settings, pool: UpstreamPool, store_writer: StoreWriter | None
+) -> AsyncIterator[Exchanger]:
+    """The exchanger of one server, open for as long as the server serves."""
+    yield Exchanger(
+        pool=pool,
+        store_writer=store_writer,
+        buffer_chunks=settings.server.stream_buffer_chunks,
+        max_line_bytes=settings.cache.max_line_bytes,
+    )
 
 
 async def _collect(

@@ -26,7 +26,7 @@ from tproxy.admin import AdminApp
 from tproxy.app import ProxyApp
 from tproxy.config import Settings
 from tproxy.inflight import Inflight
-from tproxy.pipeline import Exchanger
+from tproxy.pipeline import open_exchanger
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
 from tproxy.upstream import open_upstream_pool
@@ -84,16 +84,13 @@ async def serve_tproxy(
         async with trio.open_nursery() as nursery:
             if writer is not None:
                 await nursery.start(writer.serve)
-            exchanger = Exchanger(
-                pool=pool,
-                store_writer=writer,
-                buffer_chunks=settings.server.stream_buffer_chunks,
-                max_line_bytes=settings.cache.max_line_bytes,
-            )
             inflight = Inflight()
-            proxy_app = ProxyApp(settings, exchanger, store, inflight)
             admin_app = AdminApp(store)
-            async with trio.open_nursery() as servers:
+            async with (
+                open_exchanger(settings, pool, writer) as exchanger,
+                trio.open_nursery() as servers,
+            ):
+                proxy_app = ProxyApp(settings, exchanger, store, inflight)
                 proxy_binds = await servers.start(
                     partial(
                         serve,
