@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import h11
 import trio
+from trio_util import AsyncValue
 
 FRAMINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 
@@ -48,6 +49,7 @@ class FakeUpstream:
     disconnects: int = 0
     disconnected: trio.Event = field(default_factory=trio.Event)
     active_streams: int = 0
+    streams_completed: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
 
     @property
     def url(self) -> str:
@@ -173,6 +175,7 @@ class FakeUpstream:
                         await self._wait_for_close(stream)
                         return
             await send(h11.EndOfMessage())
+            self.streams_completed.value += 1
         finally:
             self.active_streams -= 1
 

@@ -11,6 +11,8 @@ from tproxy.core.events import (
     CacheHit,
     ClientGone,
     Fact,
+    FellBehind,
+    JoinedFlight,
     HeadersReceived,
     Rejected,
     ResponseFinished,
@@ -91,6 +93,11 @@ def test_a_retry_stays_connecting_and_counts_attempts() -> None:
         ([UpstreamRequested("u", 1), HeadersReceived(200), TimedOut("idle")], State.TIMED_OUT),
         ([UpstreamRequested("u", 1), HeadersReceived(200), ClientGone()], State.CLIENT_GONE),
         ([UpstreamRequested("u", 1), HeadersReceived(200), ShutDown()], State.SHUT_DOWN),
+        ([JoinedFlight(), HeadersReceived(200), FellBehind()], State.FELL_BEHIND),
+        (
+            [JoinedFlight(), HeadersReceived(200), UpstreamEnded(), ResponseFinished()],
+            State.COMPLETED,
+        ),
         (
             [UpstreamRequested("u", 1), HeadersReceived(200), UpstreamEnded(), ClientGone()],
             State.CLIENT_GONE,
@@ -116,6 +123,8 @@ def test_the_diagram_names_every_transition() -> None:
 
 ALL_FACTS: list[Fact] = [
     Rejected(400, "bad"),
+    JoinedFlight(),
+    FellBehind(),
     CacheHit(1.0),
     UpstreamRequested("u", 1),
     HeadersReceived(200),

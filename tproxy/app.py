@@ -127,8 +127,7 @@ class ProxyApp:
                 receive,
                 send,
                 lookup.plan,
-                self._settings.upstream(route.upstreams[0]).total_timeout,
-                _encode(lookup.cache_status),
+                lookup.cache_status,
             )
         finally:
             _log_access(scope, exchange, report)
@@ -169,6 +168,7 @@ class ProxyApp:
             scheme=scope.get("scheme", "http"),
             upstreams=route.upstreams,
             retries=route.retries,
+            total_timeout=self._settings.upstream(route.upstreams[0]).total_timeout,
         )
         return request, route, model
 
@@ -212,7 +212,8 @@ class ProxyApp:
         if decision.verdict is not Verdict.CACHEABLE or decision.key is None:
             fwd = _BYPASS.get(decision.verdict, "miss")
             detail = None if decision.verdict in _BYPASS else decision.verdict.value
-            return _Lookup(None, 0.0, None, format_cache_status(hit=False, fwd=fwd, detail=detail))
+            status = format_cache_status(hit=False, fwd=fwd, detail=detail)
+            return _Lookup(None, 0.0, None, status, refuse_miss=decision.only_if_cached)
         fwd = "request" if not decision.lookup else "miss"
         if decision.lookup and self._store is not None:
             now = time.time()
@@ -238,6 +239,7 @@ def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -
         ttl=route.ttl if route.ttl is not None else cache.default_ttl,
         max_entry_bytes=cache.max_entry_bytes,
         model=decision.model,
+        shared=cache.coalesce and decision.lookup,
     )
 
 

@@ -1,23 +1,33 @@
-"""One request's tasks and channels: the only place that spawns per-request work.
+"""Flights of upstream answers to clients: the only place that spawns per-request work.
 
-Each proxied request runs in its own nursery with three tasks joined by bounded channels:
+A *flight* is one upstream call. Its tasks, joined by bounded channels:
 
-    upstream reader ──(to_client, N chunks)──▶ client writer ──▶ ASGI send
-           └────────(to_cache, send_nowait)──▶ cache writer  ──▶ StoreWriter (shared)
+    upstream reader ──(one channel per client)──▶ client writer ──▶ ASGI send   (one per client)
+           └────────(to_cache, send_nowait)────▶ cache writer  ──▶ StoreWriter (shared)
 
-plus a watcher on ASGI ``receive()``: Hypercorn reports a client that left only as
-``http.disconnect`` there (``send()`` never raises), so the watcher is how a departure cancels
-the request's work and closes the upstream connection.
+Each client request runs in its own nursery: its client writer, and a watcher on ASGI
+``receive()``: Hypercorn reports a client that left only as ``http.disconnect`` there
+(``send()`` never raises), so the watcher is how a departure is noticed.
 
-Memory ceiling per request: ``stream_buffer_chunks`` × the largest upstream read on the client
-channel, plus ``max_entry_bytes`` accumulated by the cache writer. The cache channel is fed with
-``send_nowait``: if the cache writer ever falls behind, caching of that answer is abandoned and
-the client never waits for it.
+A request that cannot be shared (caching bypassed, ``no-cache``, coalescing off) has a *private*
+flight that runs inside the request's own nursery: the reader awaits the client writer (a slow
+client slows its own upstream read, never memory), and the client leaving cancels the upstream
+call at once. A cacheable request opens or joins a *shared* flight (see
+:mod:`tproxy.core.flight`), which runs in the exchanger's nursery, outliving any one client but
+not the server. The reader never waits for a client of a shared flight: each client has its own
+channel fed with ``send_nowait``, and a client that falls more than ``max_entry_bytes`` (or the
+channel's item bound) behind is cut off as ``fell_behind``, so one slow reader stalls neither the
+upstream nor the other clients.
 
-The tasks report facts to the :class:`~tproxy.core.exchange.Exchange`; it decides the state, and
-it is finished exactly once: by the client writer (completed), the reader (upstream failed or
-timed out), the watcher (client gone) or the pipeline itself when the server cancels the work
-(shut down).
+Memory ceilings. Private flight: ``stream_buffer_chunks`` items × the largest upstream read
+(64 KiB). Shared flight: the history kept for joiners and the backlog of each client are the same
+``bytes`` objects, bounded by ``cache.max_entry_bytes``; a flight that outgrows it stops taking
+joiners and drops its history. The cache writer holds at most ``max_entry_bytes``, and is fed with
+``send_nowait``: if it ever falls behind, caching of that answer is abandoned, never the client.
+
+Each client's :class:`~tproxy.core.exchange.Exchange` is told the facts by its own client writer,
+from the items it receives; it is finished exactly once: completed, upstream failed or timed out,
+fell behind, client gone (the watcher), or shut down (the server cancelled the work).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -34,10 +44,18 @@ from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.entry import StoredEntry
-from tproxy.core.errors import RequestRejected, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from tproxy.core.errors import (
+    RequestRejected,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from tproxy.core.events import (
     ClientGone,
+    FellBehind,
     HeadersReceived,
+    JoinedFlight,
     ResponseFinished,
     ShutDown,
     TimedOut,
@@ -46,6 +64,7 @@ from tproxy.core.events import (
     UpstreamRequested,
 )
 from tproxy.core.exchange import Exchange
+from tproxy.core.flight import Flight, FlightRegistry, FlightState, Policy, Verdict
 from tproxy.core.headers import (
     Header,
     client_response_headers,
@@ -59,6 +78,9 @@ from tproxy.upstream import UpstreamPool
 
 # Response headers kept with a cached answer and replayed with it.
 REPLAYED_HEADERS = frozenset({b"content-type", b"content-language"})
+
+# Item bound of a shared flight's per-client channel (the byte bound is max_entry_bytes).
+SHARED_CHANNEL_ITEMS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,24 +96,33 @@ class ProxyRequest:
     scheme: str
     upstreams: tuple[str, ...]
     retries: int
+    total_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
 class CachePlan:
-    """How to store this request's answer if it completes cleanly."""
+    """How to store this request's answer if it completes cleanly, and whether to share it."""
 
     key: str
     ttl: float
     max_entry_bytes: int
     model: str | None
+    shared: bool
 
 
 @dataclass(slots=True)
 class CacheReport:
-    """What became of caching for one exchange, for logs and metrics."""
+    """What became of caching for one flight, for logs and metrics."""
 
     stored: bool = False
     reason: str = "not attempted"
+    usage: dict[str, object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    upstream: str
+    attempt: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,18 +132,24 @@ class _Start:
 
 
 @dataclass(frozen=True, slots=True)
+class _Chunk:
+    data: bytes
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Failure:
     """The upstream failed; before the response started this becomes an error answer."""
 
-    rejection: RequestRejected
+    error: UpstreamError
 
 
 @dataclass(frozen=True, slots=True)
 class _CleanEnd:
-    """The upstream body ended cleanly (sent to both the client writer and the cache writer)."""
+    """The upstream body ended cleanly (sent to the client writers and the cache writer)."""
 
 
-_ClientItem = _Start | bytes | _Failure | _CleanEnd
+_ClientItem = _Attempt | _Start | _Chunk | _Failure | _CleanEnd
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,14 +173,138 @@ class _CacheChunk:
 _CacheItem = _CacheStart | _CacheChunk | _CacheAbandoned | _CleanEnd
 
 
+class _Subscriber:
+    """One client's channel from a flight, and how far behind that client is."""
+
+    def __init__(self, capacity: int, max_lag_bytes: float) -> None:
+        self.send_channel, self.receive_channel = trio.open_memory_channel[_ClientItem](capacity)
+        self._max_lag_bytes = max_lag_bytes
+        self._lag_bytes = 0
+        self.fell_behind = False
+
+    def offer(self, item: _ClientItem) -> None:
+        """Queue ``item`` without waiting; a client too far behind is cut off instead."""
+        if self.fell_behind:
+            return
+        size = len(item.data) if isinstance(item, _Chunk) else 0
+        if self._lag_bytes + size > self._max_lag_bytes or not self._send_nowait(item):
+            self.fell_behind = True
+            self.send_channel.close()
+            return
+        self._lag_bytes += size
+
+    def _send_nowait(self, item: _ClientItem) -> bool:
+        try:
+            self.send_channel.send_nowait(item)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def taken(self, item: _ClientItem) -> None:
+        """The client writer took ``item`` off the channel."""
+        if isinstance(item, _Chunk):
+            self._lag_bytes -= len(item.data)
+
+
+@dataclass(eq=False)
+class _LiveFlight:
+    """The I/O side of one flight: its clients' channels, its history, its cancel scope."""
+
+    request: ProxyRequest
+    plan: CachePlan | None
+    book: Flight | None  # None for a private flight
+    buffer_chunks: int
+    subscribers: list[_Subscriber] = field(default_factory=list)
+    history: list[_ClientItem] = field(default_factory=list)
+    history_bytes: int = 0
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    report: CacheReport = field(default_factory=CacheReport)
+    ended: bool = False
+
+    @property
+    def shared(self) -> bool:
+        return self.book is not None
+
+    def subscribe(self) -> _Subscriber:
+        """Attach a client: it first receives what the flight produced so far, compacted."""
+        if self.plan is None or not self.shared:
+            subscriber = _Subscriber(self.buffer_chunks, math.inf)
+        else:
+            subscriber = _Subscriber(SHARED_CHANNEL_ITEMS, self.plan.max_entry_bytes)
+        for item in _compact(self.history):
+            subscriber.offer(item)
+        if self.ended:
+            subscriber.send_channel.close()
+        else:
+            self.subscribers.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: _Subscriber) -> None:
+        if subscriber in self.subscribers:
+            self.subscribers.remove(subscriber)
+
+    async def publish(self, item: _ClientItem) -> None:
+        """Hand ``item`` to every client: awaiting the only one of a private flight, never
+        waiting for any client of a shared one."""
+        if not self.shared:
+            for subscriber in self.subscribers:
+                await subscriber.send_channel.send(item)
+            return
+        self._remember(item)
+        for subscriber in self.subscribers:
+            subscriber.offer(item)
+
+    def _remember(self, item: _ClientItem) -> None:
+        assert self.book is not None
+        assert self.plan is not None
+        if not self.book.joinable:
+            return
+        if isinstance(item, _Chunk):
+            self.history_bytes += len(item.data)
+            if self.history_bytes > self.plan.max_entry_bytes:
+                self.book.close_to_joiners("answer larger than max_entry_bytes")
+                self.history.clear()
+                return
+        self.history.append(item)
+
+    def end(self, final: _ClientItem | None) -> None:
+        """No more items: hand over ``final`` if any, and close every client's channel."""
+        self.ended = True
+        if final is not None and self.shared:
+            self._remember(final)
+        for subscriber in self.subscribers:
+            if final is not None:
+                subscriber.offer(final)
+            subscriber.send_channel.close()
+
+
+def _compact(history: list[_ClientItem]) -> list[_ClientItem]:
+    """What a joiner needs of the history: the last attempt, the start, all bytes in one chunk,
+    and the end if there was one."""
+    attempts = [item for item in history if isinstance(item, _Attempt)]
+    chunks = [item for item in history if isinstance(item, _Chunk)]
+    compact: list[_ClientItem] = list(attempts[-1:])
+    compact.extend(item for item in history if isinstance(item, _Start))
+    if chunks:
+        compact.append(_Chunk(b"".join(c.data for c in chunks), sum(c.events for c in chunks)))
+    compact.extend(item for item in history if isinstance(item, (_Failure, _CleanEnd)))
+    return compact
+
+
 @dataclass(slots=True)
 class Exchanger:
-    """Runs exchanges against the upstreams; shared by every request of one server."""
+    """Runs flights against the upstreams; shared by every request of one server."""
 
     pool: UpstreamPool
     store_writer: StoreWriter | None
     buffer_chunks: int
     max_line_bytes: int
+    policy: Policy
+    finish_timeout: float
+    background: trio.Nursery
+    registry: FlightRegistry
+    live: dict[int, _LiveFlight] = field(default_factory=dict)
+    background_completions: int = 0
 
     async def run(
         self,
@@ -151,49 +312,29 @@ class Exchanger:
         exchange: Exchange,
         receive: ASGIReceive,
         send: ASGISend,
-        cache: CachePlan | None,
-        deadline_after: float,
-        cache_status: bytes | None,
+        plan: CachePlan | None,
+        cache_status: str | None,
     ) -> CacheReport:
-        """Proxy one request to completion, failure, departure or shutdown.
+        """Serve one client from a private flight, or from a shared one it opens or joins.
 
         Never raises for upstream or client trouble: that is recorded on ``exchange``.
         ``trio.Cancelled`` from outside (server shutdown) is recorded as ``shut_down`` and
         re-raised.
         """
-        report = CacheReport()
-        deadline = trio.current_time() + deadline_after
-        to_client_send, to_client_receive = trio.open_memory_channel[_ClientItem](
-            self.buffer_chunks
-        )
-        to_cache_send, to_cache_receive = trio.open_memory_channel[_CacheItem](
-            self.buffer_chunks if cache is not None else 0
-        )
-        if cache is None:
-            to_cache_send.close()
-            to_cache_receive.close()
+        flight, status = self._flight_for(request, exchange, plan, cache_status)
+        subscriber = flight.subscribe()
+        exchange.cache_status = None if status is None else status.decode()
         try:
             async with trio.open_nursery() as request_nursery:
                 watcher = trio.CancelScope()
                 request_nursery.start_soon(
                     self._watch_client, receive, exchange, watcher, request_nursery.cancel_scope
                 )
-                with trio.CancelScope(deadline=deadline + 1.0) as overall:
-                    async with trio.open_nursery() as work:
-                        work.start_soon(
-                            self._read_upstream,
-                            request,
-                            exchange,
-                            deadline,
-                            to_client_send,
-                            to_cache_send,
-                            cache is not None,
-                        )
-                        if cache is not None:
-                            work.start_soon(self._write_cache, cache, to_cache_receive, report)
-                        await self._write_client(
-                            request, exchange, to_client_receive, send, cache_status
-                        )
+                if not flight.shared:
+                    request_nursery.start_soon(self._fly, flight)
+                deadline = trio.current_time() + request.total_timeout + 1.0
+                with trio.CancelScope(deadline=deadline) as overall:
+                    await self._write_client(request, exchange, subscriber, send, status)
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
@@ -201,9 +342,82 @@ class Exchanger:
             if not exchange.finished:
                 exchange.handle(ShutDown(), trio.current_time())
             raise
-        if report.reason == "not attempted" and cache is not None:
-            report.reason = exchange.state.value
-        return report
+        finally:
+            self._leave(flight, subscriber)
+        return flight.report
+
+    def _flight_for(
+        self,
+        request: ProxyRequest,
+        exchange: Exchange,
+        plan: CachePlan | None,
+        cache_status: str | None,
+    ) -> tuple[_LiveFlight, bytes | None]:
+        """A private flight, or the shared one for the plan's key (joined or newly opened)."""
+        encoded = None if cache_status is None else cache_status.encode()
+        if plan is None or not plan.shared:
+            return _LiveFlight(request, plan, None, self.buffer_chunks), encoded
+        book, is_new = self.registry.join(plan.key, self.policy)
+        if is_new:
+            flight = _LiveFlight(request, plan, book, self.buffer_chunks)
+            self.live[id(book)] = flight
+            self.background.start_soon(self._fly, flight)
+            return flight, encoded
+        exchange.handle(JoinedFlight(), trio.current_time())
+        leader = self.live[id(book)]
+        return leader, (cache_status + "; collapsed").encode() if cache_status else None
+
+    def _leave(self, flight: _LiveFlight, subscriber: _Subscriber) -> None:
+        flight.unsubscribe(subscriber)
+        if flight.book is None:
+            return
+        verdict = self.registry.leave(flight.book)
+        if verdict is Verdict.CANCEL:
+            flight.scope.cancel()
+        elif verdict is Verdict.FINISH_IN_BACKGROUND:
+            self.background_completions += 1
+            flight.scope.deadline = min(
+                flight.scope.deadline, trio.current_time() + self.finish_timeout
+            )
+
+    async def _fly(self, flight: _LiveFlight) -> None:
+        """Run one flight: read the upstream, feed the clients and the cache writer."""
+        book = flight.book
+        try:
+            await self._read_into(flight)
+            completed = book is not None and book.state is FlightState.COMPLETED
+            if completed and flight.report.stored and self.store_writer is not None:
+                # Joinable until the answer is in the store: no gap for a second call.
+                await self.store_writer.flush()
+        finally:
+            if book is not None:
+                self.registry.discard(book)
+                self.live.pop(id(book), None)
+
+    async def _read_into(self, flight: _LiveFlight) -> None:
+        to_cache_send, to_cache_receive = trio.open_memory_channel[_CacheItem](
+            self.buffer_chunks if flight.plan is not None else 0
+        )
+        final: _ClientItem | None = None
+        try:
+            with flight.scope:
+                async with trio.open_nursery() as nursery:
+                    if flight.plan is not None:
+                        nursery.start_soon(
+                            self._write_cache, flight.plan, to_cache_receive, flight.report
+                        )
+                    else:
+                        to_cache_receive.close()
+                    final = await self._read_upstream(flight, to_cache_send)
+        finally:
+            if final is None:
+                final = _Failure(UpstreamBroken("the answer was cancelled"))
+            flight.end(final)
+            book = flight.book
+            if book is not None and book.state.reading:
+                clean = isinstance(final, _CleanEnd)
+                reason = None if clean else flight.report.reason
+                self.registry.finish(book, clean=clean, reason=reason)
 
     async def _watch_client(
         self,
@@ -222,41 +436,26 @@ class Exchanger:
                     return
 
     async def _read_upstream(
-        self,
-        request: ProxyRequest,
-        exchange: Exchange,
-        deadline: float,
-        to_client: trio.MemorySendChannel[_ClientItem],
-        to_cache: trio.MemorySendChannel[_CacheItem],
-        caching: bool,
-    ) -> None:
-        async with to_client, to_cache:
+        self, flight: _LiveFlight, to_cache: trio.MemorySendChannel[_CacheItem]
+    ) -> _ClientItem:
+        """Read the upstream answer into the flight; return the item that ends it."""
+        async with to_cache:
             try:
-                await self._stream_upstream(
-                    request, exchange, deadline, to_client, to_cache if caching else None
-                )
+                await self._stream_upstream(flight, to_cache if flight.plan is not None else None)
             except UpstreamError as error:
-                fact = (
-                    TimedOut(error.phase)
-                    if isinstance(error, UpstreamTimeout)
-                    else UpstreamFailed(str(error))
-                )
-                exchange.handle(fact, trio.current_time())
-                await to_client.send(_Failure(rejection_for(error)))
+                return _Failure(error)
+        return _CleanEnd()
 
     async def _stream_upstream(
-        self,
-        request: ProxyRequest,
-        exchange: Exchange,
-        deadline: float,
-        to_client: trio.MemorySendChannel[_ClientItem],
-        to_cache: trio.MemorySendChannel[_CacheItem] | None,
+        self, flight: _LiveFlight, to_cache: trio.MemorySendChannel[_CacheItem] | None
     ) -> None:
+        request = flight.request
         attempts = 1 + request.retries
         candidates = request.upstreams
+        deadline = trio.current_time() + request.total_timeout
         for attempt in range(1, attempts + 1):
             name = candidates[(attempt - 1) % len(candidates)]
-            exchange.handle(UpstreamRequested(name, attempt), trio.current_time())
+            await flight.publish(_Attempt(name, attempt))
             headers = upstream_request_headers(
                 request.headers,
                 client_host=request.client_host,
@@ -276,7 +475,7 @@ class Exchanger:
                 ) as response:
                     async with aclosing(response.chunks()) as chunks:
                         await self._relay(
-                            exchange, response.status, response.headers, chunks, to_client, to_cache
+                            flight, response.status, response.headers, chunks, to_cache
                         )
                     return
             except UpstreamConnectError:
@@ -285,17 +484,15 @@ class Exchanger:
 
     async def _relay(
         self,
-        exchange: Exchange,
+        flight: _LiveFlight,
         status: int,
         headers: list[Header],
         chunks: AsyncIterator[bytes],
-        to_client: trio.MemorySendChannel[_ClientItem],
         to_cache: trio.MemorySendChannel[_CacheItem] | None,
     ) -> None:
-        """Forward every chunk to the client at once; offer it to the cache writer after."""
+        """Forward every chunk to the clients at once; offer it to the cache writer after."""
         started = trio.current_time()
-        exchange.handle(HeadersReceived(status), started)
-        await to_client.send(_Start(status, headers))
+        await flight.publish(_Start(status, headers))
         content_type = header_value(headers, b"content-type") or b""
         streamed = content_type.split(b";")[0].strip().lower() == b"text/event-stream"
         decoder = SSEDecoder(self.max_line_bytes) if streamed else None
@@ -306,47 +503,58 @@ class Exchanger:
             else:
                 _abandon(cache, f"status {status}")
                 cache = None
-        async for chunk in chunks:
-            now = trio.current_time()
-            exchange.note_upstream_chunk(len(chunk), now)
-            await to_client.send(chunk)
+        async for data in chunks:
             frames: list[Frame] | None = None
+            events = 0
             if decoder is not None:
-                frames = decoder.feed(chunk)
-                exchange.note_events(sum(1 for frame in frames if frame.event is not None))
-                if decoder.failed is not None and cache is not None:
-                    _abandon(cache, decoder.failed)
-                    cache = None
+                frames = decoder.feed(data)
+                events = sum(1 for frame in frames if frame.event is not None)
+            await flight.publish(_Chunk(data, events))
+            if decoder is not None and decoder.failed is not None and cache is not None:
+                _abandon(cache, decoder.failed)
+                cache = None
             if cache is not None:
-                cache = _offer(cache, _CacheChunk(frames, chunk, now - started))
-        exchange.handle(UpstreamEnded(), trio.current_time())
+                offset = trio.current_time() - started
+                cache = _offer(cache, _CacheChunk(frames, data, offset))
         if decoder is not None:
             frames = decoder.close()
             if frames:
-                exchange.note_events(sum(1 for frame in frames if frame.event is not None))
+                events = sum(1 for frame in frames if frame.event is not None)
+                if events:
+                    await flight.publish(_Chunk(b"", events))
                 if cache is not None:
                     raw = b"".join(frame.raw for frame in frames)
                     offset = trio.current_time() - started
                     cache = _offer(cache, _CacheChunk(frames, raw, offset))
         if cache is not None:
             _offer(cache, _CleanEnd())
-        await to_client.send(_CleanEnd())
 
     async def _write_client(
         self,
         request: ProxyRequest,
         exchange: Exchange,
-        items: trio.MemoryReceiveChannel[_ClientItem],
+        subscriber: _Subscriber,
         send: ASGISend,
         cache_status: bytes | None,
     ) -> None:
+        """Hand the flight's items to one client, telling its exchange what happened."""
         started = False
-        async with items:
+        async with subscriber.receive_channel as items:
             async for item in items:
-                if isinstance(item, bytes):
-                    exchange.note_delivered(len(item))
-                    await send({"type": "http.response.body", "body": item, "more_body": True})
+                subscriber.taken(item)
+                now = trio.current_time()
+                if isinstance(item, _Chunk):
+                    exchange.note_upstream_chunk(len(item.data), now)
+                    exchange.note_events(item.events)
+                    if item.data:
+                        await send(
+                            {"type": "http.response.body", "body": item.data, "more_body": True}
+                        )
+                        exchange.note_delivered(len(item.data))
+                elif isinstance(item, _Attempt):
+                    exchange.handle(UpstreamRequested(item.upstream, item.attempt), now)
                 elif isinstance(item, _Start):
+                    exchange.handle(HeadersReceived(item.status), now)
                     started = True
                     await send(
                         {
@@ -360,16 +568,31 @@ class Exchanger:
                         }
                     )
                 elif isinstance(item, _CleanEnd):
+                    exchange.handle(UpstreamEnded(), now)
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     exchange.handle(ResponseFinished(), trio.current_time())
                     return
-                elif not started:
-                    await send_error(send, item.rejection, request.request_id, cache_status)
-                    return
                 else:
-                    # The upstream broke after the response started: return without the final
-                    # body message, so the client sees a truncated body, never a clean short one.
+                    error = item.error
+                    fact = (
+                        TimedOut(error.phase)
+                        if isinstance(error, UpstreamTimeout)
+                        else UpstreamFailed(str(error))
+                    )
+                    exchange.handle(fact, now)
+                    if not started:
+                        await send_error(
+                            send, rejection_for(error), request.request_id, cache_status
+                        )
+                    # After the start, return without the final body message: the client sees
+                    # a truncated body, never a clean short one.
                     return
+        if subscriber.fell_behind:
+            exchange.handle(FellBehind(), trio.current_time())
+        else:
+            exchange.handle(
+                UpstreamFailed("the flight ended without an answer"), trio.current_time()
+            )
 
     async def _write_cache(
         self,
@@ -378,7 +601,7 @@ class Exchanger:
         report: CacheReport,
     ) -> None:
         async with items:
-            outcome = await _collect(plan, items)
+            outcome = await _collect(plan, items, report)
         if isinstance(outcome, str):
             report.reason = outcome
             return
@@ -393,17 +616,24 @@ class Exchanger:
 async def open_exchanger(
     settings: Settings, pool: UpstreamPool, store_writer: StoreWriter | None
 ) -> AsyncIterator[Exchanger]:
-    """The exchanger of one server, open for as long as the server serves."""
-    yield Exchanger(
-        pool=pool,
-        store_writer=store_writer,
-        buffer_chunks=settings.server.stream_buffer_chunks,
-        max_line_bytes=settings.cache.max_line_bytes,
-    )
+    """The exchanger of one server. Shared flights run in its nursery: they outlive the client
+    that opened them, not the server; leaving the block cancels those still running."""
+    async with trio.open_nursery() as background:
+        yield Exchanger(
+            pool=pool,
+            store_writer=store_writer,
+            buffer_chunks=settings.server.stream_buffer_chunks,
+            max_line_bytes=settings.cache.max_line_bytes,
+            policy=Policy(settings.cache.on_disconnect),
+            finish_timeout=settings.cache.finish_timeout,
+            background=background,
+            registry=FlightRegistry(max_background=settings.cache.max_background),
+        )
+        background.cancel_scope.cancel()
 
 
 async def _collect(
-    plan: CachePlan, items: trio.MemoryReceiveChannel[_CacheItem]
+    plan: CachePlan, items: trio.MemoryReceiveChannel[_CacheItem], report: CacheReport
 ) -> StoredEntry | str:
     """Accumulate one answer for the cache; return the entry, or why it cannot be stored."""
     start: _CacheStart | None = None
@@ -430,7 +660,7 @@ async def _collect(
                 if frame.event is not None:
                     completion.observe(frame.event)
         elif start is not None:
-            return _entry_if_complete(plan, start, chunks, offsets, completion)
+            return _entry_if_complete(plan, start, chunks, offsets, completion, report)
     return "the answer did not end cleanly"
 
 
@@ -440,12 +670,14 @@ def _entry_if_complete(
     chunks: list[bytes],
     offsets: list[float],
     completion: StreamCompletion,
+    report: CacheReport,
 ) -> StoredEntry | str:
     if start.streamed:
         outcome, reason = completion.verdict(clean_end=True)
+        report.usage = completion.usage
     else:
         body = b"".join(chunks)
-        outcome, reason, _usage = json_answer_verdict(200, body)
+        outcome, reason, report.usage = json_answer_verdict(200, body)
         chunks, offsets = [body], [offsets[-1] if offsets else 0.0]
     if outcome is not StreamOutcome.COMPLETE:
         return reason

@@ -34,6 +34,16 @@ class UpstreamRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinedFlight:
+    """An identical request was already in flight; this one follows it instead of going upstream."""
+
+
+@dataclass(frozen=True, slots=True)
+class FellBehind:
+    """The client read so slowly that the flight could not hold what it had yet to read."""
+
+
+@dataclass(frozen=True, slots=True)
 class HeadersReceived:
     """The upstream's response status and headers arrived."""
 
@@ -78,6 +88,8 @@ Fact = (
     Rejected
     | CacheHit
     | UpstreamRequested
+    | JoinedFlight
+    | FellBehind
     | HeadersReceived
     | UpstreamEnded
     | ResponseFinished

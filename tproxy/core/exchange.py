@@ -23,7 +23,9 @@ from tproxy.core.events import (
     CacheHit,
     ClientGone,
     Fact,
+    FellBehind,
     HeadersReceived,
+    JoinedFlight,
     Rejected,
     ResponseFinished,
     ShutDown,
@@ -35,7 +37,7 @@ from tproxy.core.events import (
 
 
 class State(Enum):
-    """Where an exchange is. The last six are terminal."""
+    """Where an exchange is. The last seven are terminal."""
 
     RECEIVED = "received"
     REPLAYING = "replaying"
@@ -48,6 +50,7 @@ class State(Enum):
     UPSTREAM_FAILED = "upstream_failed"
     TIMED_OUT = "timed_out"
     SHUT_DOWN = "shut_down"
+    FELL_BEHIND = "fell_behind"
 
     @property
     def terminal(self) -> bool:
@@ -62,6 +65,7 @@ TERMINAL_STATES = frozenset(
         State.UPSTREAM_FAILED,
         State.TIMED_OUT,
         State.SHUT_DOWN,
+        State.FELL_BEHIND,
     }
 )
 
@@ -71,6 +75,8 @@ TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.RECEIVED, Rejected): State.REJECTED,
     (State.RECEIVED, CacheHit): State.REPLAYING,
     (State.RECEIVED, UpstreamRequested): State.CONNECTING,
+    # A follower waits for the flight it joined exactly as a leader waits for its upstream.
+    (State.RECEIVED, JoinedFlight): State.CONNECTING,
     # A retry on the next upstream of the route, before any response arrived.
     (State.CONNECTING, UpstreamRequested): State.CONNECTING,
     (State.CONNECTING, HeadersReceived): State.STREAMING,
@@ -80,6 +86,9 @@ TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.STREAMING, UpstreamFailed): State.UPSTREAM_FAILED,
     (State.STREAMING, TimedOut): State.TIMED_OUT,
     (State.UPSTREAM_DONE, ResponseFinished): State.COMPLETED,
+    (State.CONNECTING, FellBehind): State.FELL_BEHIND,
+    (State.STREAMING, FellBehind): State.FELL_BEHIND,
+    (State.UPSTREAM_DONE, FellBehind): State.FELL_BEHIND,
     (State.REPLAYING, ResponseFinished): State.COMPLETED,
     **{(state, ClientGone): State.CLIENT_GONE for state in _LIVE},
     **{(state, ShutDown): State.SHUT_DOWN for state in _LIVE},
@@ -103,6 +112,7 @@ class Exchange:
     tenant: str | None = None  # a short hash of the client's credential, never the credential
     cache_status: str | None = None
     followers: int = 0
+    collapsed: bool = False
     upstream: str | None = None
     attempts: int = 0
     status: int | None = None
@@ -154,6 +164,8 @@ class Exchange:
             case CacheHit():
                 self.status = 200
                 self.headers_at = now
+            case JoinedFlight():
+                self.collapsed = True
             case _:
                 pass
 
