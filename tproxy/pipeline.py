@@ -39,6 +39,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
+from trio_util import AsyncValue
 
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
@@ -247,7 +248,7 @@ class _LiveFlight:
         """Hand ``item`` to every client: awaiting the only one of a private flight, never
         waiting for any client of a shared one."""
         if not self.shared:
-            for subscriber in self.subscribers:
+            for subscriber in list(self.subscribers):
                 await subscriber.send_channel.send(item)
             return
         self._remember(item)
@@ -267,14 +268,16 @@ class _LiveFlight:
                 return
         self.history.append(item)
 
-    def end(self, final: _ClientItem | None) -> None:
-        """No more items: hand over ``final`` if any, and close every client's channel."""
+    def end(self, *, interrupted: bool) -> None:
+        """No more items: close every client's channel. An interrupted shared flight (cancelled
+        before its last item was published) tells its clients first, without waiting."""
         self.ended = True
-        if final is not None and self.shared:
-            self._remember(final)
+        if interrupted and self.shared:
+            failure = _Failure(UpstreamBroken("the answer was cancelled"))
+            self._remember(failure)
+            for subscriber in self.subscribers:
+                subscriber.offer(failure)
         for subscriber in self.subscribers:
-            if final is not None:
-                subscriber.offer(final)
             subscriber.send_channel.close()
 
 
@@ -304,7 +307,12 @@ class Exchanger:
     background: trio.Nursery
     registry: FlightRegistry
     live: dict[int, _LiveFlight] = field(default_factory=dict)
+    flying: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
     background_completions: int = 0
+
+    async def wait_landed(self) -> None:
+        """Return once no shared flight is running (for a drain, and for tests)."""
+        await self.flying.wait_value(0)
 
     async def run(
         self,
@@ -361,6 +369,7 @@ class Exchanger:
         if is_new:
             flight = _LiveFlight(request, plan, book, self.buffer_chunks)
             self.live[id(book)] = flight
+            self.flying.value += 1
             self.background.start_soon(self._fly, flight)
             return flight, encoded
         exchange.handle(JoinedFlight(), trio.current_time())
@@ -393,6 +402,7 @@ class Exchanger:
             if book is not None:
                 self.registry.discard(book)
                 self.live.pop(id(book), None)
+                self.flying.value -= 1
 
     async def _read_into(self, flight: _LiveFlight) -> None:
         to_cache_send, to_cache_receive = trio.open_memory_channel[_CacheItem](
@@ -409,10 +419,9 @@ class Exchanger:
                     else:
                         to_cache_receive.close()
                     final = await self._read_upstream(flight, to_cache_send)
+                    await flight.publish(final)
         finally:
-            if final is None:
-                final = _Failure(UpstreamBroken("the answer was cancelled"))
-            flight.end(final)
+            flight.end(interrupted=final is None)
             book = flight.book
             if book is not None and book.state.reading:
                 clean = isinstance(final, _CleanEnd)
