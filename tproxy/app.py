@@ -24,6 +24,7 @@ from tproxy.core.errors import RequestRejected
 from tproxy.core.events import CacheHit, ClientGone, Rejected, ResponseFinished
 from tproxy.core.exchange import Exchange
 from tproxy.core.headers import Header, client_request_id, header_value
+from tproxy.core.target import check_request_line
 from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
 from tproxy.routing import body_model, choose_route, needs_model
@@ -142,13 +143,10 @@ class ProxyApp:
         """
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         method: str = scope["method"]
-        if method == "CONNECT" or not raw_path.startswith(b"/"):
-            raise RequestRejected(
-                400,
-                "absolute_form_refused",
-                "tproxy is a reverse proxy: only origin-form targets such as /v1/models are served",
-            )
         headers: list[Header] = scope["headers"]
+        refusal = check_request_line(method, raw_path, headers)
+        if refusal is not None:
+            raise refusal
         body = await self._read_body(headers, receive)
         path = raw_path.decode("latin-1")
         model = body_model(body) if self._model_routing else None

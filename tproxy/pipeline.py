@@ -342,7 +342,7 @@ class Exchanger:
                     request_nursery.start_soon(self._fly, flight)
                 deadline = trio.current_time() + request.total_timeout + 1.0
                 with trio.CancelScope(deadline=deadline) as overall:
-                    await self._write_client(request, exchange, subscriber, send, status)
+                    await self._write_client(request, exchange, subscriber, send, status, watcher)
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
@@ -545,8 +545,14 @@ class Exchanger:
         subscriber: _Subscriber,
         send: ASGISend,
         cache_status: bytes | None,
+        watcher: trio.CancelScope,
     ) -> None:
-        """Hand the flight's items to one client, telling its exchange what happened."""
+        """Hand the flight's items to one client, telling its exchange what happened.
+
+        The watcher is stopped before the last message: Hypercorn reports ``http.disconnect``
+        as soon as a response is complete, even while our final ``send()`` is still running,
+        and that is the end of a finished answer, not a client leaving.
+        """
         started = False
         async with subscriber.receive_channel as items:
             async for item in items:
@@ -578,6 +584,7 @@ class Exchanger:
                     )
                 elif isinstance(item, _CleanEnd):
                     exchange.handle(UpstreamEnded(), now)
+                    watcher.cancel()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     exchange.handle(ResponseFinished(), trio.current_time())
                     return
@@ -589,6 +596,7 @@ class Exchanger:
                         else UpstreamFailed(str(error))
                     )
                     exchange.handle(fact, now)
+                    watcher.cancel()
                     if not started:
                         await send_error(
                             send, rejection_for(error), request.request_id, cache_status

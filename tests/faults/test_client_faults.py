@@ -1,0 +1,370 @@
+"""Client faults: clients that leave at any moment, read slowly or not at all, idle, or dribble
+their requests. Each costs the proxy bounded memory and time, never another client's answer.
+
+Slow clients are raw sockets with a tiny receive buffer that never read; their pacing (when they
+send) is the only use of ``trio.sleep`` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import socket
+from contextlib import aclosing
+
+import httpx2
+import pytest
+import trio
+from trio_util import AsyncValue
+
+from tests.conftest import RunningProxy, StartProxy
+from tests.fakeupstream import SeenRequest
+from tests.faults.conftest import CHAT, FAULT, StartScripted, assert_recovered, chat
+from tests.faults.scripted import (
+    ScriptedUpstream,
+    chunked,
+    no_faults_here,
+    response_head,
+    sse_body,
+)
+from tests.security.rawhttp import address, post, read_reply
+
+NO_STORE = {"cache-control": "no-store"}
+ENDLESS = 1 << 30  # the nominal length of an answer that is never sent whole
+PIECE = b"x" * 65536
+
+
+def words(count: int) -> str:
+    return " ".join(f"w{index}" for index in range(count))
+
+
+def raw_chat(body: dict[str, object], headers: dict[str, str]) -> bytes:
+    extra = b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in headers.items())
+    return post(CHAT.encode(), json.dumps(body).encode(), extra=extra)
+
+
+async def stalled_client(proxy: RunningProxy, request: bytes) -> trio.socket.SocketType:
+    """A client that sends ``request`` and then never reads: a 4 KiB receive buffer, unread."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(address(proxy.url))
+    await sock.send(request)
+    return sock
+
+
+class EndlessUpstream:
+    """A scripted answer that streams forever, counting what the proxy has taken so far and the
+    calls the proxy cut."""
+
+    def __init__(self) -> None:
+        self.sent = AsyncValue(0)
+        self.cuts = 0
+        self.cut = trio.Event()
+
+    async def script(self, stream: trio.SocketStream, request: SeenRequest) -> None:
+        await stream.send_all(response_head(200, b"application/octet-stream", length=ENDLESS))
+        try:
+            while self.sent.value < ENDLESS:
+                await stream.send_all(PIECE)
+                self.sent.value += len(PIECE)
+        except trio.BrokenResourceError:
+            self.cuts += 1
+            self.cut.set()
+
+
+# --- clients that leave ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [FAULT, {**FAULT, **NO_STORE}], ids=["shared", "private"])
+async def test_a_client_leaving_before_the_upstream_answers_ends_the_upstream_call(
+    start_proxy: StartProxy, start_scripted: StartScripted, headers: dict[str, str]
+) -> None:
+    async def script(stream: trio.SocketStream, request: SeenRequest) -> None:
+        await scripted.wait_for_close(stream)
+
+    scripted = await start_scripted(script)
+    proxy = await start_proxy(upstream_url=scripted.url)
+    body = chat("an answer nobody waits for")
+    client = await trio.open_tcp_stream(*address(proxy.url))
+    await client.send_all(raw_chat(body, headers))
+    await scripted.received.wait_value(1)
+    await client.aclose()
+    with trio.fail_after(5):
+        await scripted.peer_closed_event.wait()
+    await assert_recovered(proxy, body, expected=sse_body(body))
+
+
+@pytest.mark.parametrize("headers", [FAULT, {**FAULT, **NO_STORE}], ids=["shared", "private"])
+async def test_a_client_leaving_mid_stream_ends_the_upstream_call_and_stores_nothing(
+    start_proxy: StartProxy, start_scripted: StartScripted, headers: dict[str, str]
+) -> None:
+    async def script(stream: trio.SocketStream, request: SeenRequest) -> None:
+        whole = sse_body(json.loads(request.body))
+        await stream.send_all(response_head() + chunked(whole[:100]))
+        await scripted.wait_for_close(stream)
+
+    scripted = await start_scripted(script)
+    proxy = await start_proxy(upstream_url=scripted.url)
+    body = chat(words(50))
+    async with (
+        httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http,
+        http.stream("POST", CHAT, json=body, headers=headers) as response,
+        aclosing(response.aiter_raw()) as chunks,
+    ):
+        assert await anext(chunks) == sse_body(body)[:100]
+    with trio.fail_after(5):
+        await scripted.peer_closed_event.wait()
+    await assert_recovered(proxy, body, expected=sse_body(body))
+
+
+async def test_a_client_leaving_during_a_replay_harms_neither_the_entry_nor_the_proxy(
+    start_proxy: StartProxy, start_scripted: StartScripted
+) -> None:
+    scripted = await start_scripted(no_faults_here)
+    proxy = await start_proxy(upstream_url=scripted.url)
+    body = chat(words(20000))  # an answer of about 3 MB: its replay cannot fit in socket buffers
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        stored = await http.post(CHAT, json=body)
+        await proxy.flush()
+        with trio.socket.socket() as leaver:
+            leaver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await leaver.connect(address(proxy.url))
+            await leaver.send(raw_chat(body, {}))
+            assert (await leaver.recv(1024)).startswith(b"HTTP/1.1 200")
+            # leaving with unread data: the kernel resets the connection mid-replay
+        with trio.fail_after(5):
+            await proxy.flush()
+        replayed = await http.post(CHAT, json=body)
+    assert len(stored.content) > 2 << 20
+    assert replayed.headers["cache-status"].startswith("tproxy; hit")
+    assert replayed.content == stored.content
+    assert scripted.calls(CHAT) == 1
+
+
+# --- clients that do not read ------------------------------------------------------------------
+
+
+async def test_a_client_that_never_reads_holds_bounded_memory_and_others_are_served(
+    start_proxy: StartProxy, start_scripted: StartScripted
+) -> None:
+    """A private flight waits for its client: TCP backpressure reaches the upstream, which can
+    hand the proxy no more than socket buffers and ``stream_buffer_chunks`` hold."""
+    endless = EndlessUpstream()
+    scripted = await start_scripted(endless.script)
+    proxy = await start_proxy(upstream_url=scripted.url)
+    stalled = await stalled_client(proxy, raw_chat(chat("flood me"), {**FAULT, **NO_STORE}))
+    with stalled:
+        await endless.sent.wait_value(lambda sent: sent >= 1 << 20)
+        answers: dict[int, bytes] = {}
+
+        async def ask(index: int) -> None:
+            response = await http.post(CHAT, json=chat(f"client {index} asks"))
+            answers[index] = response.content
+
+        with trio.fail_after(10):
+            async with (
+                httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http,
+                trio.open_nursery() as nursery,
+            ):
+                for index in range(20):
+                    nursery.start_soon(ask, index)
+        assert answers == {i: sse_body(chat(f"client {i} asks")) for i in range(20)}
+        assert endless.sent.value < 64 << 20
+    with trio.fail_after(5):  # the client left at last: the upstream call ends with it
+        await endless.cut.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="a client that never reads is never cut off: Hypercorn shields its socket send "
+    "without a deadline, so total_timeout cannot cancel the client writer, and the upstream "
+    "call stays open as long as the client does",
+)
+async def test_a_client_that_never_reads_is_cut_off_by_the_total_timeout(
+    start_proxy: StartProxy, start_scripted: StartScripted
+) -> None:
+    endless = EndlessUpstream()
+    scripted = await start_scripted(endless.script)
+    proxy = await start_proxy(
+        "[upstreams.default]\ntotal_timeout = 0.5\n", upstream_url=scripted.url
+    )
+    stalled = await stalled_client(proxy, raw_chat(chat("flood me"), {**FAULT, **NO_STORE}))
+    with stalled:
+        await scripted.received.wait_value(1)
+        with trio.fail_after(2.5):
+            await endless.cut.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="a client that never reads holds up shutdown past graceful_timeout: the shielded "
+    "socket send in Hypercorn ignores the cancellation at the drain deadline",
+)
+async def test_a_client_that_never_reads_does_not_hold_up_shutdown(
+    start_proxy: StartProxy, start_scripted: StartScripted
+) -> None:
+    endless = EndlessUpstream()
+    scripted = await start_scripted(endless.script)
+    proxy = await start_proxy("[server]\ngraceful_timeout = 0.3\n", upstream_url=scripted.url)
+    stalled = await stalled_client(proxy, raw_chat(chat("flood me"), {**FAULT, **NO_STORE}))
+    with stalled:
+        await endless.sent.wait_value(lambda sent: sent >= 1 << 20)
+        proxy.stop.set()
+        with trio.fail_after(2):
+            await proxy.stopped.wait()
+
+
+# --- idle and dribbling clients ----------------------------------------------------------------
+
+
+def idle_connection_count() -> int:
+    """2,000 (issue 7), or what the file descriptor limit leaves room for: each idle connection
+    costs two descriptors here, the client's and the server's."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return min(2000, (soft - 256) // 2)
+
+
+@pytest.mark.slow
+async def test_thousands_of_idle_connections_do_not_stop_normal_requests(
+    proxy: RunningProxy,
+) -> None:
+    count = idle_connection_count()
+    assert count >= 100, "the file descriptor limit is too low for this test"
+    idle: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(20):
+            for index in range(count):
+                idle.append(await trio.open_tcp_stream(*address(proxy.url)))
+                if index % 2:  # half of them start a request and never finish its head
+                    await idle[-1].send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+            with trio.fail_after(10):
+                answers = [await http.post(CHAT, json=chat(f"still here {i}")) for i in range(5)]
+    finally:
+        for stream in idle:
+            await stream.aclose()
+    assert [answer.content for answer in answers] == [
+        sse_body(chat(f"still here {i}")) for i in range(5)
+    ]
+
+
+async def ends_within(stream: trio.SocketStream, seconds: float) -> bytes:
+    """Everything the server sends until it closes the connection, which must be soon."""
+    received = b""
+    with trio.fail_after(seconds):
+        try:
+            while data := await stream.receive_some():
+                received += data
+        except trio.BrokenResourceError:
+            pass
+    return received
+
+
+async def test_a_client_sending_its_head_slowly_is_closed_after_keep_alive_timeout(
+    start_proxy: StartProxy,
+) -> None:
+    """Hypercorn's idle timer runs until a request head is complete: a head dribbled one byte at
+    a time is closed at ``server.keep_alive_timeout`` with no answer, however busy it looks."""
+    proxy = await start_proxy("[server]\nkeep_alive_timeout = 0.3\n")
+    head = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * 300 + b"\r\n\r\n"
+    sent = 0
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream, trio.open_nursery() as nursery:
+
+        async def dribble() -> None:
+            nonlocal sent
+            with contextlib.suppress(trio.BrokenResourceError):
+                for index in range(len(head)):
+                    await stream.send_all(head[index : index + 1])
+                    sent += 1
+                    await trio.sleep(0.01)
+
+        nursery.start_soon(dribble)
+        assert await ends_within(stream, 3) == b""
+        nursery.cancel_scope.cancel()
+    assert sent < len(head)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="a request body that never arrives is waited for forever: Hypercorn's idle timer "
+    "stops at the end of the head and ProxyApp._read_body has no deadline",
+)
+async def test_a_client_that_stalls_its_body_is_cut_off(start_proxy: StartProxy) -> None:
+    proxy = await start_proxy("[server]\nkeep_alive_timeout = 0.3\n")
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream:
+        await stream.send_all(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"
+        )
+        reply = await ends_within(stream, 2)
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 408")
+
+
+# --- what happens to a connection after its answer ---------------------------------------------
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "hit",
+        "refused",
+        pytest.param("shared-flight", marks=pytest.mark.slow),
+        pytest.param("private-flight", marks=pytest.mark.slow),
+    ],
+)
+async def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_timeout(
+    start_proxy: StartProxy, kind: str
+) -> None:
+    proxy = await start_proxy("[server]\nkeep_alive_timeout = 0.3\nmax_body_bytes = 100000\n")
+    body = chat("keep me alive", stream=False)
+    headers = {"refused": {"x-pad": "a"}, "private-flight": NO_STORE}.get(kind, {})
+    if kind == "hit":
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+            await http.post(CHAT, json=body)
+        await proxy.flush()
+    if kind == "refused":
+        body = chat("x" * 200000, stream=False)
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream:
+        await stream.send_all(raw_chat(body, headers))
+        reply = await read_reply(stream)
+        assert reply.status == (413 if kind == "refused" else 200)
+        assert await ends_within(stream, 1.5) == b""
+
+
+@pytest.mark.slow
+async def test_connection_close_is_honoured_after_an_answer_from_a_flight(
+    proxy: RunningProxy,
+) -> None:
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream:
+        await stream.send_all(raw_chat(chat("then close", stream=False), {"connection": "close"}))
+        reply = await read_reply(stream)
+        assert reply.status == 200
+        assert await ends_within(stream, 1.5) == b""
+
+
+async def test_the_upstream_of_a_client_that_never_reads_is_the_only_one_held(
+    start_proxy: StartProxy, start_scripted: StartScripted
+) -> None:
+    """Two clients that never read hold two upstream calls; nobody else's is touched."""
+    endless = EndlessUpstream()
+    scripted: ScriptedUpstream = await start_scripted(endless.script)
+    proxy = await start_proxy(upstream_url=scripted.url)
+    request = raw_chat(chat("flood me"), {**FAULT, **NO_STORE})
+    first = await stalled_client(proxy, request)
+    second = await stalled_client(proxy, request)
+    with first, second:
+        await scripted.received.wait_value(2)
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+            answer = await http.post(CHAT, json=chat("unaffected"))
+        assert answer.content == sse_body(chat("unaffected"))
+        assert endless.cuts == 0
+    with trio.fail_after(5):
+        while endless.cuts < 2:
+            await endless.cut.wait()
+            endless.cut = trio.Event()
