@@ -14,15 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tproxy.config import (
+    AdminSettings,
     CacheSettings,
     LogSettings,
     Overrides,
+    PayloadLogSettings,
     RouteSettings,
     ServerSettings,
     Settings,
+    TelemetrySettings,
     UpstreamSettings,
     check_config,
     default_cache_dir,
+    is_loopback,
     load_settings,
     parse_host_port,
 )
@@ -819,3 +823,156 @@ def test_the_reference_documents_every_flag_and_the_settings_source() -> None:
     headings = " ".join(_reference_sections())
     for name in _field_names(Settings):
         assert f"`{name}`" in text or name in headings, name
+
+
+# --- the admin listener's token, telemetry and the payload log ---------------------------------
+
+TELEMETRY_KEYS = """
+[admin]
+token_env = "ADMIN_TOKEN"
+
+[telemetry]
+access_log = false
+queue_size = 10
+flush_timeout = 1
+
+[payload_log]
+enabled = true
+file = "logs/payload.jsonl"
+max_bytes = 1000
+keep = 0
+http_url = "https://collector.example.com/ingest/"
+http_token_env = "SINK_TOKEN"
+http_timeout = 2
+http_retries = 0
+http_backoff = 0.5
+batch_size = 8
+queue_size = 16
+max_record_bytes = 500
+raw_events = true
+"""
+
+NEW_SECTIONS = {
+    "[admin]": AdminSettings,
+    "[telemetry]": TelemetrySettings,
+    "[payload_log]": PayloadLogSettings,
+}
+
+
+def test_the_new_sections_default_to_no_token_an_access_log_and_no_payload_log() -> None:
+    loaded = load(LOCAL)
+    assert loaded.admin == AdminSettings(token_env=None)
+    assert loaded.telemetry == TelemetrySettings(access_log=True, queue_size=4096)
+    assert loaded.telemetry.flush_timeout == 5.0
+    payload = loaded.payload_log
+    assert not payload.enabled
+    assert (payload.file, payload.http_url, payload.raw_events) == (None, None, False)
+    assert (payload.max_bytes, payload.keep, payload.max_record_bytes) == (100 << 20, 5, 1 << 20)
+    assert (payload.queue_size, payload.batch_size) == (256, 64)
+    assert (payload.http_timeout, payload.http_retries, payload.http_backoff) == (10.0, 3, 1.0)
+
+
+def test_every_key_of_the_new_sections_is_read(in_tmp_path: Path) -> None:
+    (in_tmp_path / "conf").mkdir()
+    loaded = load_settings(write(LOCAL + TELEMETRY_KEYS, "conf/x.toml"))
+    assert loaded.admin == AdminSettings(token_env="ADMIN_TOKEN")
+    assert loaded.telemetry == TelemetrySettings(access_log=False, queue_size=10, flush_timeout=1.0)
+    assert loaded.payload_log == PayloadLogSettings(
+        enabled=True,
+        file=in_tmp_path / "conf" / "logs" / "payload.jsonl",
+        max_bytes=1000,
+        keep=0,
+        http_url="https://collector.example.com/ingest",
+        http_token_env="SINK_TOKEN",
+        http_timeout=2.0,
+        http_retries=0,
+        http_backoff=0.5,
+        batch_size=8,
+        queue_size=16,
+        max_record_bytes=500,
+        raw_events=True,
+    )
+    for cls, value in (
+        (AdminSettings, loaded.admin),
+        (TelemetrySettings, loaded.telemetry),
+        (PayloadLogSettings, loaded.payload_log),
+    ):
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            assert getattr(value, field.name) != field.default, field.name
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('[admin]\ntoken_env = "1X"\n', "x.toml: admin.token_env: expected an environment"),
+        ("[telemetry]\nqueue_size = 0\n", "x.toml: telemetry.queue_size: expected an integer >= 1"),
+        ("[telemetry]\naccess = true\n", 'x.toml: telemetry.access: unknown key (did you mean "a'),
+        ("[payload_log]\nkeep = -1\n", "x.toml: payload_log.keep: expected an integer >= 0"),
+        ('[payload_log]\nfile = "logs/"\n', "x.toml: payload_log.file: expected a file path"),
+        (
+            '[payload_log]\nhttp_url = "ftp://x"\n',
+            'x.toml: payload_log.http_url: expected an http:// or https:// URL, got "ftp://x"',
+        ),
+        (
+            "[payload_log]\nenabled = true\n",
+            "x.toml: payload_log.enabled: the payload log needs a sink: set file or http_url",
+        ),
+        ("[payload_logs]\n", 'x.toml: payload_logs: unknown key (did you mean "payload_log"?)'),
+    ],
+)
+def test_mistakes_in_the_new_sections_are_named(text: str, problem: str) -> None:
+    [found] = problems(LOCAL + text)
+    assert found.startswith(problem)
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:9090", "127.0.0.2:9090", "localhost:9090", "[::1]:9090"]
+)
+def test_a_loopback_admin_listener_needs_no_token(address: str) -> None:
+    assert is_loopback(address)
+    assert load(LOCAL + f'[server]\nadmin_listen = "{address}"\n').admin.token_env is None
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9090", "[::]:9090", "10.1.2.3:9090", "admin:9090"])
+def test_an_admin_listener_beyond_loopback_requires_a_token(address: str) -> None:
+    assert not is_loopback(address)
+    assert problems(LOCAL + f'[server]\nadmin_listen = "{address}"\n') == [
+        f"x.toml: admin.token_env: required: the admin listener {address} is not a loopback"
+        " address, so it needs a bearer token: set admin.token_env"
+    ]
+    with_token = f'[server]\nadmin_listen = "{address}"\n[admin]\ntoken_env = "T"\n'
+    assert load(LOCAL + with_token).admin.token_env == "T"
+
+
+def test_an_admin_listen_flag_beyond_loopback_is_named_after_the_flag() -> None:
+    assert problems(LOCAL, Overrides(admin_listen="0.0.0.0:9090")) == [
+        "--admin-listen: the admin listener 0.0.0.0:9090 is not a loopback address, so it needs"
+        " a bearer token: set admin.token_env"
+    ]
+
+
+def test_the_example_file_enables_no_payload_log_and_needs_no_token() -> None:
+    loaded = load_settings(EXAMPLE)
+    assert not loaded.payload_log.enabled
+    assert loaded.admin.token_env is None
+
+
+@pytest.mark.parametrize(("heading", "cls"), NEW_SECTIONS.items())
+def test_the_example_file_shows_every_key_of_the_new_sections(
+    heading: str, cls: type[object]
+) -> None:
+    text = EXAMPLE.read_text()
+    start = text.index(heading)
+    end = text.find("\n[", start + 1)
+    section = text[start : end if end != -1 else len(text)]
+    for name in _field_names(cls):
+        assert re.search(rf"^(# )?{name} = ", section, re.MULTILINE), f"{heading} {name}"
+
+
+@pytest.mark.parametrize(("heading", "cls"), NEW_SECTIONS.items())
+def test_the_reference_documents_every_key_of_the_new_sections(
+    heading: str, cls: type[object]
+) -> None:
+    section = _reference_sections()[f"`{heading}`"]
+    for name in _field_names(cls):
+        assert f"`{name}`" in section, f"docs/configuration.md {heading} does not mention {name}"

@@ -21,13 +21,15 @@ LIBRARY_HOME = {"httpx2": "upstream", "lmdb": "store", "hypercorn": "server"}
 # Lower layers first. A module may import from its own layer's peers only where listed lower.
 LAYERS = [
     {"core"},
-    {"asgi", "config"},
+    {"asgi", "config", "notify"},
     {"store", "upstream", "routing", "inflight"},
     {"storewriter", "cache_commands"},
+    {"telemetry"},
     {"pipeline"},
     {"app"},
     {"admin"},
     {"server"},
+    {"demo"},
     {"cli"},
     {"__main__"},
 ]

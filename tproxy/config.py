@@ -115,6 +115,41 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The admin listener's access control."""
+
+    token_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetrySettings:
+    """The access log and the queues that keep telemetry off the client's path."""
+
+    access_log: bool = True
+    queue_size: int = 4096
+    flush_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadLogSettings:
+    """The payload log: request bodies and whole answers, for audit and evaluation."""
+
+    enabled: bool = False
+    file: Path | None = None
+    max_bytes: int = 100 * 1024 * 1024
+    keep: int = 5
+    http_url: str | None = None
+    http_token_env: str | None = None
+    http_timeout: float = 10.0
+    http_retries: int = 3
+    http_backoff: float = 1.0
+    batch_size: int = 64
+    queue_size: int = 256
+    max_record_bytes: int = 1024 * 1024
+    raw_events: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """Everything tproxy was configured with; built once at start and passed down."""
 
@@ -124,6 +159,9 @@ class Settings:
     upstreams: tuple[UpstreamSettings, ...]
     routes: tuple[RouteSettings, ...]
     source: str
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    payload_log: PayloadLogSettings = field(default_factory=PayloadLogSettings)
 
     def upstream(self, name: str) -> UpstreamSettings:
         """The upstream called ``name``; raises KeyError when there is none."""
@@ -311,6 +349,22 @@ def _address(value: object) -> str:
     except ValueError as error:
         raise _BadValueError(str(error)) from None
     return _format_host_port(host, port)
+
+
+def _file(base: Path) -> _Checker:
+    """A checker for a file path: ``~`` expanded, a relative one taken from ``base``."""
+
+    def check(value: object) -> Path:
+        text = _string(value)
+        if not text or "\x00" in text or text.endswith(("/", os.sep)):
+            raise _BadValueError(f"expected a file path, got {_show(text)}")
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:
+            raise _BadValueError(f"cannot expand ~ in {_show(text)}: no home directory") from None
+        return Path(os.path.abspath(base / path))
+
+    return check
 
 
 def _url(value: object) -> str:
@@ -538,7 +592,36 @@ _ROUTE: dict[str, _Checker] = {
     "cache": _boolean,
     "ttl": _seconds,
 }
-_SECTIONS = ("server", "cache", "log", "upstreams", "routes")
+_ADMIN: dict[str, _Checker] = {"token_env": _env_name}
+_TELEMETRY: dict[str, _Checker] = {
+    "access_log": _boolean,
+    "queue_size": _size,
+    "flush_timeout": _seconds,
+}
+_PAYLOAD_LOG: dict[str, _Checker] = {
+    "enabled": _boolean,
+    "max_bytes": _size,
+    "keep": _count,
+    "http_url": _url,
+    "http_token_env": _env_name,
+    "http_timeout": _seconds,
+    "http_retries": _count,
+    "http_backoff": _seconds,
+    "batch_size": _size,
+    "queue_size": _size,
+    "max_record_bytes": _size,
+    "raw_events": _boolean,
+}
+_SECTIONS = (
+    "server",
+    "cache",
+    "log",
+    "upstreams",
+    "routes",
+    "admin",
+    "telemetry",
+    "payload_log",
+)
 
 
 def _read_table(
@@ -748,6 +831,16 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         _table(document, "cache", problems), "cache", cache_checkers, problems
     )
     log_values = _read_table(_table(document, "log", problems), "log", _LOG, problems)
+    admin_values = _read_table(_table(document, "admin", problems), "admin", _ADMIN, problems)
+    telemetry_values = _read_table(
+        _table(document, "telemetry", problems), "telemetry", _TELEMETRY, problems
+    )
+    payload_values = _read_table(
+        _table(document, "payload_log", problems),
+        "payload_log",
+        {"file": _file(base), **_PAYLOAD_LOG},
+        problems,
+    )
 
     flags: dict[str, Any] = {}
     _apply_flag(flags, "url", "--upstream", _url, overrides.upstream, problems)
@@ -776,6 +869,10 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
             f"larger than cache.max_total_bytes"
             f" ({cache.max_entry_bytes} > {cache.max_total_bytes})",
         )
+    admin = dataclasses.replace(AdminSettings(), **admin_values)
+    payload_log = dataclasses.replace(PayloadLogSettings(), **payload_values)
+    _check_admin_access(server, admin, overrides, problems)
+    _check_payload_log(payload_log, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Settings(
@@ -785,7 +882,42 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         upstreams=tuple(upstreams),
         routes=tuple(routes),
         source=str(path) if path is not None else DEFAULTS_SOURCE,
+        admin=admin,
+        telemetry=dataclasses.replace(TelemetrySettings(), **telemetry_values),
+        payload_log=payload_log,
     )
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` listens on this machine only (127.0.0.0/8, ::1 or localhost)."""
+    host, _port = parse_host_port(address)
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _check_admin_access(
+    server: ServerSettings, admin: AdminSettings, overrides: Overrides, problems: _Problems
+) -> None:
+    """An admin listener reachable from other machines must ask for a token."""
+    if admin.token_env is not None or is_loopback(server.admin_listen):
+        return
+    reason = (
+        f"the admin listener {server.admin_listen} is not a loopback address, so it needs a"
+        " bearer token: set admin.token_env"
+    )
+    if overrides.admin_listen is not None:
+        problems.flag("--admin-listen", reason)
+    else:
+        problems.at("admin.token_env", f"required: {reason}")
+
+
+def _check_payload_log(payload_log: PayloadLogSettings, problems: _Problems) -> None:
+    if payload_log.enabled and payload_log.file is None and payload_log.http_url is None:
+        problems.at("payload_log.enabled", "the payload log needs a sink: set file or http_url")
 
 
 def _apply_flag(
