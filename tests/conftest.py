@@ -17,8 +17,10 @@ import trio
 from tests.fakeupstream import FakeUpstream
 from tproxy.config import Overrides, Settings, load_settings
 from tproxy.inflight import Inflight
+from tproxy.pipeline import Exchanger
 from tproxy.server import Listening, serve_tproxy
 from tproxy.storewriter import StoreWriter
+from tproxy.telemetry import ACCESS_FIELDS
 
 
 @dataclass
@@ -30,12 +32,16 @@ class RunningProxy:
     stopped: trio.Event
     store_writer: StoreWriter | None
     inflight: Inflight
+    exchanger: Exchanger
 
     async def flush(self) -> None:
-        """Wait until every request has finished and every answer to store is in the store."""
+        """Wait until every request has finished, every answer to store is in the store, and every
+        access line is written."""
         await self.inflight.wait_idle()
+        await self.exchanger.wait_landed()
         if self.store_writer is not None:
             await self.store_writer.flush()
+        await self.exchanger.telemetry.flush()
 
 
 StartProxy = Callable[..., Awaitable[RunningProxy]]
@@ -47,6 +53,15 @@ tolerate_sdk_generators = pytest.mark.filterwarnings(
     "ignore:Async generator:ResourceWarning",
     "ignore:Exception ignored in. <async_generator:pytest.PytestUnraisableExceptionWarning",
 )
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    """The fields of every access log line captured so far (after ``RunningProxy.flush``)."""
+    return [
+        getattr(record, ACCESS_FIELDS)
+        for record in caplog.records
+        if record.name == "tproxy.access" and hasattr(record, ACCESS_FIELDS)
+    ]
 
 
 @pytest.fixture
@@ -94,6 +109,7 @@ def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path) -
             stopped,
             listening.store_writer,
             listening.inflight,
+            listening.exchanger,
         )
 
     return start

@@ -8,8 +8,6 @@ body message: a cache hit has nothing to wait for, and each ASGI message has a f
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,7 +16,13 @@ import trio
 
 from tproxy.asgi import ASGIReceive, ASGISend, Scope
 from tproxy.config import CacheSettings, RouteSettings, Settings
-from tproxy.core.cachekey import CacheDecision, Verdict, decide, format_cache_status
+from tproxy.core.cachekey import (
+    CacheDecision,
+    Verdict,
+    decide,
+    format_cache_status,
+    tenant_namespace,
+)
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import CacheHit, ClientGone, Rejected, ResponseFinished
@@ -29,8 +33,7 @@ from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
 from tproxy.routing import body_model, choose_route, needs_model
 from tproxy.store import CacheStore
-
-access_log = logging.getLogger("tproxy.access")
+from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
 _BYPASS = {
     Verdict.DISABLED: "bypass",
@@ -53,6 +56,7 @@ class _Lookup:
     plan: CachePlan | None
     cache_status: str | None
     refuse_miss: bool = False  # only-if-cached and nothing usable is stored
+    model: str | None = None
 
 
 class ProxyApp:
@@ -64,9 +68,11 @@ class ProxyApp:
         exchanger: Exchanger,
         store: CacheStore | None,
         inflight: Inflight,
+        telemetry: Telemetry,
     ) -> None:
         self._settings = settings
         self._inflight = inflight
+        self._telemetry = telemetry
         self._exchanger = exchanger
         self._store = store
         self._model_routing = needs_model(settings.routes)
@@ -100,6 +106,8 @@ class ProxyApp:
         request_id: bytes,
     ) -> None:
         report: CacheReport | None = None
+        capture: PayloadCapture | None = None
+        bytes_in = 0
         try:
             try:
                 request, route, model = await self._read_request(scope, receive, request_id)
@@ -110,12 +118,19 @@ class ProxyApp:
             except _ClientLeftError:
                 exchange.handle(ClientGone(), trio.current_time())
                 return
+            bytes_in = len(request.body)
+            capture = self._telemetry.capture(request.body)
+            exchange.tenant = tenant_namespace(request.headers, shared=False)
             lookup = self._look_up(request, route, model)
+            exchange.model = lookup.model or model
+            exchange.cache_status = lookup.cache_status
             if lookup.entry is not None:
                 exchange.handle(CacheHit(lookup.age), trio.current_time())
                 await replay(send, lookup.entry, request_id, lookup.age, lookup.cache_status)
                 exchange.note_delivered(lookup.entry.body_size)
                 exchange.handle(ResponseFinished(), trio.current_time())
+                if capture is not None:
+                    capture.observe_entry(lookup.entry, self._settings.cache.max_line_bytes)
                 return
             if lookup.refuse_miss:
                 refusal = RequestRejected(504, "not_cached", "only-if-cached: no stored answer")
@@ -123,15 +138,20 @@ class ProxyApp:
                 await send_error(send, refusal, request_id, _encode(lookup.cache_status))
                 return
             report = await self._exchanger.run(
-                request,
-                exchange,
-                receive,
-                send,
-                lookup.plan,
-                lookup.cache_status,
+                request, exchange, receive, send, lookup.plan, lookup.cache_status, capture
             )
         finally:
-            _log_access(scope, exchange, report)
+            record = ExchangeRecord.from_exchange(
+                exchange,
+                bytes_in=bytes_in,
+                usage=report.usage if report is not None else None,
+                cache_outcome=report.reason if report is not None and report.attempted else None,
+                collapsed=exchange.collapsed,
+                now_unix=time.time(),
+            )
+            self._telemetry.exchange_finished(
+                record, capture.finish() if capture is not None else None
+            )
 
     async def _read_request(
         self, scope: Scope, receive: ASGIReceive, request_id: bytes
@@ -221,13 +241,13 @@ class ProxyApp:
                 if decision.max_age is None or age <= decision.max_age:
                     ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
                     status = format_cache_status(hit=True, ttl=ttl)
-                    return _Lookup(entry, age, None, status)
+                    return _Lookup(entry, age, None, status, model=decision.model)
                 fwd = "stale"
         status = format_cache_status(hit=False, fwd=fwd)
         if decision.only_if_cached:
-            return _Lookup(None, 0.0, None, status, refuse_miss=True)
+            return _Lookup(None, 0.0, None, status, refuse_miss=True, model=decision.model)
         plan = _plan(cache, route, decision) if decision.store else None
-        return _Lookup(None, 0.0, plan, status)
+        return _Lookup(None, 0.0, plan, status, model=decision.model)
 
 
 def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -> CachePlan:
@@ -277,28 +297,3 @@ async def serve_lifespan(receive: ASGIReceive, send: ASGISend) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-def _log_access(scope: Scope, exchange: Exchange, report: CacheReport | None) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    started = exchange.started_at
-    record = {
-        "request_id": exchange.request_id,
-        "method": scope.get("method"),
-        "path": scope.get("path"),
-        "state": exchange.state.value,
-        "status": exchange.status,
-        "upstream": exchange.upstream,
-        "reason": exchange.reason,
-        "bytes_out": exchange.delivered_bytes,
-        "events": exchange.events,
-        "ttfb_ms": _ms(exchange.first_byte_at, started),
-        "duration_ms": _ms(exchange.ended_at, started),
-        "cache": report.reason if report is not None else None,
-    }
-    access_log.info(json.dumps(record, separators=(",", ":")))
-
-
-def _ms(moment: float | None, started: float) -> float | None:
-    return None if moment is None else round((moment - started) * 1000, 3)

@@ -1,16 +1,16 @@
 """The ``tproxy`` command: parse arguments, load settings, hand over. No business logic here.
 
-Exit codes: 0 success, 1 a runtime failure (the store or an upstream key unusable), 2 bad usage or
-bad configuration.
+Exit codes: 0 success (a drained or interrupted ``serve`` included), 1 a runtime failure (the
+store or an upstream key unusable, an address already in use), 2 bad usage or bad configuration,
+130 interrupted before the server could take over the signals.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -29,6 +29,9 @@ from tproxy.core.errors import ConfigError, TproxyError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("tproxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-listen", metavar="HOST:PORT", help="admin address (/healthz, /readyz)"
     )
 
+    demo = commands.add_parser(
+        "demo",
+        help="see the point in ten seconds: a demo model, tproxy, the same request twice",
+        description=(
+            "Start a paced demo model and tproxy in front of it on loopback ports, send the same "
+            "streamed request twice, and show the time to the first token and the Cache-Status "
+            "of the miss and the hit. Needs no model server and no network."
+        ),
+    )
+    demo.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the store in DIR (default: a temporary directory, removed at the end)",
+    )
+    demo.add_argument(
+        "--token-delay",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="the demo model's pause between two tokens (default: 0.03, a brisk model)",
+    )
+
     check = commands.add_parser(
         "check-config", help="validate a settings file and report every problem in it"
     )
@@ -69,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check-config":
         return _check_config(args.file)
+    if args.command == "demo":
+        return _demo(args.cache_dir, args.token_delay)
     if args.command == "cache":
         return run_cache_command(args, default_cache_dir())
     parser.print_help()
@@ -91,12 +118,54 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log)
     from tproxy.server import run_until_signalled
 
+    return _run(lambda: trio.run(run_until_signalled, settings), "tproxy cannot serve: %s")
+
+
+def _run(action: Callable[[], object], failure: str) -> int:
+    """Run ``action``; log each runtime failure it raises (Trio groups them) and return 1."""
+    outcome = EXIT_OK
     try:
-        trio.run(run_until_signalled, settings)
-    except TproxyError as error:
-        logging.getLogger("tproxy").error("%s", error)
-        return EXIT_FAILURE
-    return EXIT_OK
+        action()
+    except* (TproxyError, OSError) as group:
+        for problem in _leaves(group):
+            log.error(failure, problem)
+        outcome = EXIT_FAILURE
+    except* KeyboardInterrupt:
+        outcome = EXIT_INTERRUPTED
+    return outcome
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in a (possibly nested) group: Trio's nurseries wrap what they raise."""
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 10:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 10, got {text!r}")
+    return value
+
+
+def _demo(cache_dir: Path | None, token_delay: float | None) -> int:
+    configure_logging(LogSettings(level="warning", format="console"))
+    from tproxy.demo import TOKEN_DELAY, demo
+
+    delay = TOKEN_DELAY if token_delay is None else token_delay
+    shown = False
+
+    def run() -> None:
+        nonlocal shown
+        shown = demo(sys.stdout, cache_dir, token_delay=delay)
+
+    outcome = _run(run, "tproxy demo failed: %s")
+    return EXIT_FAILURE if outcome == EXIT_OK and not shown else outcome
 
 
 def _check_config(path: Path) -> int:
@@ -109,28 +178,12 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: what log collectors and journald's JSON export expect."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        document: dict[str, object] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            document["exception"] = self.formatException(record.exc_info)
-        return json.dumps(document, separators=(",", ":"))
-
-
 def configure_logging(settings: LogSettings) -> None:
     """Console lines on a terminal, JSON lines otherwise (``log.format`` decides)."""
+    from tproxy.telemetry import log_formatter  # not at the top: keeps --version quick
+
     handler = logging.StreamHandler(sys.stderr)
-    as_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
-    handler.setFormatter(
-        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
-    )
+    handler.setFormatter(log_formatter(settings, terminal=sys.stderr.isatty()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -43,6 +43,7 @@ from trio_util import AsyncValue
 
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
+from tproxy.core.assemble import UsageTracker
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
@@ -75,6 +76,7 @@ from tproxy.core.headers import (
 from tproxy.core.replies import error_body, rejection_for
 from tproxy.core.sse import Frame, SSEDecoder
 from tproxy.storewriter import StoreWriter
+from tproxy.telemetry import PayloadCapture, Telemetry
 from tproxy.upstream import UpstreamPool
 
 # Response headers kept with a cached answer and replayed with it.
@@ -117,7 +119,12 @@ class CacheReport:
 
     stored: bool = False
     reason: str = "not attempted"
-    usage: dict[str, object] | None = None
+    usage: Mapping[str, object] | None = None
+
+    @property
+    def attempted(self) -> bool:
+        """Whether the answer was meant for the store at all."""
+        return self.reason != "not attempted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +227,7 @@ class _LiveFlight:
     history_bytes: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
+    usage: UsageTracker = field(default_factory=UsageTracker)
     ended: bool = False
 
     @property
@@ -281,6 +289,32 @@ class _LiveFlight:
             subscriber.send_channel.close()
 
 
+class _PayloadFeed:
+    """Hands one client's answer to its payload capture: events for a stream, else bytes."""
+
+    def __init__(self, capture: PayloadCapture, max_line_bytes: int) -> None:
+        self._capture = capture
+        self._max_line_bytes = max_line_bytes
+        self._decoder: SSEDecoder | None = None
+
+    def start(self, headers: list[Header]) -> None:
+        if _is_event_stream(headers):
+            self._decoder = SSEDecoder(self._max_line_bytes)
+
+    def feed(self, data: bytes) -> None:
+        if self._decoder is None:
+            self._capture.observe_body(data)
+            return
+        for frame in self._decoder.feed(data):
+            if frame.event is not None:
+                self._capture.observe_event(frame.event)
+
+
+def _is_event_stream(headers: list[Header]) -> bool:
+    content_type = header_value(headers, b"content-type") or b""
+    return content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+
+
 def _compact(history: list[_ClientItem]) -> list[_ClientItem]:
     """What a joiner needs of the history: the last attempt, the start, all bytes in one chunk,
     and the end if there was one."""
@@ -306,9 +340,9 @@ class Exchanger:
     finish_timeout: float
     background: trio.Nursery
     registry: FlightRegistry
+    telemetry: Telemetry
     live: dict[int, _LiveFlight] = field(default_factory=dict)
     flying: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
-    background_completions: int = 0
 
     async def wait_landed(self) -> None:
         """Return once no shared flight is running (for a drain, and for tests)."""
@@ -322,6 +356,7 @@ class Exchanger:
         send: ASGISend,
         plan: CachePlan | None,
         cache_status: str | None,
+        capture: PayloadCapture | None,
     ) -> CacheReport:
         """Serve one client from a private flight, or from a shared one it opens or joins.
 
@@ -342,11 +377,15 @@ class Exchanger:
                     request_nursery.start_soon(self._fly, flight)
                 deadline = trio.current_time() + request.total_timeout + 1.0
                 with trio.CancelScope(deadline=deadline) as overall:
-                    await self._write_client(request, exchange, subscriber, send, status, watcher)
+                    await self._write_client(
+                        request, exchange, subscriber, send, status, watcher, capture
+                    )
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
-        except trio.Cancelled:
+        except BaseException:
+            # Cancelled from outside (server shutdown), possibly wrapped in a group by the
+            # nursery: record it, and let it go on.
             if not exchange.finished:
                 exchange.handle(ShutDown(), trio.current_time())
             raise
@@ -384,7 +423,6 @@ class Exchanger:
         if verdict is Verdict.CANCEL:
             flight.scope.cancel()
         elif verdict is Verdict.FINISH_IN_BACKGROUND:
-            self.background_completions += 1
             flight.scope.deadline = min(
                 flight.scope.deadline, trio.current_time() + self.finish_timeout
             )
@@ -400,6 +438,9 @@ class Exchanger:
                 await self.store_writer.flush()
         finally:
             if book is not None:
+                if FlightState.BACKGROUND in book.history:
+                    outcome = "stored" if flight.report.stored else book.state.value
+                    self.telemetry.note_background_completion(outcome)
                 self.registry.discard(book)
                 self.live.pop(id(book), None)
                 self.flying.value -= 1
@@ -420,6 +461,8 @@ class Exchanger:
                         to_cache_receive.close()
                     final = await self._read_upstream(flight, to_cache_send)
                     await flight.publish(final)
+            if flight.report.usage is None:
+                flight.report.usage = flight.usage.usage
         finally:
             flight.end(interrupted=final is None)
             book = flight.book
@@ -502,8 +545,7 @@ class Exchanger:
         """Forward every chunk to the clients at once; offer it to the cache writer after."""
         started = trio.current_time()
         await flight.publish(_Start(status, headers))
-        content_type = header_value(headers, b"content-type") or b""
-        streamed = content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+        streamed = _is_event_stream(headers)
         decoder = SSEDecoder(self.max_line_bytes) if streamed else None
         cache = to_cache
         if cache is not None:
@@ -517,7 +559,10 @@ class Exchanger:
             events = 0
             if decoder is not None:
                 frames = decoder.feed(data)
-                events = sum(1 for frame in frames if frame.event is not None)
+                for frame in frames:
+                    if frame.event is not None:
+                        events += 1
+                        flight.usage.observe(frame.event)
             await flight.publish(_Chunk(data, events))
             if decoder is not None and decoder.failed is not None and cache is not None:
                 _abandon(cache, decoder.failed)
@@ -546,6 +591,7 @@ class Exchanger:
         send: ASGISend,
         cache_status: bytes | None,
         watcher: trio.CancelScope,
+        capture: PayloadCapture | None,
     ) -> None:
         """Hand the flight's items to one client, telling its exchange what happened.
 
@@ -554,6 +600,7 @@ class Exchanger:
         and that is the end of a finished answer, not a client leaving.
         """
         started = False
+        payload = _PayloadFeed(capture, self.max_line_bytes) if capture is not None else None
         async with subscriber.receive_channel as items:
             async for item in items:
                 subscriber.taken(item)
@@ -566,11 +613,15 @@ class Exchanger:
                             {"type": "http.response.body", "body": item.data, "more_body": True}
                         )
                         exchange.note_delivered(len(item.data))
+                        if payload is not None:
+                            payload.feed(item.data)
                 elif isinstance(item, _Attempt):
                     exchange.handle(UpstreamRequested(item.upstream, item.attempt), now)
                 elif isinstance(item, _Start):
                     exchange.handle(HeadersReceived(item.status), now)
                     started = True
+                    if payload is not None:
+                        payload.start(item.headers)
                     await send(
                         {
                             "type": "http.response.start",
@@ -631,7 +682,10 @@ class Exchanger:
 
 @asynccontextmanager
 async def open_exchanger(
-    settings: Settings, pool: UpstreamPool, store_writer: StoreWriter | None
+    settings: Settings,
+    pool: UpstreamPool,
+    store_writer: StoreWriter | None,
+    telemetry: Telemetry,
 ) -> AsyncIterator[Exchanger]:
     """The exchanger of one server. Shared flights run in its nursery: they outlive the client
     that opened them, not the server; leaving the block cancels those still running."""
@@ -645,6 +699,7 @@ async def open_exchanger(
             finish_timeout=settings.cache.finish_timeout,
             background=background,
             registry=FlightRegistry(max_background=settings.cache.max_background),
+            telemetry=telemetry,
         )
         background.cancel_scope.cancel()
 

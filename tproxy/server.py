@@ -4,14 +4,20 @@
 serves the proxy and the admin listener with Hypercorn on Trio, and on shutdown closes them in
 reverse order: stop accepting, let in-flight exchanges finish for ``server.graceful_timeout``,
 cancel what remains (those exchanges end as ``shut_down``), write the queued cache entries, close
-the store.
+the store. The admin listener stays up until the proxy's drain is over, so ``/readyz`` and the
+metrics can be read while streams finish.
+
+:func:`run_until_signalled` is the process around it: SIGTERM or SIGINT starts the drain, a
+second one cancels it at once (LMDB commits are atomic, so the store stays consistent either
+way), SIGHUP is refused with a log line (see docs/operations.md), and the service manager hears
+READY, STOPPING, STATUS and watchdog pings through :mod:`tproxy.notify`.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -22,16 +28,59 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
-from tproxy.admin import AdminApp
+from tproxy.admin import AdminApp, read_admin_token
 from tproxy.app import ProxyApp
+from tproxy.asgi import ASGIReceive, ASGISend, Scope
 from tproxy.config import Settings
+from tproxy.core.errors import StoreError, TproxyError
 from tproxy.inflight import Inflight
-from tproxy.pipeline import open_exchanger
+from tproxy.notify import Notifier, open_notifier
+from tproxy.pipeline import Exchanger, open_exchanger
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
+from tproxy.telemetry import open_telemetry
 from tproxy.upstream import open_upstream_pool
 
 log = logging.getLogger("tproxy")
+
+# Seconds between two STATUS= lines sent to the service manager.
+STATUS_INTERVAL = 5.0
+
+RELOAD_REFUSAL = (
+    "SIGHUP: reload is not supported; restart the service to apply new settings "
+    "(in-flight streams drain for server.graceful_timeout = %gs)"
+)
+
+
+@dataclass(slots=True)
+class ServerStatus:
+    """What a server knows about its own work: the one line ``systemctl status`` shows.
+
+    ``draining`` is set the moment the server stops accepting (it is the server's ``stop``): the
+    hook for anything that should behave differently during a drain.
+    """
+
+    proxy: list[str]
+    inflight: Inflight
+    store: CacheStore | None
+    draining: trio.Event
+    handled: int = 0
+
+    def summary(self) -> str:
+        """E.g. ``http://127.0.0.1:8080: 2 in flight, 130 handled, cache hits 41% of 90``."""
+        parts = [f"{len(self.inflight)} in flight", f"{self.handled} handled"]
+        if self.store is not None:
+            try:
+                stats = self.store.stats()
+            except StoreError:
+                parts.append("cache unreadable")
+            else:
+                lookups = stats.hits + stats.misses
+                if lookups:
+                    parts.append(f"cache hits {100 * stats.hits // lookups}% of {lookups}")
+        where = " ".join(self.proxy)
+        state = "draining " if self.draining.is_set() else ""
+        return f"{state}{where}: {', '.join(parts)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +91,8 @@ class Listening:
     admin: list[str]
     store_writer: StoreWriter | None
     inflight: Inflight
+    status: ServerStatus
+    exchanger: Exchanger
 
 
 def _hypercorn_config(settings: Settings, bind: str) -> Config:
@@ -61,11 +112,14 @@ async def open_store(settings: Settings) -> AsyncIterator[CacheStore | None]:
     if not settings.cache.enabled:
         yield None
         return
-    store = LmdbStore(
-        settings.cache.dir,
-        max_total_bytes=settings.cache.max_total_bytes,
-        max_entry_bytes=settings.cache.max_entry_bytes,
-    )
+    try:
+        store = LmdbStore(
+            settings.cache.dir,
+            max_total_bytes=settings.cache.max_total_bytes,
+            max_entry_bytes=settings.cache.max_entry_bytes,
+        )
+    except OSError as error:
+        raise StoreError(f"cannot open the cache store at {settings.cache.dir}: {error}") from error
     try:
         yield store
     finally:
@@ -81,58 +135,157 @@ async def serve_tproxy(
     """Serve until ``stop`` is set, then drain and close; reports where it listens once ready."""
     async with open_store(settings) as store, open_upstream_pool(settings) as pool:
         writer = StoreWriter(store) if store is not None else None
+        admin_token = read_admin_token(settings)
         async with trio.open_nursery() as nursery:
             if writer is not None:
                 await nursery.start(writer.serve)
             inflight = Inflight()
-            admin_app = AdminApp(store)
+            proxy_stopped = trio.Event()
             async with (
-                open_exchanger(settings, pool, writer) as exchanger,
+                open_telemetry(
+                    settings, inflight=inflight, store=store, store_writer=writer
+                ) as telemetry,
+                open_exchanger(settings, pool, writer, telemetry) as exchanger,
                 trio.open_nursery() as servers,
             ):
-                proxy_app = ProxyApp(settings, exchanger, store, inflight)
-                proxy_binds = await servers.start(
-                    partial(
-                        serve,
-                        _asgi(proxy_app),
-                        _hypercorn_config(settings, settings.server.listen),
-                        shutdown_trigger=stop.wait,
-                    )
+                admin_app = AdminApp(
+                    store, inflight=inflight, telemetry=telemetry, token=admin_token, stopping=stop
                 )
-                admin_binds = await servers.start(
-                    partial(
-                        serve,
-                        _asgi(admin_app),
-                        _hypercorn_config(settings, settings.server.admin_listen),
-                        shutdown_trigger=stop.wait,
-                    )
+                status = ServerStatus([], inflight, store, stop)
+                proxy_app = _CountingApp(
+                    ProxyApp(settings, exchanger, store, inflight, telemetry), status
                 )
-                log.info("tproxy listening on %s (admin %s)", proxy_binds, admin_binds)
-                task_status.started(Listening(proxy_binds, admin_binds, writer, inflight))
+                status.proxy = await _start_listener(
+                    servers,
+                    partial(_serve_until, proxy_app, stop=stop, stopped=proxy_stopped),
+                    _hypercorn_config(settings, settings.server.listen),
+                )
+                admin_binds = await _start_listener(
+                    servers,
+                    partial(serve, _asgi(admin_app), shutdown_trigger=proxy_stopped.wait),
+                    _hypercorn_config(settings, settings.server.admin_listen),
+                )
+                log.info("tproxy listening on %s (admin %s)", status.proxy, admin_binds)
+                task_status.started(
+                    Listening(status.proxy, admin_binds, writer, inflight, status, exchanger)
+                )
             if writer is not None:
                 writer.close()
+        if writer is not None:
+            written = writer.statistics()
+            log.info(
+                "store writer drained: %d entries written, %d dropped, %d failed",
+                written.written,
+                written.dropped,
+                written.failed,
+            )
 
 
-def _asgi(app: ProxyApp | AdminApp) -> ASGIFramework:
+class ListenError(TproxyError):
+    """An address to listen on could not be bound (in use, not ours, not permitted)."""
+
+
+async def _start_listener(
+    servers: trio.Nursery, serve_app: Callable[..., Awaitable[None]], config: Config
+) -> list[str]:
+    """Start ``serve_app(config)`` in ``servers``; its binds, or ListenError naming the address."""
+    try:
+        binds: list[str] = await servers.start(serve_app, config)
+    except* OSError as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise ListenError(f"cannot listen on {' '.join(config.bind)}: {first}") from first
+    return binds
+
+
+async def _serve_until(
+    app: _CountingApp,
+    config: Config,
+    *,
+    stop: trio.Event,
+    stopped: trio.Event,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until ``stop`` and its drain are over; then set ``stopped``."""
+    try:
+        await serve(_asgi(app), config, shutdown_trigger=stop.wait, task_status=task_status)
+    finally:
+        stopped.set()
+
+
+class _CountingApp:
+    """The proxy app, counting the HTTP requests it has finished for the status line."""
+
+    def __init__(self, app: ProxyApp, status: ServerStatus) -> None:
+        self._app = app
+        self._status = status
+
+    async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        try:
+            await self._app(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                self._status.handled += 1
+
+
+def _asgi(app: _CountingApp | AdminApp) -> ASGIFramework:
     """Our apps are plain ASGI 3 callables; Hypercorn types them with its own message types."""
     return cast(ASGIFramework, app)
 
 
 async def run_until_signalled(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM; a second signal cancels the drain at once."""
+    """Serve until SIGINT or SIGTERM, telling the service manager (if any) how it goes.
+
+    The first signal drains (``server.graceful_timeout``), a second one cancels the drain at
+    once. SIGHUP is refused and logged rather than left to its default, which would kill the
+    process without a drain.
+    """
     stop = trio.Event()
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    graceful = settings.server.graceful_timeout
+    async with open_notifier() as notifier:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
 
-            async def watch_signals() -> None:
-                async for signum in signals:
-                    if stop.is_set():
-                        log.warning("second signal: stopping at once")
-                        nursery.cancel_scope.cancel()
-                        return
-                    log.info("%s: draining", signal.Signals(signum).name)
-                    stop.set()
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if signum == signal.SIGHUP:
+                            log.warning(RELOAD_REFUSAL, graceful)
+                        elif not stop.is_set():
+                            log.info(
+                                "%s: stopped accepting; draining for up to %gs", name, graceful
+                            )
+                            stop.set()
+                        else:
+                            log.warning("%s again: cancelling the drain, stopping now", name)
+                            nursery.cancel_scope.cancel()
+                            return
 
-            nursery.start_soon(watch_signals)
-            await serve_tproxy(settings, stop)
-            nursery.cancel_scope.cancel()
+                async def run_server(*, task_status: trio.TaskStatus[Listening]) -> None:
+                    await serve_tproxy(settings, stop, task_status=task_status)
+                    log.info("tproxy stopped")
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_signals)
+                listening: Listening = await nursery.start(run_server)
+                await notifier.ready(listening.status.summary())
+                nursery.start_soon(notifier.serve_watchdog)
+                nursery.start_soon(_report_status, notifier, listening.status, stop)
+
+
+async def _report_status(notifier: Notifier, status: ServerStatus, stop: trio.Event) -> None:
+    """STATUS= every few seconds while serving, STOPPING=1 once the drain starts."""
+    if not notifier.enabled:
+        await stop.wait()
+    else:
+        while not stop.is_set():
+            with trio.move_on_after(STATUS_INTERVAL):
+                await stop.wait()
+            if not stop.is_set():
+                await notifier.status(status.summary())
+    log.info("draining: %d exchanges in flight", len(status.inflight))
+    await notifier.stopping(status.summary())
+    while notifier.enabled:
+        await trio.sleep(STATUS_INTERVAL)
+        await notifier.status(status.summary())

@@ -307,6 +307,7 @@ async def test_a_client_that_stalls_its_body_is_cut_off(start_proxy: StartProxy)
 
 # --- what happens to a connection after its answer ---------------------------------------------
 
+
 @pytest.mark.parametrize(
     "kind",
     [

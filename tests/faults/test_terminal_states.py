@@ -15,7 +15,7 @@ import httpx2
 import pytest
 import trio
 
-from tests.conftest import RunningProxy, StartProxy
+from tests.conftest import RunningProxy, StartProxy, access_lines
 from tests.fakeupstream import SeenRequest
 from tests.faults.conftest import CHAT, StartScripted, chat
 from tests.faults.scripted import chunked, reset, response_head, sse_body
@@ -53,11 +53,9 @@ async def proxy_with_faults(
 
 
 def final_state(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
-    for record in caplog.records:
-        if record.name == "tproxy.access":
-            line = json.loads(record.getMessage())
-            if line["request_id"] == request_id:
-                return str(line["state"])
+    for line in access_lines(caplog):
+        if line["request_id"] == request_id:
+            return str(line["state"])
     raise AssertionError(f"no access log line for {request_id}")
 
 

@@ -18,7 +18,7 @@ import httpx2
 import pytest
 import trio
 
-from tests.conftest import RunningProxy, StartProxy
+from tests.conftest import RunningProxy, StartProxy, access_lines
 from tests.fakeupstream import FakeUpstream, SeenRequest, stream_events
 from tests.faults.conftest import CHAT, FAULT, StartScripted, assert_recovered, chat
 from tests.faults.scripted import (
@@ -276,11 +276,7 @@ async def test_a_10_mb_line_passes_through_intact_and_is_not_stored(
     assert len(response.content) == len(line) + len(end)
     assert hashlib.sha256(response.content).digest() == hashlib.sha256(line + end).digest()
     await proxy.flush()
-    [logged] = [
-        json.loads(record.getMessage())
-        for record in caplog.records
-        if record.name == "tproxy.access"
-    ]
+    [logged] = access_lines(caplog)
     assert logged["cache"] == "line longer than 1048576 bytes"
     await assert_recovered(proxy, body, expected=sse_body(body))
 
