@@ -176,6 +176,9 @@ class FakeUpstream:
                         return
             await send(h11.EndOfMessage())
             self.streams_completed.value += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._note_disconnect()  # the peer left while we were writing to it
+            raise
         finally:
             self.active_streams -= 1
 
@@ -183,6 +186,9 @@ class FakeUpstream:
         """Park until the peer closes the connection; record that it did."""
         while await stream.receive_some(65536):
             pass
+        self._note_disconnect()
+
+    def _note_disconnect(self) -> None:
         self.disconnects += 1
         self.disconnected.set()
 
