@@ -200,8 +200,18 @@ class ProxyApp:
                 raise _too_large(limit)
         parts: list[bytes] = []
         size = 0
+        # Hypercorn's idle timer stops once the head is in: the body needs a deadline of ours.
+        deadline = trio.current_time() + self._settings.server.body_timeout
         while True:
-            message = await receive()
+            with trio.move_on_at(deadline) as waiting:
+                message = await receive()
+            if waiting.cancelled_caught:
+                raise RequestRejected(
+                    408,
+                    "request_timeout",
+                    f"the request body did not arrive within server.body_timeout"
+                    f" ({self._settings.server.body_timeout:g}s)",
+                )
             if message["type"] == "http.disconnect":
                 raise _ClientLeftError
             chunk: bytes = message.get("body", b"")

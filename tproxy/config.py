@@ -85,6 +85,8 @@ class ServerSettings:
     stream_buffer_chunks: int = 64
     keep_alive_timeout: float = 75.0
     max_header_bytes: int = 65536
+    body_timeout: float = 60.0
+    client_stall_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +561,8 @@ _SERVER: dict[str, _Checker] = {
     "stream_buffer_chunks": _size,
     "keep_alive_timeout": _seconds,
     "max_header_bytes": _size,
+    "body_timeout": _seconds,
+    "client_stall_timeout": _seconds,
 }
 _CACHE: dict[str, _Checker] = {
     "enabled": _boolean,

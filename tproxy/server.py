@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from functools import partial
 from typing import cast
 
 import trio
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
@@ -95,8 +96,33 @@ class Listening:
     exchanger: Exchanger
 
 
+class _StallLimitedConfig(Config):
+    """Hypercorn's config, with a limit on how long a client may stop reading.
+
+    Hypercorn writes to a client's socket inside a cancel shield with no deadline, so a client
+    that never reads would hold its request, the upstream call behind it and even a drain open
+    for as long as it keeps the connection. ``TCP_USER_TIMEOUT`` on the listening socket is
+    inherited by every accepted connection: the kernel drops a connection whose sent data stays
+    unacknowledged, or whose receive window stays shut, for longer than the limit, and the
+    shielded write then fails like any write to a departed client.
+    """
+
+    stall_timeout: float = 60.0
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if user_timeout is not None:  # Linux; elsewhere the shielded write stays unbounded
+            milliseconds = max(1, int(self.stall_timeout * 1000))
+            for sock in sockets.insecure_sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, user_timeout, milliseconds)
+        return sockets
+
+
 def _hypercorn_config(settings: Settings, bind: str) -> Config:
-    config = Config()
+    config = _StallLimitedConfig()
+    config.stall_timeout = settings.server.client_stall_timeout
     config.bind = [bind]
     config.graceful_timeout = settings.server.graceful_timeout
     config.keep_alive_timeout = settings.server.keep_alive_timeout
