@@ -23,11 +23,11 @@ only events whose data mentions ``"usage"``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tproxy.core.completion import error_message, parse_json
 from tproxy.core.sse import ServerSentEvent
 
 __all__ = [
@@ -47,7 +47,6 @@ MAX_TOOL_CALLS = 128
 DEFAULT_MAX_CHARS = 1 << 20
 _MAX_USAGE_MEMBERS = 16
 _MAX_NAME_CHARS = 256  # ids, names, roles, finish reasons, models: never long in a real answer
-_MAX_ERROR_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +161,12 @@ class StreamAssembler:
         """Take the next event of the stream."""
         self._events += 1
         if event.event == "error":
-            self._note_error(_parse(event.data), "error event")
+            self._note_error(parse_json(event.data), "error event")
             return
         if event.data.strip() == "[DONE]":
             self._done = True
             return
-        payload = _parse(event.data)
+        payload = parse_json(event.data)
         if isinstance(payload, dict):
             self._take(payload, streamed=True)
 
@@ -257,7 +256,7 @@ class StreamAssembler:
 
     def _note_error(self, payload: object, what: str) -> None:
         if self._error is None:
-            message = _error_message(payload)
+            message = error_message(payload)
             self._error = f"{what}: {message}" if message else what
 
 
@@ -295,7 +294,7 @@ def assemble_json(body: bytes, max_chars: int = DEFAULT_MAX_CHARS) -> Answer:
     body is a JSON object.
     """
     assembler = StreamAssembler(max_chars)
-    payload = _parse(body)
+    payload = parse_json(body)
     if isinstance(payload, dict):
         assembler._take(payload, streamed=False)
     answer = assembler.result()
@@ -327,7 +326,7 @@ class UsageTracker:
     def observe(self, event: ServerSentEvent) -> None:
         if '"usage"' not in event.data:
             return
-        payload = _parse(event.data)
+        payload = parse_json(event.data)
         if isinstance(payload, dict):
             usage = normalise_usage(payload.get("usage"))
             if usage is not None:
@@ -337,7 +336,7 @@ class UsageTracker:
 
 def json_usage(body: bytes) -> dict[str, int] | None:
     """The ``usage`` of a non-streamed answer, reduced by :func:`normalise_usage`."""
-    payload = _parse(body)
+    payload = parse_json(body)
     return normalise_usage(payload.get("usage")) if isinstance(payload, dict) else None
 
 
@@ -393,20 +392,3 @@ def _short(value: object) -> str | None:
     if isinstance(value, str) and value:
         return value[:_MAX_NAME_CHARS]
     return None
-
-
-def _parse(text: str | bytes) -> object:
-    """The JSON value of ``text``, or None when it is not JSON (or too deep to parse)."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _error_message(payload: object) -> str:
-    if not isinstance(payload, dict):
-        return ""
-    error = payload.get("error")
-    if isinstance(error, dict):
-        error = error.get("message")
-    return error[:_MAX_ERROR_CHARS] if isinstance(error, str) else ""

@@ -64,12 +64,12 @@ class StreamCompletion:
         if self._done:
             self._after_done += 1
         if event.event == "error":
-            self._note_error("error event", _parse(event.data))
+            self._note_error("error event", parse_json(event.data))
             return
         if event.data.strip() == "[DONE]":
             self._done = True
             return
-        payload = _parse(event.data)
+        payload = parse_json(event.data)
         if not isinstance(payload, dict):
             self._last_finished = False  # opaque data: no finish_reason seen from it
             return
@@ -122,7 +122,7 @@ class StreamCompletion:
 
     def _note_error(self, what: str, payload: object) -> None:
         if self._error is None:
-            message = _error_message(payload)
+            message = error_message(payload)
             self._error = f"{what}: {message}" if message else what
 
 
@@ -134,29 +134,32 @@ def json_answer_verdict(
     Returns the outcome, a reason, and the answer's ``usage`` object when it has one. An
     ``"error": null`` member is not an error. Never raises.
     """
-    payload = _parse(body)
+    payload = parse_json(body)
     usage = payload.get("usage") if isinstance(payload, dict) else None
     usage = usage if isinstance(usage, dict) else None
     if status != 200:
-        message = _error_message(payload)
+        message = error_message(payload)
         return StreamOutcome.ERROR, f"status {status}" + (f": {message}" if message else ""), usage
     if not isinstance(payload, dict):
         return StreamOutcome.INCOMPLETE, "body is not a JSON object", usage
     if payload.get("error") is not None:
-        message = _error_message(payload)
+        message = error_message(payload)
         return StreamOutcome.ERROR, "error in body" + (f": {message}" if message else ""), usage
     return StreamOutcome.COMPLETE, "JSON object", usage
 
 
-def _parse(text: str | bytes) -> object:
-    """The JSON value of ``text``, or None when it is not JSON (or too deep to parse)."""
+def parse_json(text: str | bytes) -> object:
+    """The JSON value of ``text``, or None when it is not JSON (or too deep to parse).
+
+    Shared with :mod:`tproxy.core.assemble`: both read upstream JSON that may be anything.
+    """
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
         return None
 
 
-def _error_message(payload: object) -> str:
+def error_message(payload: object) -> str:
     """A short human message from an OpenAI-style error body, or "" if it has none."""
     if not isinstance(payload, dict):
         return ""
