@@ -252,11 +252,61 @@ def test_purge_refuses_both_choices_at_once(cache_dir: Path) -> None:
     assert exit_info.value.code == 2
 
 
+# -- verify ---------------------------------------------------------------------------
+
+
+def test_verify_a_sound_store_says_clean_and_exits_0(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["verify"], cache_dir) == 0
+    out = capsys.readouterr().out
+    assert f"path     {cache_dir}" in out
+    assert "entries  3 (1 streamed, 1 expired)" in out
+    assert "result   clean" in out
+
+
+def test_verify_as_json(cache_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    document = run_json(["verify"], cache_dir, capsys)
+    assert isinstance(document, dict)
+    assert document["ok"] is True
+    assert document["problems"] == []
+    assert (document["entries"], document["streamed"], document["expired"]) == (3, 1, 1)
+    assert document["bytes"] == document["recorded_bytes"] > 5000
+
+
+def test_verify_lists_each_problem_and_exits_1(
+    cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = bytearray((cache_dir / "data.mdb").read_bytes())
+    offset = data.index(b"x" * 5000) + 2500  # inside the 5,000-byte body
+    data[offset] ^= 0xFF
+    (cache_dir / "data.mdb").write_bytes(bytes(data))
+
+    assert run(["verify"], cache_dir) == 1
+    out = capsys.readouterr().out
+    assert "result   1 problem\n" in out
+    assert f"  entry {BODY_KEY}: cannot be decoded (" in out
+
+    assert run(["verify", "--json", "--cache-dir", str(cache_dir)], cache_dir) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["ok"] is False
+    [problem] = document["problems"]
+    assert problem.startswith(f"entry {BODY_KEY}: cannot be decoded")
+
+
+def test_verify_never_writes(cache_dir: Path) -> None:
+    before = (cache_dir / "data.mdb").read_bytes()
+    assert run(["verify"], cache_dir) == 0
+    assert (cache_dir / "data.mdb").read_bytes() == before
+
+
 # -- no store -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "argv", [["stats"], ["ls"], ["show", "abc"], ["purge", "--all"]], ids=lambda a: a[0]
+    "argv",
+    [["stats"], ["ls"], ["show", "abc"], ["verify"], ["purge", "--all"]],
+    ids=lambda a: a[0],
 )
 def test_a_missing_store_is_reported_and_not_created(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tproxy.config import (
     AdminSettings,
+    AuthSettings,
     CacheSettings,
     LogSettings,
     Overrides,
@@ -859,6 +860,7 @@ raw_events = true
 
 NEW_SECTIONS = {
     "[admin]": AdminSettings,
+    "[auth]": AuthSettings,
     "[telemetry]": TelemetrySettings,
     "[payload_log]": PayloadLogSettings,
 }
@@ -981,3 +983,114 @@ def test_the_reference_documents_every_key_of_the_new_sections(
     section = _reference_sections()[f"`{heading}`"]
     for name in _field_names(cls):
         assert f"`{name}`" in section, f"docs/configuration.md {heading} does not mention {name}"
+
+
+# --- client authentication ---------------------------------------------------------------------
+
+HASH_A = "sha256:" + "a" * 64
+HASH_B = "sha256:" + "b" * 64
+HASH_C = "sha256:" + "c" * 64
+
+
+def test_client_authentication_is_off_by_default() -> None:
+    loaded = load(LOCAL)
+    assert loaded.auth == AuthSettings(client_keys=(), client_keys_file=None)
+    assert not loaded.auth.enabled
+    assert not load(LOCAL + "[auth]\n").auth.enabled
+
+
+def test_key_hashes_from_the_file_and_its_keys_file_are_united(in_tmp_path: Path) -> None:
+    (in_tmp_path / "conf").mkdir()
+    (in_tmp_path / "conf" / "keys.txt").write_text(
+        f"# team keys\n\n{HASH_B}   # alice\n  {HASH_C.upper().replace('SHA256', 'sha256')}\n"
+        f"{HASH_A}\n"
+    )
+    config = LOCAL + f'[auth]\nclient_keys = ["{HASH_A.upper().replace("SHA256", "sha256")}"]\n'
+    loaded = load_settings(write(config + 'client_keys_file = "keys.txt"\n', "conf/x.toml"))
+    assert loaded.auth == AuthSettings(
+        client_keys=(HASH_A, HASH_B, HASH_C), client_keys_file=in_tmp_path / "conf" / "keys.txt"
+    )
+    assert loaded.auth.enabled
+
+
+def test_either_key_alone_turns_authentication_on(in_tmp_path: Path) -> None:
+    assert load(LOCAL + f'[auth]\nclient_keys = ["{HASH_A}"]\n').auth.enabled
+    (in_tmp_path / "keys").write_text(HASH_B + "\n")
+    only_file = load(LOCAL + '[auth]\nclient_keys_file = "keys"\n').auth
+    assert only_file.enabled
+    assert only_file.client_keys == (HASH_B,)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '[auth]\nclient_keys = ["sk-live-SECRET"]\n',
+            'x.toml: auth.client_keys[0]: expected "sha256:" followed by 64 hex digits (the hash'
+            " of a key, not the key itself)",
+        ),
+        (
+            f'[auth]\nclient_keys = ["{HASH_A}", "sha256:abc"]\n',
+            'x.toml: auth.client_keys[1]: expected "sha256:" followed by 64 hex digits',
+        ),
+        (
+            '[auth]\nclient_keys = "sha256:abc"\n',
+            'x.toml: auth.client_keys: expected an array, got "sha256:abc"',
+        ),
+        ("[auth]\nclient_keys = [1]\n", "x.toml: auth.client_keys[0]: expected a string, got 1"),
+        (
+            "[auth]\nclient_keys = []\n",
+            "x.toml: auth.client_keys: expected at least one key hash, got an empty array (leave"
+            " [auth] out to turn client authentication off)",
+        ),
+        ("[auth]\nclient_key = []\n", 'x.toml: auth.client_key: unknown key (did you mean "cli'),
+        (
+            '[auth]\nclient_keys_file = "dir/"\n',
+            'x.toml: auth.client_keys_file: expected a file path, got "dir/"',
+        ),
+    ],
+)
+def test_mistakes_in_auth_are_named_and_never_echo_a_key(text: str, problem: str) -> None:
+    [found] = problems(LOCAL + text)
+    assert found.startswith(problem)
+    assert "SECRET" not in found
+
+
+def test_a_bad_line_of_the_keys_file_is_named_by_number_and_not_shown(in_tmp_path: Path) -> None:
+    (in_tmp_path / "keys").write_text(f"# keys\n{HASH_A}\nsk-live-SECRET\n{HASH_B}\nsha256:00\n")
+    found = problems(LOCAL + '[auth]\nclient_keys_file = "keys"\n')
+    keys = in_tmp_path / "keys"
+    assert found == [
+        f'x.toml: auth.client_keys_file: {keys} line 3: expected "sha256:" followed by 64 hex'
+        " digits (the hash of a key, not the key itself)",
+        f'x.toml: auth.client_keys_file: {keys} line 5: expected "sha256:" followed by 64 hex'
+        " digits",
+    ]
+    assert not any("SECRET" in problem for problem in found)
+
+
+def test_a_keys_file_that_cannot_be_read_or_holds_no_hash_is_a_problem(in_tmp_path: Path) -> None:
+    missing = in_tmp_path / "absent"
+    assert problems(LOCAL + '[auth]\nclient_keys_file = "absent"\n') == [
+        f"x.toml: auth.client_keys_file: cannot read {missing}: No such file or directory"
+    ]
+    (in_tmp_path / "empty").write_text("# nobody yet\n\n")
+    assert problems(LOCAL + '[auth]\nclient_keys_file = "empty"\n') == [
+        f"x.toml: auth.client_keys_file: {in_tmp_path / 'empty'} holds no key hash, so every"
+        " request would be refused"
+    ]
+    (in_tmp_path / "latin1").write_bytes(b"\xff\n")
+    assert problems(LOCAL + '[auth]\nclient_keys_file = "latin1"\n') == [
+        f"x.toml: auth.client_keys_file: {in_tmp_path / 'latin1'}: not UTF-8 text (invalid byte"
+        " at offset 0)"
+    ]
+
+
+def test_an_empty_key_array_is_fine_when_the_keys_file_has_hashes(in_tmp_path: Path) -> None:
+    (in_tmp_path / "keys").write_text(HASH_A + "\n")
+    config = LOCAL + '[auth]\nclient_keys = []\nclient_keys_file = "keys"\n'
+    assert load(config).auth.client_keys == (HASH_A,)
+
+
+def test_the_example_file_leaves_client_authentication_off() -> None:
+    assert not load_settings(EXAMPLE).auth.enabled

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
+import mmap
 import os
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -18,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -196,6 +200,19 @@ def test_the_directory_is_private_to_its_owner(store: LmdbStore, tmp_path: Path)
         assert (directory / name).stat().st_mode & 0o777 == 0o600
 
 
+def test_reopening_with_the_same_cap_writes_nothing(tmp_path: Path) -> None:
+    """So a restart needs no room on a full disk."""
+    open_store(tmp_path / "cache").close()
+    before = (tmp_path / "cache" / "data.mdb").read_bytes()
+    open_store(tmp_path / "cache").close()
+    assert (tmp_path / "cache" / "data.mdb").read_bytes() == before
+    open_store(tmp_path / "cache", max_total_bytes=8 * MIB).close()
+    assert (tmp_path / "cache" / "data.mdb").read_bytes() != before
+    reader = LmdbStore.open_existing(tmp_path / "cache")
+    assert reader.stats().max_bytes == 8 * MIB
+    reader.close()
+
+
 def test_close_twice_is_harmless_and_a_closed_store_misses(tmp_path: Path) -> None:
     store = open_store(tmp_path / "cache")
     store.put_many([("k", body_entry("k"))], NOW)
@@ -278,13 +295,37 @@ def test_a_full_map_at_its_bound_evicts_the_oldest_and_stores_the_batch(tmp_path
     store.close()
 
 
-def test_an_entry_that_cannot_fit_the_map_is_skipped_not_raised(tmp_path: Path) -> None:
+def test_an_entry_that_cannot_fit_the_map_is_skipped_with_a_warning_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = open_store(
         tmp_path / "cache", max_total_bytes=MIB, max_entry_bytes=MIB, map_headroom=-2 * MIB
     )
-    result = store.put_many([("huge", body_entry("huge", 900_000))], NOW)
-    assert (result.stored, result.skipped_no_room) == (0, 1)
+    with caplog.at_level(logging.WARNING, logger="tproxy.store"):
+        result = store.put_many([("huge", body_entry("huge", 900_000))], NOW)
+    assert (result.stored, result.skipped_no_room, result.disk_full) == (0, 1, 0)
+    assert "cache store map stayed full; 1 cache entries not stored" in caplog.messages
     assert store.put_many([("small", body_entry("small"))], NOW).stored == 1
+    assert store.verify(NOW).ok
+    store.close()
+
+
+def test_a_tiny_map_with_entries_near_its_cap_keeps_storing_by_evicting(tmp_path: Path) -> None:
+    # The map may grow to 512 KiB; each entry is half of that or more, so every put after the
+    # first few must evict (and copy-on-write needs room for the old pages meanwhile).
+    cap = 256 * KIB
+    store = open_store(tmp_path / "cache", max_total_bytes=cap, max_entry_bytes=cap, map_headroom=0)
+    evicted = 0
+    for n in range(12):
+        entry = body_entry(str(n), min(120_000 + 12_000 * n, 250_000))
+        result = store.put_many([(f"k{n}", entry)], NOW + n)
+        assert (result.stored, result.skipped_no_room) == (1, 0)
+        evicted += result.evicted
+        assert store.get(f"k{n}", NOW + n) == entry
+        assert store.stats().bytes <= cap
+    assert evicted >= 10
+    assert store.stats().map_size <= 2 * cap
+    assert store.verify(NOW).ok
     store.close()
 
 
@@ -314,6 +355,213 @@ def test_reads_on_one_thread_survive_map_growth_by_a_writer_thread(
     assert store.stats().map_size > initial
     assert store.stats().entries == 241
     store.close()
+
+
+# -- a full disk -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, so a store can fill its file system; skipped where mounting is refused."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write a file into ``directory`` until its file system has no byte left."""
+    filler = directory / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+            write_pages(descriptor, 10_000)  # 40 MiB: far more than the small disk holds
+    finally:
+        os.close(descriptor)
+    return filler
+
+
+def write_pages(descriptor: int, count: int) -> None:
+    for _ in range(count):
+        os.write(descriptor, b"x" * 4096)
+
+
+def test_a_full_disk_evicts_the_oldest_entries_and_storing_goes_on(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(small_disk / "cache", max_total_bytes=8 * MIB, max_entry_bytes=MIB)
+    try:
+        results = []
+        with caplog.at_level(logging.WARNING, logger="tproxy.store"):
+            for n in range(40):  # 4 MB into a 2 MiB file system
+                results.append(store.put_many([(f"k{n}", body_entry(str(n), 100_000))], NOW + n))
+        assert all((result.stored, result.skipped_no_room) == (1, 0) for result in results)
+        refused = [result for result in results if result.disk_full]
+        assert refused
+        assert all(result.evicted > 0 for result in refused)
+        assert any("the file system refused a write" in message for message in caplog.messages)
+        for n in range(35, 40):
+            assert store.get(f"k{n}", NOW + 40) == body_entry(str(n), 100_000)
+        assert "k0" not in keys_of(store)
+        assert store.verify(NOW).ok
+    finally:
+        store.close()
+
+
+def test_a_batch_a_full_disk_cannot_hold_is_skipped_and_serving_goes_on(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(small_disk / "cache", max_total_bytes=8 * MIB, max_entry_bytes=2 * MIB)
+    try:
+        store.put_many([(f"k{n}", body_entry(str(n), 100_000)) for n in range(3)], NOW)
+        filler = fill(small_disk)
+        with caplog.at_level(logging.WARNING, logger="tproxy.store"):
+            result = store.put_many([("huge", body_entry("huge", 1_500_000))], NOW + 1)
+        assert (result.stored, result.skipped_no_room) == (0, 1)
+        assert result.disk_full > 0
+        assert "the file system stayed full; 1 cache entries not stored" in caplog.messages
+        assert store.get("huge", NOW + 1) is None  # reads go on, whatever eviction took
+        assert store.verify(NOW).ok
+        filler.unlink()
+        assert store.put_many([("after", body_entry("after"))], NOW + 2).stored == 1
+        assert store.get("after", NOW + 2) == body_entry("after")
+    finally:
+        store.close()
+
+
+# -- verify ----------------------------------------------------------------------------
+
+
+def test_verify_finds_a_sound_store_sound_and_counts_it(store: LmdbStore) -> None:
+    store.put_many(
+        [
+            ("body", body_entry("body")),
+            ("stream", stream_entry(5)),
+            ("short", body_entry("short", ttl=10)),
+        ],
+        NOW,
+    )
+    store.get("body", NOW + 5)
+    store.flush_touches()
+    report = store.verify(NOW + 20)
+    assert report.ok
+    assert report.problems == ()
+    assert (report.entries, report.streamed, report.expired) == (3, 1, 1)
+    assert report.bytes == report.recorded_bytes == store.stats().bytes
+    assert report.path == store.stats().path
+
+
+def test_verify_reports_a_value_that_does_not_decode(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    store = open_store(path)
+    victim = body_entry("victim", 20_000)
+    store.put_many([("victim", victim), ("bystander", body_entry("bystander"))], NOW)
+    store.close()
+    data = bytearray((path / "data.mdb").read_bytes())
+    data[data.index(victim.chunks[0]) + 1000] ^= 0xFF
+    (path / "data.mdb").write_bytes(bytes(data))
+    reader = LmdbStore.open_existing(path)
+    [problem] = reader.verify(NOW).problems
+    assert problem.startswith("entry victim: cannot be decoded (")
+    reader.close()
+
+
+def test_verify_reports_every_disagreement_between_the_records(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    store = open_store(path)
+    store.put_many(
+        [
+            ("alpha", body_entry("alpha")),
+            ("bravo", body_entry("bravo")),
+            ("charlie", body_entry("charlie", 2000)),
+            ("delta", body_entry("delta", 3000, now=NOW - 10)),
+        ],
+        NOW,
+    )
+    store.close()
+    stamp = struct.pack(">d", NOW)
+    env = lmdb.open(str(path), max_dbs=4)
+    with env.begin(write=True) as txn:
+        info, lru, meta = (env.open_db(name, txn=txn) for name in (b"entry_info", b"lru", b"meta"))
+        assert txn.delete(stamp + b"alpha", db=lru)
+        assert txn.delete(b"bravo", db=info)
+        delta_info = txn.get(b"delta", db=info)
+        recorded = txn.get(b"total_bytes", db=meta)
+        assert delta_info is not None
+        assert recorded is not None
+        txn.put(b"charlie", delta_info, db=info)
+        txn.put(b"delta", b"xx", db=info)
+        total = int.from_bytes(recorded, "big")
+        txn.put(b"total_bytes", (total + 1).to_bytes(8, "big"), db=meta)
+    env.close()
+    charlie_size = len(encode_entry(body_entry("charlie", 2000)))
+    delta_size = len(encode_entry(body_entry("delta", 3000, now=NOW - 10)))
+
+    reader = LmdbStore.open_existing(path)
+    report = reader.verify(NOW)
+    reader.close()
+    assert report.problems == (
+        "entry_info delta: malformed record",
+        "entry bravo: no entry_info record",
+        f"entry_info charlie: size {delta_size}, the entry is {charlie_size} bytes",
+        "entry_info charlie: created_at, expires_at differ from the entry's",
+        "lru record for bravo: no such entry",
+        "entry alpha: missing from the LRU index",
+        f"meta total_bytes is {total + 1}, the entries hold {total}",
+    )
+    assert not report.ok
+    assert (report.entries, report.bytes) == (4, total)
+
+
+def test_verify_reports_damaged_pages_without_walking_them(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    store = open_store(path)
+    keys = [hashlib.sha256(str(n).encode()).hexdigest() for n in range(200)]
+    store.put_many([(key, body_entry(key, 300)) for key in keys], NOW)
+    store.close()
+    data = bytearray((path / "data.mdb").read_bytes())
+    page = data.index(keys[100].encode()) // mmap.PAGESIZE  # a leaf page of one of our trees
+    data[page * mmap.PAGESIZE : page * mmap.PAGESIZE + 16] = b"\xff" * 16
+    (path / "data.mdb").write_bytes(bytes(data))
+
+    reader = LmdbStore.open_existing(path)
+    report = reader.verify(NOW)
+    reader.close()
+    assert report.problems
+    assert all(problem.startswith("LMDB structure: ") for problem in report.problems)
+    assert any(f"page {page} " in problem for problem in report.problems)
+    assert report.entries == 0  # the entries were not read through a damaged tree
+
+
+def test_verify_is_sound_while_another_thread_writes(store: LmdbStore) -> None:
+    store.put_many([("first", body_entry("first"))], NOW)
+    stop = threading.Event()
+
+    def write() -> None:
+        for n in range(1000):
+            if stop.is_set():
+                return
+            store.put_many([(f"k{n % 50}", body_entry(str(n), 5_000))], NOW + n)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        reports = [store.verify(NOW) for _ in range(5)]
+    finally:
+        stop.set()
+        writer.join()
+    assert [report.problems for report in reports] == [()] * 5
 
 
 # -- damage, versions, and opening ----------------------------------------------------

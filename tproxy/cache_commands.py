@@ -1,9 +1,10 @@
-"""`tproxy cache stats|ls|show|purge`: look into the response cache and clean it.
+"""`tproxy cache stats|ls|show|verify|purge`: look into the response cache, check it, clean it.
 
 These commands open an existing store only (:meth:`LmdbStore.open_existing`): they never
 create a directory, and a store written by another schema is reported, not moved aside, because
 a server of another version may be using it. Every command but ``purge`` opens it read-only.
 Human output is aligned for reading at a glance; ``--json`` prints one JSON document instead.
+``verify`` exits 1 when it finds a problem, so scripts and tests can rely on its status.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import CorruptEntry, StoreError
-from tproxy.store import EntryInfo, LmdbStore
+from tproxy.store import EntryInfo, LmdbStore, VerifyReport
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -51,6 +52,17 @@ def add_cache_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     _with_common(commands.add_parser("ls", help="list entries, newest first"))
     show = _with_common(commands.add_parser("show", help="one entry's metadata and first events"))
     show.add_argument("key", metavar="KEY", help="a cache key, or a unique prefix of one")
+    _with_common(
+        commands.add_parser(
+            "verify",
+            help="check every entry and index; exit 1 if anything is wrong",
+            description=(
+                "Check the store read-only: LMDB's page structure, then that every entry decodes"
+                " and agrees with its metadata, the LRU index and the byte total. Reports every"
+                " problem; exits 0 when there is none, 1 otherwise. Safe while a server runs."
+            ),
+        )
+    )
     purge = _with_common(
         commands.add_parser(
             "purge",
@@ -98,6 +110,8 @@ def run_cache_command(args: argparse.Namespace, default_cache_dir: Path) -> int:
             return _ls(store, now, args.json)
         if command == "show":
             return _show(store, args.key, now, args.json)
+        if command == "verify":
+            return _verify(store, now, args.json)
         return _purge(store, older_than, now, args.json)
     except _UsageError as error:
         return _fail(str(error), EXIT_USAGE)
@@ -257,6 +271,32 @@ def _show(store: LmdbStore, prefix: str, now: float, as_json: bool) -> int:
         print("body:")
         print(f"  {preview}")
     return EXIT_OK
+
+
+def _verify(store: LmdbStore, now: float, as_json: bool) -> int:
+    report = store.verify(now)
+    code = EXIT_OK if report.ok else EXIT_FAILURE
+    if as_json:
+        _emit(_verify_document(report))
+        return code
+    rows = [
+        ("path", report.path),
+        ("entries", f"{report.entries} ({report.streamed} streamed, {report.expired} expired)"),
+        ("stored", f"{format_size(report.bytes)} (recorded: {format_size(report.recorded_bytes)})"),
+    ]
+    count = len(report.problems)
+    rows.append(("result", "clean" if report.ok else f"{count} problem{'s' if count > 1 else ''}"))
+    _print_pairs(rows)
+    for problem in report.problems:
+        print(f"  {problem}")
+    return code
+
+
+def _verify_document(report: VerifyReport) -> dict[str, object]:
+    document: dict[str, object] = asdict(report)
+    document["problems"] = list(report.problems)
+    document["ok"] = report.ok
+    return document
 
 
 def _purge(store: LmdbStore, older_than: float | None, now: float, as_json: bool) -> int:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import platformdirs
 
+from tproxy.core.clientauth import HASH_PREFIX, parse_key_hash
 from tproxy.core.errors import ConfigError
 from tproxy.core.headers import HOP_BY_HOP
 
@@ -124,6 +125,23 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Client authentication: the sha256 hashes of the keys clients may present.
+
+    ``client_keys`` holds every accepted hash, ``sha256:<64 lower-case hex digits>``: those
+    listed in the file's ``client_keys`` followed by those read from ``client_keys_file``
+    (duplicates dropped). Authentication is on when either key is set.
+    """
+
+    client_keys: tuple[str, ...] = ()
+    client_keys_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.client_keys) or self.client_keys_file is not None
+
+
+@dataclass(frozen=True, slots=True)
 class TelemetrySettings:
     """The access log and the queues that keep telemetry off the client's path."""
 
@@ -164,6 +182,7 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     payload_log: PayloadLogSettings = field(default_factory=PayloadLogSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     def upstream(self, name: str) -> UpstreamSettings:
         """The upstream called ``name``; raises KeyError when there is none."""
@@ -426,6 +445,17 @@ def _directory(base: Path) -> _Checker:
     return check
 
 
+def _key_hash(value: object) -> str:
+    """``sha256:<hex>`` with the hex in lower case; the value is never echoed (it may be a key)."""
+    if not isinstance(value, str):
+        raise _BadValueError(f"expected a string, got {_show(value)}")
+    try:
+        digest = parse_key_hash(value)
+    except ValueError as error:
+        raise _BadValueError(str(error)) from None
+    return HASH_PREFIX + digest.hex()
+
+
 def _headers(value: object) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise _BadValueError(f"expected a table of header names and values, got {_show(value)}")
@@ -597,6 +627,7 @@ _ROUTE: dict[str, _Checker] = {
     "ttl": _seconds,
 }
 _ADMIN: dict[str, _Checker] = {"token_env": _env_name}
+_AUTH_KEYS: dict[str, _Checker] = {"client_keys": _array(_key_hash)}
 _TELEMETRY: dict[str, _Checker] = {
     "access_log": _boolean,
     "queue_size": _size,
@@ -625,6 +656,7 @@ _SECTIONS = (
     "admin",
     "telemetry",
     "payload_log",
+    "auth",
 )
 
 
@@ -645,6 +677,56 @@ def _read_table(
             for suffix, reason in invalid.reasons:
                 problems.at(where + suffix, reason)
     return accepted
+
+
+def _read_auth(table: Mapping[str, object], base: Path, problems: _Problems) -> AuthSettings:
+    """The ``[auth]`` table, with the hashes of ``client_keys_file`` read and checked now, so
+    ``check-config`` finds a bad line and the running server never reads the file again."""
+    problems_before = len(problems.items)
+    values = _read_table(table, "auth", {**_AUTH_KEYS, "client_keys_file": _file(base)}, problems)
+    hashes: list[str] = list(values.get("client_keys", ()))
+    keys_file: Path | None = values.get("client_keys_file")
+    if keys_file is not None:
+        hashes += _read_key_file(keys_file, problems)
+    auth = AuthSettings(tuple(dict.fromkeys(hashes)), keys_file)
+    configured = "client_keys" in table or "client_keys_file" in table
+    if configured and not auth.client_keys and len(problems.items) == problems_before:
+        if keys_file is not None:
+            problems.at(
+                "auth.client_keys_file",
+                f"{keys_file} holds no key hash, so every request would be refused",
+            )
+        else:
+            problems.at(
+                "auth.client_keys",
+                "expected at least one key hash, got an empty array (leave [auth] out to turn"
+                " client authentication off)",
+            )
+    return auth
+
+
+def _read_key_file(path: Path, problems: _Problems) -> list[str]:
+    """The hashes in a keys file: one ``sha256:<hex>`` per line; blank lines and ``#`` comments
+    (whole lines or after a hash) are skipped. A bad line is named by number, never shown."""
+    where = "auth.client_keys_file"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        problems.at(where, f"cannot read {path}: {error.strerror or error}")
+        return []
+    except UnicodeDecodeError as error:
+        problems.at(where, f"{path}: not UTF-8 text (invalid byte at offset {error.start})")
+        return []
+    hashes: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            hashes.append(_key_hash(entry))
+        except _BadValueError as invalid:
+            problems.at(where, f"{path} line {number}: {invalid}")
+    return hashes
 
 
 def _table(document: Mapping[str, object], name: str, problems: _Problems) -> dict[str, Any]:
@@ -846,6 +928,8 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         problems,
     )
 
+    auth = _read_auth(_table(document, "auth", problems), base, problems)
+
     flags: dict[str, Any] = {}
     _apply_flag(flags, "url", "--upstream", _url, overrides.upstream, problems)
     _apply_flag(server_values, "listen", "--listen", _address, overrides.listen, problems)
@@ -889,6 +973,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         admin=admin,
         telemetry=dataclasses.replace(TelemetrySettings(), **telemetry_values),
         payload_log=payload_log,
+        auth=auth,
     )
 
 

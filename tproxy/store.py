@@ -19,23 +19,28 @@ The environment holds four named databases::
     meta        b"schema_version", b"total_bytes", b"max_total_bytes"
 
 An entry's three records and the running byte total change in the same transaction, so they
-always agree. docs/store.md explains the durability setting, the map sizing and the numbers
-measured for them.
+always agree; :meth:`LmdbStore.verify` checks that they do (``tproxy cache verify``). A full map
+or a full file system costs entries (evicted, or the batch skipped and counted in
+:class:`PutResult`), never an exception out of ``put_many``. docs/store.md explains the
+durability setting, the map sizing and the numbers measured for them.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
+import os
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import lmdb
+import lmdb.verify
 
 from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
 from tproxy.core.errors import CorruptEntry, StoreError
@@ -67,6 +72,19 @@ _HAS_MODEL = 2
 # Bounds on retries: another process growing the map, and a full map that eviction must clear.
 _RESIZE_ATTEMPTS = 3
 _MAP_FULL_ATTEMPTS = 6
+# After the file system refused a commit: this many rounds of eviction, then the batch is skipped.
+# Fewer than for a full map, because a disk filled by someone else is not ours to empty.
+_DISK_FULL_EVICTIONS = 2
+
+# A commit the file system refused for lack of room. py-lmdb raises DiskError for ENOSPC but a
+# plain Error, with only the C library's message, for any other errno, and LMDB reports a write
+# cut short by a full disk as EIO; os.strerror gives the same messages.
+_NO_SPACE_MESSAGES = tuple(
+    os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+)
+
+# lmdb.verify (py-lmdb >= 3.0) walks the data file's pages without the engine; unannotated.
+_verify_pages = cast(Callable[[str], list[str]], lmdb.verify.verify)
 
 # The LMDB errors that mean "these files are not a store we can read", as opposed to a
 # transient problem (permissions, a second open in this process) that must not cost the data.
@@ -82,7 +100,8 @@ class PutResult:
     stored: int
     skipped_too_large: int
     evicted: int
-    skipped_no_room: int = 0  # the map stayed full even after eviction; see docs/store.md
+    skipped_no_room: int = 0  # the map or the disk stayed full even after eviction
+    disk_full: int = 0  # commits the file system refused for lack of room; see docs/store.md
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +132,32 @@ class EntryInfo:
     streamed: bool
     model: str | None
     status: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :meth:`LmdbStore.verify` found. ``problems`` is empty for a sound store.
+
+    ``entries``, ``streamed``, ``expired`` and ``bytes`` describe the values actually stored;
+    ``recorded_bytes`` is the running total the store keeps, which must equal ``bytes``. When
+    LMDB's page structure is damaged the entries are not read at all, and these are 0.
+    """
+
+    path: str
+    entries: int
+    streamed: int
+    expired: int
+    bytes: int
+    recorded_bytes: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _DiskFullError(Exception):
+    """The file system refused the pages a commit needed (no space, quota, a short write)."""
 
 
 class CacheStore(Protocol):
@@ -178,7 +223,7 @@ class LmdbStore:
             path.mkdir(mode=0o700)
             self._env = self._open_compatible()
         self._open_databases(create=True)
-        self._write(self._record_limits)
+        self._record_limits()
 
     @classmethod
     def open_existing(cls, path: Path, *, readonly: bool = True) -> LmdbStore:
@@ -315,9 +360,15 @@ class LmdbStore:
             self._env.close()
             raise StoreError(f"the cache store at {self._path} is incomplete: {error}") from error
 
-    def _record_limits(self, txn: lmdb.Transaction[bytes]) -> None:
-        """Note the byte cap on disk, so `tproxy cache stats` can show it."""
-        txn.put(_MAX_TOTAL_KEY, _U64.pack(self._max_total_bytes), db=self._meta)
+    def _record_limits(self) -> None:
+        """Note the byte cap on disk, so `tproxy cache stats` can show it.
+
+        Writes only when it changed: a restart with the same settings writes nothing, so it
+        needs no room on a full disk.
+        """
+        packed = _U64.pack(self._max_total_bytes)
+        if self._read(lambda txn: txn.get(_MAX_TOTAL_KEY, db=self._meta)) != packed:
+            self._write_or_fail(lambda txn: txn.put(_MAX_TOTAL_KEY, packed, db=self._meta))
 
     def _move_aside(self, label: str) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -410,6 +461,78 @@ class LmdbStore:
             schema_version=SCHEMA_VERSION,
         )
 
+    def verify(self, now: float) -> VerifyReport:
+        """Check the whole store and report every problem found; change nothing.
+
+        First LMDB's own structure: every page of the data file reachable from the last commit,
+        walked without the engine (``lmdb.verify``), so a damaged file is reported instead of
+        crashing the walk that follows. Then, only if that is sound, every entry: it decodes,
+        it has its ``entry_info`` record with the same size, times, status, kind and model, and
+        its ``lru`` record; no record points to a missing entry; ``total_bytes`` is the sum.
+
+        Everything runs under one read transaction, which keeps the pages of the snapshot
+        checked from being reused by a writer meanwhile, so a serving store can be checked.
+        Raises StoreError when the store cannot be read at all.
+        """
+        return self._read(lambda txn: self._verify(txn, now))
+
+    def _verify(self, txn: lmdb.Transaction[bytes], now: float) -> VerifyReport:
+        try:
+            structure = _verify_pages(str(self._path))
+        except (lmdb.verify.VerifyError, OSError) as error:
+            structure = [str(error)]
+        if structure:
+            problems = tuple(f"LMDB structure: {problem}" for problem in structure)
+            return VerifyReport(str(self._path), 0, 0, 0, 0, 0, problems)
+        found: list[str] = []
+        stored: dict[bytes, tuple[int, StoredEntry | None]] = {}
+        with txn.cursor(db=self._entries) as cursor:
+            for raw_key, value in cursor:
+                key = bytes(raw_key)
+                try:
+                    entry: StoredEntry | None = decode_entry(value)
+                except CorruptEntry as error:
+                    found.append(f"entry {_shown(key)}: cannot be decoded ({error})")
+                    entry = None
+                stored[key] = (len(value), entry)
+                if len(key) > MAX_KEY_BYTES:
+                    found.append(f"entry {_shown(key)}: key longer than {MAX_KEY_BYTES} bytes")
+        infos: dict[bytes, EntryInfo] = {}
+        malformed: set[bytes] = set()
+        with txn.cursor(db=self._info) as cursor:
+            for raw_key, raw in cursor:
+                key = bytes(raw_key)
+                try:
+                    infos[key] = _decode_info(key, bytes(raw))
+                except (struct.error, UnicodeDecodeError):
+                    found.append(f"entry_info {_shown(key)}: malformed record")
+                    malformed.add(key)
+        with txn.cursor(db=self._lru) as cursor:
+            indexed = [bytes(lru_key) for lru_key, _ in cursor]
+        for key, (size, entry) in stored.items():
+            info = infos.get(key)
+            if info is not None:
+                found += _disagreements(key, size, entry, info)
+            elif key not in malformed:
+                found.append(f"entry {_shown(key)}: no entry_info record")
+        for key in sorted(infos.keys() - stored.keys()):
+            found.append(f"entry_info {_shown(key)}: no such entry")
+        found += _lru_problems(indexed, infos, malformed)
+        recorded = _read_u64(txn, _TOTAL_KEY, self._meta)
+        total = sum(size for size, _ in stored.values())
+        if recorded != total:
+            found.append(f"meta total_bytes is {recorded}, the entries hold {total}")
+        decoded = [entry for _, entry in stored.values() if entry is not None]
+        return VerifyReport(
+            path=str(self._path),
+            entries=len(stored),
+            streamed=sum(1 for entry in decoded if entry.streamed),
+            expired=sum(1 for entry in decoded if entry.expires_at <= now),
+            bytes=total,
+            recorded_bytes=recorded,
+            problems=tuple(found),
+        )
+
     def _read(self, operation: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
         """Run ``operation`` in a read transaction; adopt a map another process has grown."""
         for _ in range(_RESIZE_ATTEMPTS):
@@ -456,20 +579,35 @@ class LmdbStore:
         with self._write_lock:
             touched, corrupt = self._take_pending()
             made_room = 0
+            disk_full = 0
             for attempt in range(_MAP_FULL_ATTEMPTS):
+                if disk_full > _DISK_FULL_EVICTIONS:
+                    break
                 if attempt:
-                    made_room += self._make_room(incoming, last_resort=attempt > 3)
+                    made_room += self._make_room(
+                        incoming, last_resort=attempt > 3 and not disk_full, disk_full=disk_full > 0
+                    )
                 try:
                     stored, evicted = self._write(
                         lambda txn: self._put_batch(txn, batch, touched, corrupt, now)
                     )
                 except lmdb.MapFullError:
                     continue
+                except _DiskFullError as error:
+                    disk_full += 1
+                    if disk_full == 1:
+                        log.warning(
+                            "cache store: the file system refused a write (%s); evicting the"
+                            " least recently used entries to make room",
+                            error,
+                        )
+                    continue
                 self._evictions += evicted + made_room
-                return PutResult(stored, too_large, evicted + made_room)
+                return PutResult(stored, too_large, evicted + made_room, disk_full=disk_full)
             self._evictions += made_room
-        log.warning("cache store map stayed full; %d entries not stored", len(batch))
-        return PutResult(0, too_large, made_room, skipped_no_room=len(batch))
+        where = "the file system stayed full" if disk_full else "cache store map stayed full"
+        log.warning("%s; %d cache entries not stored", where, len(batch))
+        return PutResult(0, too_large, made_room, skipped_no_room=len(batch), disk_full=disk_full)
 
     def flush_touches(self) -> int:
         """Write the pending hit notes (and corrupt-value removals) now; returns how many.
@@ -483,8 +621,8 @@ class LmdbStore:
                 return 0
             try:
                 self._write(lambda txn: self._apply_pending(txn, touched, corrupt))
-            except lmdb.MapFullError:
-                log.warning("cache store map full; %d hit notes dropped", len(touched))
+            except (lmdb.MapFullError, _DiskFullError) as error:
+                log.warning("cache store full (%s); %d hit notes dropped", error, len(touched))
                 return 0
             return len(touched) + len(corrupt)
 
@@ -549,10 +687,13 @@ class LmdbStore:
             return self._write(operation)
         except lmdb.MapFullError as error:
             raise StoreError(f"cache store map is full: {error}") from error
+        except _DiskFullError as error:
+            raise StoreError(f"no room for the cache store's write: {error}") from error
 
     def _write(self, operation: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
-        """Run ``operation`` in one write transaction. MapFullError passes through; other
-        LMDB failures become StoreError."""
+        """Run ``operation`` in one write transaction. MapFullError passes through, a commit the
+        file system refused becomes _DiskFullError, other LMDB failures StoreError. A failed
+        transaction is aborted whole: nothing of it is visible."""
         if self._readonly:
             raise StoreError(f"the cache store at {self._path} was opened read-only")
         for _ in range(_RESIZE_ATTEMPTS):
@@ -565,6 +706,8 @@ class LmdbStore:
             except lmdb.MapFullError:
                 raise
             except lmdb.Error as error:
+                if isinstance(error, lmdb.DiskError) or str(error).endswith(_NO_SPACE_MESSAGES):
+                    raise _DiskFullError(str(error)) from error
                 raise StoreError(f"cache store write failed: {error}") from error
         raise StoreError("the cache store's map kept changing size during a write")
 
@@ -653,11 +796,17 @@ class LmdbStore:
         txn.delete(_STAMP.pack(info.last_used_at) + key, db=self._lru)
         return info.size
 
-    def _make_room(self, incoming: int, *, last_resort: bool) -> int:
-        """After MapFullError: grow the map while under its bound, else evict the oldest
-        quarter (everything, as a last resort); returns how many entries went."""
+    def _make_room(self, incoming: int, *, last_resort: bool, disk_full: bool) -> int:
+        """After MapFullError: grow the map while under its bound, else evict the batch's size
+        plus the oldest quarter (everything, as a last resort); returns how many entries went.
+
+        After a refusal by the file system (``disk_full``) only eviction helps, and an eighth is
+        evicted: the pages it frees are reused instead of new ones at the end of the file, but
+        only from the commit after next (LMDB keeps the previous snapshot whole), so the batch
+        usually needs two rounds.
+        """
         current = self._env.info()["map_size"]
-        if current < self._map_bound:
+        if not disk_full and current < self._map_bound:
             size = min(self._map_bound, _round_to_page(max(2 * current, current + 2 * incoming)))
             log.info("cache store map full at %d bytes; growing it to %d", current, size)
             with self._remap_lock:
@@ -672,14 +821,16 @@ class LmdbStore:
                     txn.drop(db, delete=False)
                 txn.put(_TOTAL_KEY, _U64.pack(0), db=self._meta)
                 return removed
-            freed, count = self._evict(txn, needed=max(incoming, 1) + total // 4)
+            share = total // 8 if disk_full else total // 4
+            freed, count = self._evict(txn, needed=max(incoming, 1) + share)
             txn.put(_TOTAL_KEY, _U64.pack(total - freed), db=self._meta)
             return count
 
-        log.info("cache store map full at its bound (%d bytes); evicting to make room", current)
+        if not disk_full:
+            log.info("cache store map full at its bound (%d bytes); evicting to make room", current)
         try:
             return self._write(clear)
-        except lmdb.MapFullError:
+        except (lmdb.MapFullError, _DiskFullError):
             return 0
 
     def _adopt_size(self, size: int) -> None:
@@ -687,6 +838,47 @@ class LmdbStore:
             self._env.set_mapsize(size)
         except lmdb.Error as error:
             raise StoreError(f"could not grow the cache store's map: {error}") from error
+
+
+def _shown(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+def _disagreements(key: bytes, size: int, entry: StoredEntry | None, info: EntryInfo) -> list[str]:
+    """Where an entry's ``entry_info`` record disagrees with the entry itself."""
+    problems: list[str] = []
+    if info.size != size:
+        problems.append(f"entry_info {_shown(key)}: size {info.size}, the entry is {size} bytes")
+    if entry is not None:
+        expected = _info_of(key, entry, last_used_at=info.last_used_at, size=info.size)
+        fields = [
+            name
+            for name in ("created_at", "expires_at", "streamed", "model", "status")
+            if getattr(expected, name) != getattr(info, name)
+        ]
+        if fields:
+            problems.append(
+                f"entry_info {_shown(key)}: {', '.join(fields)} differ from the entry's"
+            )
+    return problems
+
+
+def _lru_problems(
+    indexed: Sequence[bytes], infos: dict[bytes, EntryInfo], malformed: set[bytes]
+) -> list[str]:
+    """The LRU index must hold exactly one record per entry, at its last_used_at."""
+    problems: list[str] = []
+    expected = {_STAMP.pack(info.last_used_at) + key: key for key, info in infos.items()}
+    present = set(indexed)
+    for lru_key in indexed:
+        key = lru_key[_STAMP.size :]
+        if lru_key not in expected and key not in malformed:
+            what = "not at the entry's last use" if key in infos else "no such entry"
+            problems.append(f"lru record for {_shown(key)}: {what}")
+    for lru_key, key in expected.items():
+        if lru_key not in present:
+            problems.append(f"entry {_shown(key)}: missing from the LRU index")
+    return problems
 
 
 def _doomed(info: EntryInfo, older_than: float, now: float) -> bool:
