@@ -23,6 +23,7 @@ from tproxy.core.cachekey import (
     format_cache_status,
     tenant_namespace,
 )
+from tproxy.core.clientauth import ClientKeys
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import CacheHit, ClientGone, Rejected, ResponseFinished
@@ -69,8 +70,10 @@ class ProxyApp:
         store: CacheStore | None,
         inflight: Inflight,
         telemetry: Telemetry,
+        client_keys: ClientKeys | None = None,
     ) -> None:
         self._settings = settings
+        self._client_keys = client_keys
         self._inflight = inflight
         self._telemetry = telemetry
         self._exchanger = exchanger
@@ -165,6 +168,8 @@ class ProxyApp:
         method: str = scope["method"]
         headers: list[Header] = scope["headers"]
         refusal = check_request_line(method, raw_path, headers)
+        if refusal is None and self._client_keys is not None:
+            refusal = self._client_keys.check(headers)
         if refusal is not None:
             raise refusal
         body = await self._read_body(headers, receive)

@@ -341,6 +341,7 @@ class Exchanger:
     background: trio.Nursery
     registry: FlightRegistry
     telemetry: Telemetry
+    drop_client_credentials: bool
     live: dict[int, _LiveFlight] = field(default_factory=dict)
     flying: AsyncValue[int] = field(default_factory=lambda: AsyncValue(0))
 
@@ -515,6 +516,7 @@ class Exchanger:
                 request_id=request.request_id,
                 extra=self.pool.extra_headers(name),
                 authorization=self.pool.authorization(name),
+                drop_credentials=self.drop_client_credentials,
             )
             try:
                 async with self.pool.open_response(
@@ -700,6 +702,7 @@ async def open_exchanger(
             background=background,
             registry=FlightRegistry(max_background=settings.cache.max_background),
             telemetry=telemetry,
+            drop_client_credentials=settings.auth.enabled,
         )
         background.cancel_scope.cancel()
 
@@ -791,13 +794,15 @@ def _abandon(channel: trio.MemorySendChannel[_CacheItem], reason: str) -> None:
 async def send_error(
     send: ASGISend, rejection: RequestRejected, request_id: bytes, cache_status: bytes | None
 ) -> None:
-    """Answer with an OpenAI-style JSON error."""
+    """Answer with an OpenAI-style JSON error (a 401 says how to authenticate, RFC 9110)."""
     body = error_body(rejection.status, rejection.code, rejection.message)
     headers: list[Header] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id),
     ]
+    if rejection.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
     if cache_status is not None:
         headers.append((b"cache-status", cache_status))
     await send({"type": "http.response.start", "status": rejection.status, "headers": headers})

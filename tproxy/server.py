@@ -33,6 +33,7 @@ from tproxy.admin import AdminApp, read_admin_token
 from tproxy.app import ProxyApp
 from tproxy.asgi import ASGIReceive, ASGISend, Scope
 from tproxy.config import Settings
+from tproxy.core.clientauth import ClientKeys
 from tproxy.core.errors import StoreError, TproxyError
 from tproxy.inflight import Inflight
 from tproxy.notify import Notifier, open_notifier
@@ -162,6 +163,9 @@ async def serve_tproxy(
     async with open_store(settings) as store, open_upstream_pool(settings) as pool:
         writer = StoreWriter(store) if store is not None else None
         admin_token = read_admin_token(settings)
+        client_keys = ClientKeys(settings.auth.client_keys) if settings.auth.enabled else None
+        if client_keys is not None:
+            log.info("client authentication on: %d accepted key(s)", len(client_keys))
         async with trio.open_nursery() as nursery:
             if writer is not None:
                 await nursery.start(writer.serve)
@@ -179,7 +183,7 @@ async def serve_tproxy(
                 )
                 status = ServerStatus([], inflight, store, stop)
                 proxy_app = _CountingApp(
-                    ProxyApp(settings, exchanger, store, inflight, telemetry), status
+                    ProxyApp(settings, exchanger, store, inflight, telemetry, client_keys), status
                 )
                 status.proxy = await _start_listener(
                     servers,

@@ -66,8 +66,8 @@ class StoreWriter:
                 while len(batch) < self._max_batch:
                     try:
                         batch.append(self._receive.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break  # nothing more queued now, or ever: write what we have
                 await self._write(batch)
 
     async def _write(self, batch: list[tuple[str, StoredEntry]]) -> None:

@@ -68,11 +68,14 @@ def upstream_request_headers(
     request_id: bytes,
     extra: Sequence[Header] = (),
     authorization: bytes | None = None,
+    drop_credentials: bool = False,
 ) -> list[Header]:
     """The headers to send upstream for a client's request.
 
     ``authorization``, when given, replaces every client credential: the upstream's key is
-    injected by the proxy and the client's own is not passed on.
+    injected by the proxy and the client's own is not passed on. ``drop_credentials`` drops the
+    client's credentials even without a replacement: when clients authenticate to the proxy,
+    their key is the proxy's, not the upstream's.
     """
     credential_names = {b"authorization", b"api-key", b"x-api-key"}
     extra_names = {name for name, _ in extra}
@@ -81,7 +84,7 @@ def upstream_request_headers(
     for name, value in end_to_end(client_headers):
         if name in _REQUEST_OWNED or name in extra_names:
             continue
-        if authorization is not None and name in credential_names:
+        if (authorization is not None or drop_credentials) and name in credential_names:
             continue
         if name == b"x-forwarded-for":
             forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value

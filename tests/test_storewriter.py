@@ -1,0 +1,76 @@
+"""The store writer: entries handed over without waiting, written in batches, none lost at close."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import trio
+
+from tproxy.core.entry import StoredEntry
+from tproxy.store import LmdbStore
+from tproxy.storewriter import StoreWriter
+
+
+def entry(text: str) -> StoredEntry:
+    now = time.time()
+    return StoredEntry(
+        status=200,
+        headers=((b"content-type", b"application/json"),),
+        chunks=(text.encode(),),
+        offsets=(0.0,),
+        streamed=False,
+        created_at=now,
+        expires_at=now + 3600,
+    )
+
+
+def open_store(tmp_path: Path) -> LmdbStore:
+    return LmdbStore(tmp_path / "store", max_total_bytes=1 << 24, max_entry_bytes=1 << 20)
+
+
+async def test_submitted_entries_are_written_in_batches(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    writer = StoreWriter(store, capacity=64, max_batch=8)
+    try:
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                assert writer.submit(f"key{index}", entry(f"answer {index}"))
+            await nursery.start(writer.serve)
+            await writer.flush()
+            writer.close()
+        stats = writer.statistics()
+        assert (stats.submitted, stats.written, stats.dropped, stats.failed) == (20, 20, 0, 0)
+        assert stats.batches == 3  # 8 + 8 + 4: what had queued up, one transaction each
+        stored = store.get("key19", time.time())
+        assert stored is not None
+        assert stored.chunks == (b"answer 19",)
+    finally:
+        store.close()
+
+
+async def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    writer = StoreWriter(store, capacity=2)
+    try:
+        accepted = [writer.submit(f"k{index}", entry("x")) for index in range(5)]
+        assert accepted == [True, True, False, False, False]
+        assert writer.statistics().dropped == 3
+    finally:
+        store.close()
+
+
+async def test_closing_writes_the_last_partial_batch(tmp_path: Path) -> None:
+    """The queue is closed with entries still in it: every one of them is written."""
+    store = open_store(tmp_path)
+    writer = StoreWriter(store, capacity=64, max_batch=64)
+    try:
+        for index in range(5):
+            writer.submit(f"late{index}", entry(f"late {index}"))
+        writer.close()
+        with trio.fail_after(10):
+            await writer.serve()
+        assert writer.statistics().written == 5
+        assert all(store.get(f"late{index}", time.time()) is not None for index in range(5))
+    finally:
+        store.close()
