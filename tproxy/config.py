@@ -372,22 +372,6 @@ def _address(value: object) -> str:
     return _format_host_port(host, port)
 
 
-def _file(base: Path) -> _Checker:
-    """A checker for a file path: ``~`` expanded, a relative one taken from ``base``."""
-
-    def check(value: object) -> Path:
-        text = _string(value)
-        if not text or "\x00" in text or text.endswith(("/", os.sep)):
-            raise _BadValueError(f"expected a file path, got {_show(text)}")
-        try:
-            path = Path(text).expanduser()
-        except RuntimeError:
-            raise _BadValueError(f"cannot expand ~ in {_show(text)}: no home directory") from None
-        return Path(os.path.abspath(base / path))
-
-    return check
-
-
 def _url(value: object) -> str:
     try:
         return _normalise_url(_string(value))
@@ -429,13 +413,14 @@ def _array(item: _Checker, *, non_empty: bool = False) -> _Checker:
     return check
 
 
-def _directory(base: Path) -> _Checker:
-    """A checker for a directory path: ``~`` expanded, a relative one taken from ``base``."""
+def _local_path(base: Path, what: str, *, is_file: bool) -> _Checker:
+    """A checker for a path: ``~`` expanded, a relative one taken from ``base``. A file path may
+    not end in a separator."""
 
     def check(value: object) -> Path:
         text = _string(value)
-        if not text or "\x00" in text:
-            raise _BadValueError(f"expected a directory path, got {_show(text)}")
+        if not text or "\x00" in text or (is_file and text.endswith(("/", os.sep))):
+            raise _BadValueError(f"expected a {what} path, got {_show(text)}")
         try:
             path = Path(text).expanduser()
         except RuntimeError:
@@ -443,6 +428,14 @@ def _directory(base: Path) -> _Checker:
         return Path(os.path.abspath(base / path))
 
     return check
+
+
+def _file(base: Path) -> _Checker:
+    return _local_path(base, "file", is_file=True)
+
+
+def _directory(base: Path) -> _Checker:
+    return _local_path(base, "directory", is_file=False)
 
 
 def _key_hash(value: object) -> str:
