@@ -85,6 +85,7 @@ _NO_SPACE_MESSAGES = tuple(
 
 # lmdb.verify (py-lmdb >= 3.0) walks the data file's pages without the engine; unannotated.
 _verify_pages = cast(Callable[[str], list[str]], lmdb.verify.verify)
+_VERIFY_ATTEMPTS = 5
 
 # The LMDB errors that mean "these files are not a store we can read", as opposed to a
 # transient problem (permissions, a second open in this process) that must not cost the data.
@@ -476,11 +477,29 @@ class LmdbStore:
         """
         return self._read(lambda txn: self._verify(txn, now))
 
+    def _structure_problems(self) -> list[str]:
+        """What the page walk finds, from a walk no commit overlapped.
+
+        The walk reads the data file itself, beside the engine: a commit made while it reads
+        (by this process or another) shows as pages beyond the end of the file. A walk that
+        overlapped a commit is done again; a store that never stands still long enough is
+        reported sound rather than damaged, with a warning.
+        """
+        for _ in range(_VERIFY_ATTEMPTS):
+            before = self._env.info()["last_txnid"]
+            try:
+                problems = _verify_pages(str(self._path))
+            except (lmdb.verify.VerifyError, OSError) as error:
+                problems = [str(error)]
+            if not problems or self._env.info()["last_txnid"] == before:
+                return problems
+        log.warning(
+            "store %s: written during every structure check; pages not verified", self._path
+        )
+        return []
+
     def _verify(self, txn: lmdb.Transaction[bytes], now: float) -> VerifyReport:
-        try:
-            structure = _verify_pages(str(self._path))
-        except (lmdb.verify.VerifyError, OSError) as error:
-            structure = [str(error)]
+        structure = self._structure_problems()
         if structure:
             problems = tuple(f"LMDB structure: {problem}" for problem in structure)
             return VerifyReport(str(self._path), 0, 0, 0, 0, 0, problems)
