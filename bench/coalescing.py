@@ -15,7 +15,6 @@ tproxy's own ``/metrics`` (``tproxy_requests_total`` by cache status: a ``miss``
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx2
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from run import free_ports
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -36,13 +36,6 @@ OUT = ROOT / "docs" / "benchmarks-coalescing.md"
 CLIENTS = 64
 
 Result = tuple[float, Counter[str]]  # wall time, requests by cache status
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wait_until_up(url: str) -> None:
@@ -106,7 +99,7 @@ async def measure(proxy: str, admin: str, rounds: int) -> dict[str, list[Result]
 
 def run(rounds: int) -> dict[str, list[Result]]:
     """Start the upstream and tproxy, measure, stop them."""
-    upstream_port, proxy_port, admin_port = free_port(), free_port(), free_port()
+    upstream_port, proxy_port, admin_port = free_ports(3)
     with tempfile.TemporaryDirectory() as store:
         tproxy = [
             *(sys.executable, "-m", "tproxy", "serve"),
