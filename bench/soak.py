@@ -1,0 +1,726 @@
+"""The bounded soak of issue 7: mixed requests with injected faults, every answer checked.
+
+    .venv/bin/python bench/soak.py                                 # 100,000 requests or 8 min
+    .venv/bin/python bench/soak.py --requests 5000 --seconds 60    # a smoke test
+
+Starts, on free loopback ports, a fault-injecting upstream (this script with
+``--serve-upstream PORT``: Trio + h11, one process) and ``tproxy serve`` (cache on, default
+settings, but ``first_byte_timeout = 1`` and ``idle_timeout = 1``), then runs 64 closed-loop
+clients over raw Trio sockets until the request budget or the time budget runs out.
+
+The upstream's answers are a pure function of the request body (the prompt's words echoed back,
+an embedding derived from the input's hash), so the driver computes the exact bytes each request
+must get. A request may carry ``x-soak-fault``, which the upstream obeys: ``reset`` (RST after
+half the answer), ``stall`` (half the answer, then silence past the idle timeout), ``status_500``,
+``close_mid_event`` (FIN in the middle of an event or of the JSON body) and ``slow_start`` (0.3 s
+before the head, under the first-byte timeout: the answer must still be whole). The cache key
+ignores the header, so a faulted request may share a flight or a cache entry with clean ones:
+that is part of the test. A client may also leave mid-stream (``client_disconnect``).
+
+The verdict on every answer: a 200 whose framing completed must be byte for byte the expected
+body; a body cut short must be a prefix of it; anything else is a *wrong answer*. Errors
+(statuses, truncations, timeouts) are counted by kind and by the fault the request asked for.
+Leaks: open file descriptors and RSS of the tproxy process (``/proc``) and its in-flight
+exchanges (``/metrics``) before, during and after the load. Prints the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import partial
+from pathlib import Path
+
+import h11
+import httpx2
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+LEVEL = re.compile(r'"level":\s*"(\w+)"')
+ROOT = Path(__file__).resolve().parent.parent
+CLIENTS = 64
+UPSTREAM_FAULTS = ("reset", "stall", "status_500", "close_mid_event", "slow_start")
+FAULT_HEADER = b"x-soak-fault"
+STALL_SECONDS = 3.0  # past tproxy's idle_timeout = 1
+SLOW_START_SECONDS = 0.3  # under tproxy's first_byte_timeout = 1
+REQUEST_DEADLINE = 15.0  # a client gives up on one answer after this long
+POOL_PROMPTS = 200  # repeated prompts: mostly cache hits
+HOT_PROMPTS = 6  # per window of HOT_WINDOW requests: fresh, so they collapse, then hit
+HOT_WINDOW = 400
+WORDS = (
+    *("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"),
+    *("juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo"),
+    *("sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"),
+)
+
+
+# --- the answers: a pure function of the request body, shared by the upstream and the checker
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def answer_parts(path: bytes, body: bytes) -> tuple[bytes, list[bytes]]:
+    """Content type and the writes of the upstream's answer to this request.
+
+    A stream is one write per event; a JSON answer is one write. The client's expected body is
+    the writes joined.
+    """
+    document = json.loads(body)
+    if path == b"/v1/embeddings":
+        text = document["input"]
+        digest = hashlib.sha256(text.encode()).digest()
+        answer = {
+            "object": "list",
+            "data": [
+                {
+                    "object": "embedding",
+                    "index": 0,
+                    "embedding": [round((byte - 128) / 128, 6) for byte in digest[:16]],
+                }
+            ],
+            "model": document["model"],
+            "usage": {"prompt_tokens": len(text.split()), "total_tokens": len(text.split())},
+        }
+        return b"application/json", [_dumps(answer)]
+    prompt = document["messages"][-1]["content"]
+    words = prompt.split()
+    ident = "chatcmpl-" + hashlib.sha256(prompt.encode()).hexdigest()[:20]
+    head = {"id": ident, "created": 1700000000, "model": document["model"]}
+    if not document.get("stream"):
+        answer = {
+            **head,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "echo: " + " ".join(words)},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": len(words), "completion_tokens": len(words) + 1},
+        }
+        return b"application/json", [_dumps(answer)]
+    pieces = ["echo:", *(" " + word for word in words)]
+    events = [
+        b"data: "
+        + _dumps(
+            {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+            }
+        )
+        + b"\n\n"
+        for piece in pieces
+    ]
+    last = {
+        **head,
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
+    events += [b"data: " + _dumps(last) + b"\n\n", b"data: [DONE]\n\n"]
+    return b"text/event-stream", events
+
+
+# --- the fault-injecting upstream (its own process)
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """What the upstream did, served at ``GET /soak/stats`` (one process, one event loop)."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+
+
+class _PeerGoneError(Exception):
+    """The proxy closed the connection or sent something h11 refuses."""
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            data = await stream.receive_some(65536)
+        except trio.BrokenResourceError as error:
+            raise _PeerGoneError from error
+        conn.receive_data(data)
+
+
+async def _read_request(
+    conn: h11.Connection, stream: trio.SocketStream
+) -> tuple[h11.Request, bytes] | None:
+    event = await _next_event(conn, stream)
+    if isinstance(event, h11.ConnectionClosed):
+        return None
+    if not isinstance(event, h11.Request):
+        raise _PeerGoneError
+    parts: list[bytes] = []
+    while True:
+        part = await _next_event(conn, stream)
+        if isinstance(part, h11.Data):
+            parts.append(part.data)
+        elif isinstance(part, h11.EndOfMessage):
+            return event, b"".join(parts)
+        else:
+            raise _PeerGoneError
+
+
+def _head(conn: h11.Connection, status: int, content_type: bytes, length: int | None) -> bytes:
+    headers = [(b"content-type", content_type)]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return conn.send(h11.Response(status_code=status, headers=headers))
+
+
+async def _answer(
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    request: h11.Request,
+    body: bytes,
+    stats: UpstreamStats,
+) -> bool:
+    """Answer one request; False when the fault closed the connection."""
+    if request.target == b"/soak/stats":
+        data = _dumps({"requests": stats.requests, "faults": stats.faults})
+        await stream.send_all(
+            _head(conn, 200, b"application/json", len(data))
+            + conn.send(h11.Data(data=data))
+            + conn.send(h11.EndOfMessage())
+        )
+        return True
+    fault = dict(request.headers).get(FAULT_HEADER, b"").decode()
+    stats.requests[request.target.decode()] += 1
+    if fault:
+        stats.faults[fault] += 1
+    if fault == "status_500":
+        data = _dumps({"error": {"message": "injected", "type": "server_error"}})
+        await stream.send_all(
+            _head(conn, 500, b"application/json", len(data))
+            + conn.send(h11.Data(data=data))
+            + conn.send(h11.EndOfMessage())
+        )
+        return True
+    if fault == "slow_start":
+        await trio.sleep(SLOW_START_SECONDS)
+    content_type, parts = answer_parts(request.target, body)
+    streamed = content_type == b"text/event-stream"
+    if not streamed and fault in ("reset", "stall", "close_mid_event"):
+        whole = parts[0]
+        parts = [whole[: len(whole) // 2], whole[len(whole) // 2 :]]
+    await stream.send_all(
+        _head(conn, 200, content_type, None if streamed else sum(len(p) for p in parts))
+    )
+    if fault in ("reset", "stall", "close_mid_event"):
+        for part in parts[: max(1, len(parts) // 2)]:
+            await stream.send_all(conn.send(h11.Data(data=part)))
+        if fault == "stall":
+            await trio.sleep(STALL_SECONDS)
+        elif fault == "reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif streamed:
+            middle = parts[len(parts) // 2]
+            await stream.send_all(conn.send(h11.Data(data=middle[: len(middle) // 2])))
+        return False
+    for part in parts:
+        await stream.send_all(conn.send(h11.Data(data=part)))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+    return True
+
+
+async def _serve_connection(stats: UpstreamStats, stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
+    try:
+        while True:
+            received = await _read_request(conn, stream)
+            if received is None or not await _answer(conn, stream, *received, stats):
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except (_PeerGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
+        return
+    finally:
+        await stream.aclose()
+
+
+def serve_upstream(port: int) -> None:
+    """Run the fault-injecting upstream on 127.0.0.1:PORT until killed."""
+    handler = partial(_serve_connection, UpstreamStats())
+    trio.run(partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
+
+
+# --- the client: raw sockets, a minimal HTTP/1.1 reader
+
+
+class Outcome(Enum):
+    """What became of one request, from the client's side."""
+
+    WHOLE = "whole"  # 200, framing complete, body identical to the expected one
+    STATUS = "status"  # a non-200 status with a complete body
+    TRUNCATED = "truncated"  # the body stopped before its framing said it ended
+    LEFT = "left"  # the client left mid-stream on purpose
+    TIMEOUT = "timeout"  # no complete answer within REQUEST_DEADLINE
+    REFUSED = "refused"  # the connection failed before any answer
+    WRONG = "wrong"  # a clean answer that is not the expected one, or a cut non-prefix
+
+
+class _ClosedError(Exception):
+    """The proxy closed the connection (or reset it) before the answer was complete."""
+
+
+class _Reader:
+    """Buffered reads of one HTTP/1.1 response from a socket stream."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def _fill(self) -> None:
+        try:
+            data = await self.stream.receive_some(65536)
+        except trio.BrokenResourceError as error:
+            raise _ClosedError from error
+        if not data:
+            raise _ClosedError
+        self.buffer += data
+
+    async def until(self, marker: bytes) -> bytes:
+        while (end := self.buffer.find(marker)) < 0:
+            await self._fill()
+        data = bytes(self.buffer[: end + len(marker)])
+        del self.buffer[: end + len(marker)]
+        return data
+
+    async def exactly(self, size: int, into: bytearray) -> None:
+        while len(self.buffer) < size:
+            if self.buffer:
+                into += self.buffer
+                size -= len(self.buffer)
+                self.buffer.clear()
+            await self._fill()
+        into += self.buffer[:size]
+        del self.buffer[:size]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """One request: what to send and what must come back."""
+
+    path: bytes
+    body: bytes
+    expected: bytes
+    streamed: bool
+    fault: str  # "" for a clean request
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    status: int | None
+    cache: str  # the first parameter of Cache-Status: hit, fwd=miss, collapsed...
+    keep: bool  # the connection can carry the next request
+
+
+def _cache_status(headers: dict[bytes, bytes]) -> str:
+    value = headers.get(b"cache-status", b"").decode()
+    parts = [part.strip() for part in value.split(";")]
+    if len(parts) < 2:
+        return "none"
+    return "collapsed" if "collapsed" in value else parts[1]
+
+
+async def exchange(stream: trio.SocketStream, reader: _Reader, spec: Spec, port: int) -> Result:
+    """Send one request on a kept-alive connection and judge its answer."""
+    head = [
+        b"POST %s HTTP/1.1" % spec.path,
+        b"Host: 127.0.0.1:%d" % port,
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(spec.body),
+    ]
+    if spec.fault and spec.fault != "client_disconnect":
+        head.append(FAULT_HEADER + b": " + spec.fault.encode())
+    await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + spec.body)
+    body = bytearray()
+    status: int | None = None
+    cache = "none"
+    try:
+        lines = (await reader.until(b"\r\n\r\n")).split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+        cache = _cache_status(headers)
+        keep = headers.get(b"connection", b"").lower() != b"close"
+        if spec.fault == "client_disconnect":
+            if headers.get(b"transfer-encoding") == b"chunked":
+                await reader.until(b"\r\n")  # the first chunk's size line: the stream has begun
+            return Result(Outcome.LEFT, status, cache, keep=False)
+        if b"content-length" in headers:
+            await reader.exactly(int(headers[b"content-length"]), body)
+        elif headers.get(b"transfer-encoding") == b"chunked":
+            while size := int((await reader.until(b"\r\n")).split(b";")[0], 16):
+                await reader.exactly(size, body)
+                await reader.until(b"\r\n")
+            await reader.until(b"\r\n")  # the empty trailer section
+        else:
+            keep = False
+            while True:  # delimited by the close: a cut cannot be told from an end
+                try:
+                    await reader._fill()
+                except _ClosedError:
+                    break
+                body += reader.buffer
+                reader.buffer.clear()
+    except _ClosedError:
+        if status == 200 and not spec.expected.startswith(body):
+            return Result(Outcome.WRONG, status, cache, keep=False)
+        return Result(Outcome.TRUNCATED, status, cache, keep=False)
+    if status != 200:
+        return Result(Outcome.STATUS, status, cache, keep)
+    outcome = Outcome.WHOLE if bytes(body) == spec.expected else Outcome.WRONG
+    return Result(outcome, status, cache, keep)
+
+
+@dataclass(slots=True)
+class Tally:
+    """The driver's counts, shared by the 64 client tasks of one event loop."""
+
+    limit: int
+    deadline: float
+    nonce: str
+    started: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)  # outcome/status by fault asked
+    kinds: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
+    cache: Counter[str] = field(default_factory=Counter)
+    wrong: list[str] = field(default_factory=list)
+
+    def claim(self) -> int | None:
+        if self.started >= self.limit or time.monotonic() >= self.deadline:
+            return None
+        self.started += 1
+        return self.started - 1
+
+
+def make_spec(index: int, rng: random.Random, nonce: str) -> tuple[str, Spec]:
+    """Draw one request of the mix: its kind, its prompt and its fault."""
+    kind = rng.choices(("chat_stream", "chat_json", "embeddings"), weights=(45, 25, 30))[0]
+    draw = rng.random()
+    if draw < 0.2:  # hot: a handful of fresh prompts per window, asked at once: they collapse
+        seed = f"hot {index // HOT_WINDOW} {rng.randrange(HOT_PROMPTS)}"
+    elif draw < 0.6:  # the pool: asked again and again, mostly cache hits
+        seed = f"pool {rng.randrange(POOL_PROMPTS)}"
+    else:
+        seed = f"distinct {index}"
+    words = random.Random(seed).choices(WORDS, k=4 + len(seed) % 13)
+    prompt = f"{nonce} {seed} " + " ".join(words)
+    draw = rng.random()
+    fault = ""
+    if draw < 0.10:
+        fault = UPSTREAM_FAULTS[rng.randrange(len(UPSTREAM_FAULTS))]
+    elif draw < 0.13 and kind == "chat_stream":
+        fault = "client_disconnect"
+    document: dict[str, object]
+    if kind == "embeddings":
+        path, document = b"/v1/embeddings", {"model": "soak-embed", "input": prompt}
+    else:
+        path = b"/v1/chat/completions"
+        document = {
+            "model": "soak",
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": kind == "chat_stream",
+        }
+    body = _dumps(document)
+    expected = b"".join(answer_parts(path, body)[1])
+    return kind, Spec(path, body, expected, kind == "chat_stream", fault)
+
+
+async def client(port: int, tally: Tally, seed: int) -> None:
+    """One closed-loop client: a kept-alive connection, reopened whenever it breaks."""
+    rng = random.Random(seed)
+    stream: trio.SocketStream | None = None
+    reader: _Reader | None = None
+    try:
+        while (index := tally.claim()) is not None:
+            kind, spec = make_spec(index, rng, tally.nonce)
+            tally.kinds[kind] += 1
+            tally.faults[spec.fault or "none"] += 1
+            try:
+                with trio.fail_after(REQUEST_DEADLINE):
+                    if stream is None or reader is None:
+                        stream = await trio.open_tcp_stream("127.0.0.1", port)
+                        reader = _Reader(stream)
+                    result = await exchange(stream, reader, spec, port)
+            except trio.TooSlowError:
+                result = Result(Outcome.TIMEOUT, None, "none", keep=False)
+            except (OSError, trio.BrokenResourceError, _ClosedError, ValueError, IndexError):
+                result = Result(Outcome.REFUSED, None, "none", keep=False)
+            label = f"{spec.fault or 'none'} -> {result.outcome.value}"
+            if result.outcome is Outcome.STATUS:
+                label += f" {result.status}"
+            if spec.fault or result.outcome is not Outcome.WHOLE:
+                label += f" [{result.cache}]"
+            tally.outcomes[label] += 1
+            tally.cache[result.cache] += 1
+            if result.outcome is Outcome.WRONG and len(tally.wrong) < 10:
+                tally.wrong.append(f"{index} {kind} {spec.fault} {spec.body[:120]!r}")
+            if not result.keep and stream is not None:
+                await stream.aclose()
+                stream = reader = None
+    finally:
+        if stream is not None:
+            await stream.aclose()
+
+
+# --- watching the tproxy process
+
+
+def proc_figures(pid: int) -> dict[str, int]:
+    """Open file descriptors (and how many are sockets) and resident memory in KiB of a process."""
+    fds = os.listdir(f"/proc/{pid}/fd")
+    sockets = 0
+    for fd in fds:
+        try:
+            sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            continue
+    figures = {"fds": len(fds), "sockets": sockets}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):  # RssFile: mostly the LMDB map's pages
+            figures[name] = int(value.split()[0])
+    return figures
+
+
+TCP_STATES = {"01": "established", "06": "time_wait", "08": "close_wait", "0A": "listen"}
+
+
+def socket_breakdown(pid: int, ports: dict[str, int]) -> Counter[str]:
+    """The process's sockets by TCP state and peer (upstream, client, admin), or ``non-tcp``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    roles = {ports["upstream"]: "upstream", ports["proxy"]: "client", ports["admin"]: "admin"}
+    kinds: Counter[str] = Counter()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] not in inodes:
+                continue
+            inodes.discard(fields[9])
+            local, remote = (int(fields[i].rsplit(":", 1)[1], 16) for i in (1, 2))
+            role = roles.get(remote) or roles.get(local, "other")
+            kinds[f"{TCP_STATES.get(fields[3], fields[3])} {role}"] += 1
+    kinds["non-tcp"] += len(inodes)
+    return kinds
+
+
+async def metrics(http: httpx2.AsyncClient, admin: str) -> dict[str, float]:
+    text = (await http.get(admin + "/metrics")).text
+    figures: dict[str, float] = {}
+
+    def add(name: str, value: float) -> None:
+        figures[name] = figures.get(name, 0.0) + value
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tproxy_inflight_exchanges":
+                add("inflight", sample.value)
+            elif sample.name == "tproxy_inflight_followers":
+                add("followers", sample.value)
+            elif sample.name == "tproxy_requests_total":
+                add(f"requests {sample.labels['state']}/{sample.labels['cache']}", sample.value)
+            elif sample.name == "tproxy_upstream_errors_total":
+                add(f"upstream_error {sample.labels['kind']}", sample.value)
+            elif sample.name in ("tproxy_cache_entries", "tproxy_cache_bytes"):
+                add(sample.name.removeprefix("tproxy_"), sample.value)
+            elif sample.name == "tproxy_coalesced_followers_total":
+                add("coalesced", sample.value)
+    return figures
+
+
+async def wait_until_idle(http: httpx2.AsyncClient, admin: str) -> tuple[float, float]:
+    """Poll /metrics until no exchange is in flight; seconds waited and the last value."""
+    started = time.monotonic()
+    inflight = (await metrics(http, admin)).get("inflight", 0.0)
+    while inflight and time.monotonic() - started < 60:
+        await trio.sleep(0.1)  # another process's state: polling is all there is
+        inflight = (await metrics(http, admin)).get("inflight", 0.0)
+    return time.monotonic() - started, inflight
+
+
+async def wait_until_up(http: httpx2.AsyncClient, url: str) -> None:
+    with trio.fail_after(20):
+        while True:
+            try:
+                await http.get(url)
+            except httpx2.TransportError:
+                await trio.sleep(0.05)  # a process starting up: polling is all there is
+            else:
+                return
+
+
+async def drive(args: argparse.Namespace, ports: dict[str, int], pid: int) -> dict[str, object]:
+    proxy_port, admin_port, upstream_port = ports["proxy"], ports["admin"], ports["upstream"]
+    admin = f"http://127.0.0.1:{admin_port}"
+    report: dict[str, object] = {"loadavg_before": os.getloadavg()}
+    async with httpx2.AsyncClient(timeout=10) as http:
+        await wait_until_up(http, admin + "/healthz")
+        await wait_until_up(http, f"http://127.0.0.1:{upstream_port}/soak/stats")
+        report["before"] = {
+            **proc_figures(pid),
+            "socket_kinds": socket_breakdown(pid, ports),
+            "inflight": (await metrics(http, admin)).get("inflight", 0.0),
+        }
+        tally = Tally(args.requests, time.monotonic() + args.seconds, uuid.uuid4().hex[:8])
+        samples: list[tuple[float, int, dict[str, int]]] = []
+        started = time.monotonic()
+
+        async def sample_every(period: float) -> None:
+            while True:
+                await trio.sleep(period)
+                figures = proc_figures(pid)
+                samples.append((time.monotonic() - started, tally.started, figures))
+                print(
+                    f"{samples[-1][0]:6.0f} s {tally.started:7d} requests "
+                    f"fds {figures['fds']} rss {figures['VmRSS']} KiB "
+                    f"(anon {figures['RssAnon']}, file {figures['RssFile']})",
+                    file=sys.stderr,
+                )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample_every, 10.0)
+            async with trio.open_nursery() as clients:
+                for number in range(CLIENTS):
+                    clients.start_soon(client, proxy_port, tally, args.seed * 1000 + number)
+            nursery.cancel_scope.cancel()
+        duration = time.monotonic() - started
+        waited, inflight = await wait_until_idle(http, admin)
+        after_load = {
+            **proc_figures(pid),
+            "inflight": inflight,
+            "socket_kinds": socket_breakdown(pid, ports),
+        }
+        # tproxy's pool keeps idle upstream connections 30 s and prunes them on its next use.
+        await trio.sleep(args.settle)
+        response = await http.post(
+            f"http://127.0.0.1:{proxy_port}/v1/embeddings",
+            json={"model": "soak-embed", "input": "settle"},
+            headers={"connection": "close"},
+        )
+        await wait_until_idle(http, admin)
+        report.update(
+            requests=tally.started,
+            duration=duration,
+            kinds=tally.kinds,
+            faults=tally.faults,
+            outcomes=tally.outcomes,
+            cache=tally.cache,
+            wrong=sum(n for label, n in tally.outcomes.items() if label.endswith("wrong")),
+            wrong_examples=tally.wrong,
+            idle_after=waited,
+            after_load=after_load,
+            settled={
+                **proc_figures(pid),
+                "socket_kinds": socket_breakdown(pid, ports),
+                "settle_request": response.status_code,
+            },
+            samples=samples,
+            metrics=await metrics(http, admin),
+            upstream=(await http.get(f"http://127.0.0.1:{upstream_port}/soak/stats")).json(),
+            loadavg_after=os.getloadavg(),
+        )
+    return report
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Start the upstream and tproxy, drive the load, stop them."""
+    ports = {"proxy": free_port(), "admin": free_port(), "upstream": free_port()}
+    with tempfile.TemporaryDirectory(prefix="tproxy-soak-") as tmp:
+        config = Path(tmp) / "tproxy.toml"
+        config.write_text(
+            f'[cache]\ndir = "{tmp}/store"\n\n'
+            f'[upstreams.soak]\nurl = "http://127.0.0.1:{ports["upstream"]}"\n'
+            "first_byte_timeout = 1.0\nidle_timeout = 1.0\n"
+        )
+        log_path = Path(tmp) / "tproxy.log"
+        upstream = subprocess.Popen(
+            [sys.executable, __file__, "--serve-upstream", str(ports["upstream"])]
+        )
+        with log_path.open("wb") as log:
+            tproxy = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "tproxy", "serve", "--config", str(config)),
+                    *("--listen", f"127.0.0.1:{ports['proxy']}"),
+                    *("--admin-listen", f"127.0.0.1:{ports['admin']}"),
+                ],
+                stderr=log,
+                cwd=ROOT,
+            )
+        try:
+            report = trio.run(drive, args, ports, tproxy.pid)
+        finally:
+            for process in (tproxy, upstream):
+                process.terminate()
+            report_exit = tproxy.wait(timeout=30)
+            upstream.wait(timeout=15)
+        text = log_path.read_text(errors="replace")
+        report["tproxy_exit"] = report_exit
+        report["log_tracebacks"] = text.count("Traceback")
+        levels = Counter(LEVEL.findall(text))
+        report["log_levels"] = levels
+        report["log_errors"] = [line[:300] for line in text.splitlines() if "error" in line][:5]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--seconds", type=float, default=480.0)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--settle", type=float, default=31.0, help="seconds idle before the last fd count"
+    )
+    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream:
+        serve_upstream(args.serve_upstream)
+        return
+    print(json.dumps(run(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
