@@ -49,6 +49,7 @@ import h11
 import httpx2
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from upstream import ClientGoneError, read_request
 
 LEVEL = re.compile(r'"level":\s*"(\w+)"')
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,41 +150,6 @@ class UpstreamStats:
     faults: Counter[str] = field(default_factory=Counter)
 
 
-class _PeerGoneError(Exception):
-    """The proxy closed the connection or sent something h11 refuses."""
-
-
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await stream.receive_some(65536)
-        except trio.BrokenResourceError as error:
-            raise _PeerGoneError from error
-        conn.receive_data(data)
-
-
-async def _read_request(
-    conn: h11.Connection, stream: trio.SocketStream
-) -> tuple[h11.Request, bytes] | None:
-    event = await _next_event(conn, stream)
-    if isinstance(event, h11.ConnectionClosed):
-        return None
-    if not isinstance(event, h11.Request):
-        raise _PeerGoneError
-    parts: list[bytes] = []
-    while True:
-        part = await _next_event(conn, stream)
-        if isinstance(part, h11.Data):
-            parts.append(part.data)
-        elif isinstance(part, h11.EndOfMessage):
-            return event, b"".join(parts)
-        else:
-            raise _PeerGoneError
-
-
 def _head(conn: h11.Connection, status: int, content_type: bytes, length: int | None) -> bytes:
     headers = [(b"content-type", content_type)]
     if length is not None:
@@ -250,13 +216,13 @@ async def _serve_connection(stats: UpstreamStats, stream: trio.SocketStream) -> 
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
     try:
         while True:
-            received = await _read_request(conn, stream)
+            received = await read_request(conn, stream)
             if received is None or not await _answer(conn, stream, *received, stats):
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
-    except (_PeerGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
+    except (ClientGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
         return
     finally:
         await stream.aclose()

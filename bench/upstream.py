@@ -72,8 +72,8 @@ def chunk_event(index: int, last: bool) -> bytes:
     )
 
 
-class _ClientGoneError(Exception):
-    """The client closed the connection or sent something h11 refuses."""
+class ClientGoneError(Exception):
+    """The client closed the connection or sent something h11 refuses (soak.py uses this too)."""
 
 
 async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
@@ -84,11 +84,11 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object
         try:
             data = await stream.receive_some(65536)
         except trio.BrokenResourceError as error:
-            raise _ClientGoneError from error
+            raise ClientGoneError from error
         conn.receive_data(data)
 
 
-async def _read_request(
+async def read_request(
     conn: h11.Connection, stream: trio.SocketStream
 ) -> tuple[h11.Request, bytes] | None:
     """The next request and its body, or None when the client closed the connection."""
@@ -96,7 +96,7 @@ async def _read_request(
     if isinstance(event, h11.ConnectionClosed):
         return None
     if not isinstance(event, h11.Request):
-        raise _ClientGoneError
+        raise ClientGoneError
     parts: list[bytes] = []
     size = 0
     while True:
@@ -104,12 +104,12 @@ async def _read_request(
         if isinstance(part, h11.Data):
             size += len(part.data)
             if size > MAX_BODY_BYTES:
-                raise _ClientGoneError
+                raise ClientGoneError
             parts.append(part.data)
         elif isinstance(part, h11.EndOfMessage):
             return event, b"".join(parts)
         else:
-            raise _ClientGoneError
+            raise ClientGoneError
 
 
 def _interval(request: h11.Request) -> float:
@@ -155,14 +155,14 @@ async def serve_connection(stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
     try:
         while True:
-            received = await _read_request(conn, stream)
+            received = await read_request(conn, stream)
             if received is None:
                 return
             await _answer(conn, stream, *received)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
-    except (_ClientGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
+    except (ClientGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
         return
     finally:
         await stream.aclose()
