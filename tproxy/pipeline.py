@@ -248,6 +248,15 @@ class _LiveFlight:
             self.subscribers.append(subscriber)
         return subscriber
 
+    def observe(self, frames: list[Frame]) -> int:
+        """Note the usage the frames' events report; return how many events they hold."""
+        events = 0
+        for frame in frames:
+            if frame.event is not None:
+                events += 1
+                self.usage.observe(frame.event)
+        return events
+
     def unsubscribe(self, subscriber: _Subscriber) -> None:
         if subscriber in self.subscribers:
             self.subscribers.remove(subscriber)
@@ -561,10 +570,7 @@ class Exchanger:
             events = 0
             if decoder is not None:
                 frames = decoder.feed(data)
-                for frame in frames:
-                    if frame.event is not None:
-                        events += 1
-                        flight.usage.observe(frame.event)
+                events = flight.observe(frames)
             await flight.publish(_Chunk(data, events))
             if decoder is not None and decoder.failed is not None and cache is not None:
                 _abandon(cache, decoder.failed)
@@ -575,7 +581,7 @@ class Exchanger:
         if decoder is not None:
             frames = decoder.close()
             if frames:
-                events = sum(1 for frame in frames if frame.event is not None)
+                events = flight.observe(frames)
                 if events:
                     await flight.publish(_Chunk(b"", events))
                 if cache is not None:
