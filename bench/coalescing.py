@@ -29,6 +29,7 @@ import httpx2
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from run import free_ports
+from soak import wait_until_up
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -36,18 +37,6 @@ OUT = ROOT / "docs" / "benchmarks-coalescing.md"
 CLIENTS = 64
 
 Result = tuple[float, Counter[str]]  # wall time, requests by cache status
-
-
-async def wait_until_up(url: str) -> None:
-    async with httpx2.AsyncClient(timeout=1) as http:
-        with trio.fail_after(20):
-            while True:
-                try:
-                    await http.get(url)
-                except httpx2.TransportError:
-                    await trio.sleep(0.05)  # a process starting up: polling is all there is
-                else:
-                    return
 
 
 async def requests_by_cache(admin: str) -> Counter[str]:
@@ -89,7 +78,8 @@ async def one_case(proxy: str, admin: str, identical: bool) -> Result:
 
 
 async def measure(proxy: str, admin: str, rounds: int) -> dict[str, list[Result]]:
-    await wait_until_up(admin + "/healthz")
+    async with httpx2.AsyncClient(timeout=1) as http:
+        await wait_until_up(http, admin + "/healthz")
     results: dict[str, list[Result]] = {"identical": [], "distinct": []}
     for _ in range(rounds):
         for case in ("identical", "distinct"):
