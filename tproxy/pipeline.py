@@ -614,9 +614,9 @@ class Exchanger:
                 subscriber.taken(item)
                 now = trio.current_time()
                 if isinstance(item, _Chunk):
-                    exchange.note_upstream_chunk(len(item.data), now)
                     exchange.note_events(item.events)
                     if item.data:
+                        exchange.note_upstream_chunk(len(item.data), now)
                         await send(
                             {"type": "http.response.body", "body": item.data, "more_body": True}
                         )
