@@ -359,20 +359,21 @@ async def test_a_200_mb_body_streams_through_intact_with_bounded_memory(
 # --- the connection pool -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bytes an upstream sends past its Content-Length stay in the pooled connection's "
-    "buffer (httpcore2 recycles it without checking h11's trailing data), and the next request "
-    "on that connection, whoever sent it, gets them as its answer",
-)
-async def test_bytes_past_a_content_length_never_become_the_next_requests_answer(
-    start_proxy: StartProxy, nursery: trio.Nursery
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_bytes_past_the_end_of_an_answer_never_become_the_next_requests_answer(
+    start_proxy: StartProxy, nursery: trio.Nursery, framing: str
 ) -> None:
+    """The upstream's pooled connection is closed, not recycled, when bytes follow an answer."""
+
     def answer_to(target: str) -> bytes:
         body = json.dumps({"answer_to": target}).encode()
-        return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n" + (
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        if framing == "chunked":
+            return head + b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+                len(body),
+                body,
+            )
+        return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
     async def keep_alive_upstream(stream: trio.SocketStream) -> None:
         """Answers every request on one connection; the first answer carries a second one."""
