@@ -16,7 +16,6 @@ from urllib.parse import parse_qs
 
 import trio
 
-from tproxy.app import serve_lifespan
 from tproxy.asgi import ASGIReceive, ASGISend, Scope
 from tproxy.config import Settings
 from tproxy.core.errors import ConfigError, StoreError
@@ -69,9 +68,6 @@ class AdminApp:
         self._stopping = stopping
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        if scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
-            return
         if scope["type"] != "http":
             return
         path: str = scope["path"]

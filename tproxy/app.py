@@ -83,8 +83,6 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "http":
             await self._serve_http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await serve_lifespan(receive, send)
 
     async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         headers: list[Header] = scope["headers"]
@@ -301,14 +299,3 @@ async def replay(
         headers.append((b"cache-status", cache_status.encode()))
     await send({"type": "http.response.start", "status": entry.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def serve_lifespan(receive: ASGIReceive, send: ASGISend) -> None:
-    """Acknowledge ASGI lifespan events: resources are opened by the server, not the app."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -26,7 +26,6 @@ from typing import cast
 
 import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework
 
 from tproxy.admin import AdminApp, read_admin_token
@@ -38,6 +37,7 @@ from tproxy.core.errors import StoreError, TproxyError
 from tproxy.inflight import Inflight
 from tproxy.notify import Notifier, open_notifier
 from tproxy.pipeline import Exchanger, open_exchanger
+from tproxy.serving import serve_asgi
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import open_telemetry
@@ -192,7 +192,7 @@ async def serve_tproxy(
                 )
                 admin_binds = await _start_listener(
                     servers,
-                    partial(serve, _asgi(admin_app), shutdown_trigger=proxy_stopped.wait),
+                    partial(serve_asgi, _asgi(admin_app), shutdown_trigger=proxy_stopped.wait),
                     _hypercorn_config(settings, settings.server.admin_listen),
                 )
                 log.info("tproxy listening on %s (admin %s)", status.proxy, admin_binds)
@@ -239,7 +239,7 @@ async def _serve_until(
 ) -> None:
     """Serve ``app`` until ``stop`` and its drain are over; then set ``stopped``."""
     try:
-        await serve(_asgi(app), config, shutdown_trigger=stop.wait, task_status=task_status)
+        await serve_asgi(_asgi(app), config, shutdown_trigger=stop.wait, task_status=task_status)
     finally:
         stopped.set()
 

@@ -324,6 +324,31 @@ async def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_timeout(
         assert await ends_within(stream, 1.5) == b""
 
 
+@pytest.mark.parametrize("kind", ["hit", "flight"])
+async def test_a_client_that_closes_after_its_answer_has_its_connection_closed_at_once(
+    start_proxy: StartProxy, kind: str
+) -> None:
+    """The client's close ends the connection now, not when its idle timer (60 s) runs out.
+
+    The client half-closes (FIN, still reading) so that the proxy's own close is seen as end of
+    file; a socket left open would sit in CLOSE_WAIT on the proxy's side.
+    """
+    proxy = await start_proxy("[server]\nkeep_alive_timeout = 60\n")
+    body = chat(f"then leave ({kind})", stream=False)
+    if kind == "hit":
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+            await http.post(CHAT, json=body)
+        await proxy.flush()
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream:
+        await stream.send_all(raw_chat(body, {}))
+        reply = await read_reply(stream)
+        assert reply.status == 200
+        await proxy.flush()  # the answer is over: the connection waits, idle, for a next request
+        await stream.send_eof()
+        assert await ends_within(stream, 5) == b""
+
+
 @pytest.mark.slow
 async def test_connection_close_is_honoured_after_an_answer_from_a_flight(
     proxy: RunningProxy,
