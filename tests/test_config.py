@@ -147,6 +147,7 @@ keep_alive_timeout = 5.5
 max_header_bytes = 4096
 body_timeout = 5
 client_stall_timeout = 7
+reuse_port = true
 
 [cache]
 enabled = false
@@ -204,6 +205,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
             max_header_bytes=4096,
             body_timeout=5.0,
             client_stall_timeout=7.0,
+            reuse_port=True,
         ),
         cache=CacheSettings(
             enabled=False,
@@ -323,7 +325,7 @@ def test_an_upstream_url_is_stored_in_lower_case_without_a_trailing_slash(
             "[server]\nzzz = 1\n",
             "x.toml: server.zzz: unknown key (known keys: listen, admin_listen, max_body_bytes,"
             " graceful_timeout, stream_buffer_chunks, keep_alive_timeout, max_header_bytes,"
-            " body_timeout, client_stall_timeout)",
+            " body_timeout, client_stall_timeout, reuse_port)",
         ),
         ("[sever]\n", 'x.toml: sever: unknown key (did you mean "server"?)'),
         ("server = 1\n", "x.toml: server: expected a table, got 1"),

@@ -88,6 +88,7 @@ class ServerSettings:
     max_header_bytes: int = 65536
     body_timeout: float = 60.0
     client_stall_timeout: float = 60.0
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +587,7 @@ _SERVER: dict[str, _Checker] = {
     "max_header_bytes": _size,
     "body_timeout": _seconds,
     "client_stall_timeout": _seconds,
+    "reuse_port": _boolean,
 }
 _CACHE: dict[str, _Checker] = {
     "enabled": _boolean,

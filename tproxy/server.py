@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from functools import partial
 from typing import cast
 
 import trio
-from hypercorn.config import Config, Sockets
+from hypercorn.config import Config
 from hypercorn.typing import ASGIFramework
 
 from tproxy.admin import AdminApp, read_admin_token
@@ -37,7 +36,7 @@ from tproxy.core.errors import StoreError, TproxyError
 from tproxy.inflight import Inflight
 from tproxy.notify import Notifier, open_notifier
 from tproxy.pipeline import Exchanger, open_exchanger
-from tproxy.serving import serve_asgi
+from tproxy.serving import SocketOptions, serve_asgi
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import open_telemetry
@@ -97,33 +96,8 @@ class Listening:
     exchanger: Exchanger
 
 
-class _StallLimitedConfig(Config):
-    """Hypercorn's config, with a limit on how long a client may stop reading.
-
-    Hypercorn writes to a client's socket inside a cancel shield with no deadline, so a client
-    that never reads would hold its request, the upstream call behind it and even a drain open
-    for as long as it keeps the connection. ``TCP_USER_TIMEOUT`` on the listening socket is
-    inherited by every accepted connection: the kernel drops a connection whose sent data stays
-    unacknowledged, or whose receive window stays shut, for longer than the limit, and the
-    shielded write then fails like any write to a departed client.
-    """
-
-    stall_timeout: float = 60.0
-
-    def create_sockets(self) -> Sockets:
-        sockets = super().create_sockets()
-        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
-        if user_timeout is not None:  # Linux; elsewhere the shielded write stays unbounded
-            milliseconds = max(1, int(self.stall_timeout * 1000))
-            for sock in sockets.insecure_sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    sock.setsockopt(socket.IPPROTO_TCP, user_timeout, milliseconds)
-        return sockets
-
-
 def _hypercorn_config(settings: Settings, bind: str) -> Config:
-    config = _StallLimitedConfig()
-    config.stall_timeout = settings.server.client_stall_timeout
+    config = Config()
     config.bind = [bind]
     config.graceful_timeout = settings.server.graceful_timeout
     config.keep_alive_timeout = settings.server.keep_alive_timeout
@@ -189,11 +163,13 @@ async def serve_tproxy(
                     servers,
                     partial(_serve_until, proxy_app, stop=stop, stopped=proxy_stopped),
                     _hypercorn_config(settings, settings.server.listen),
+                    SocketOptions(settings.server.client_stall_timeout, settings.server.reuse_port),
                 )
                 admin_binds = await _start_listener(
                     servers,
                     partial(serve_asgi, _asgi(admin_app), shutdown_trigger=proxy_stopped.wait),
                     _hypercorn_config(settings, settings.server.admin_listen),
+                    SocketOptions(settings.server.client_stall_timeout),
                 )
                 log.info("tproxy listening on %s (admin %s)", status.proxy, admin_binds)
                 task_status.started(
@@ -216,11 +192,15 @@ class ListenError(TproxyError):
 
 
 async def _start_listener(
-    servers: trio.Nursery, serve_app: Callable[..., Awaitable[None]], config: Config
+    servers: trio.Nursery,
+    serve_app: Callable[..., Awaitable[None]],
+    config: Config,
+    options: SocketOptions,
 ) -> list[str]:
-    """Start ``serve_app(config)`` in ``servers``; its binds, or ListenError naming the address."""
+    """Start ``serve_app(config, options)`` in ``servers``; its binds, or ListenError naming the
+    address."""
     try:
-        binds: list[str] = await servers.start(serve_app, config)
+        binds: list[str] = await servers.start(serve_app, config, options)
     except* OSError as group:
         first: BaseException = group
         while isinstance(first, BaseExceptionGroup):
@@ -232,6 +212,7 @@ async def _start_listener(
 async def _serve_until(
     app: _CountingApp,
     config: Config,
+    options: SocketOptions,
     *,
     stop: trio.Event,
     stopped: trio.Event,
@@ -239,7 +220,9 @@ async def _serve_until(
 ) -> None:
     """Serve ``app`` until ``stop`` and its drain are over; then set ``stopped``."""
     try:
-        await serve_asgi(_asgi(app), config, shutdown_trigger=stop.wait, task_status=task_status)
+        await serve_asgi(
+            _asgi(app), config, options, shutdown_trigger=stop.wait, task_status=task_status
+        )
     finally:
         stopped.set()
 

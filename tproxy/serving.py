@@ -6,14 +6,26 @@ reading side ends, but the connection's task group waits for the timer before cl
 then sit in CLOSE_WAIT at the rate clients close them. Here each connection stops its idle timer
 once the client's side has ended, so the socket is closed as soon as the last answer is out.
 
+The listening sockets are ours too, for the options set before ``bind`` and after it:
+
+- ``TCP_USER_TIMEOUT``, inherited by every accepted connection. Hypercorn writes to a client's
+  socket inside a cancel shield with no deadline, so a client that never reads would hold its
+  request, the upstream call behind it and even a drain open for as long as it keeps the
+  connection; the kernel instead drops a connection whose sent data stays unacknowledged, or
+  whose receive window stays shut, for longer than ``stall_timeout``, and the shielded write then
+  fails like any write to a departed client.
+- ``SO_REUSEPORT`` when asked, so that several tproxy processes can share one address.
+
 What ``hypercorn.trio.serve`` does and this loop leaves out, because tproxy uses none of it: ASGI
-lifespan events (the server opens the app's resources), TLS and QUIC listeners, restarts after
-``max_requests``, statsd.
+lifespan events (the server opens the app's resources), TLS, QUIC and Unix socket listeners,
+restarts after ``max_requests``, statsd.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -22,6 +34,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
+
+from tproxy.config import parse_host_port
 
 
 class _PromptlyClosedConnection(TCPServer):
@@ -32,9 +46,39 @@ class _PromptlyClosedConnection(TCPServer):
         await self.idle_task.stop()
 
 
+@dataclass(frozen=True, slots=True)
+class SocketOptions:
+    """What the listening sockets are asked for beyond Hypercorn's settings."""
+
+    stall_timeout: float
+    reuse_port: bool = False
+
+
+def _listening_socket(address: str, options: SocketOptions, backlog: int) -> socket.socket:
+    """A TCP socket bound to ``HOST:PORT`` and listening; closed again if binding fails."""
+    host, port = parse_host_port(address)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if options.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if user_timeout is not None:  # Linux; elsewhere the shielded write stays unbounded
+            milliseconds = max(1, int(options.stall_timeout * 1000))
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, milliseconds)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve_asgi(
     app: ASGIFramework,
     config: Config,
+    options: SocketOptions,
     *,
     shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
@@ -45,13 +89,17 @@ async def serve_asgi(
     accepting, lets kept-alive connections close after their current answer, and cancels what
     still runs after ``config.graceful_timeout``. Raises OSError when an address cannot be bound.
     """
-    sockets = config.create_sockets()
     listeners = []
     binds = []
-    for sock in sockets.insecure_sockets:
-        sock.listen(config.backlog)
-        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    try:
+        for address in config.bind:
+            sock = _listening_socket(address, options, config.backlog)
+            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    except BaseException:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
     context = WorkerContext(max_requests=None)
     connection = partial(
         _PromptlyClosedConnection,
