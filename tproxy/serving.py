@@ -39,11 +39,36 @@ from tproxy.config import parse_host_port
 
 
 class _PromptlyClosedConnection(TCPServer):
-    """Hypercorn's connection, whose idle timer stops once the client has closed its side."""
+    """Hypercorn's connection, with two repairs.
+
+    - Its idle timer stops once the client has closed its side (see the module's docstring).
+    - Closing it never races a write. Hypercorn closes a connection from its reading task when
+      the client breaks the protocol (for instance, more bytes after a ``Connection: close``
+      request) while the answer's task is writing; the close shuts the write side down outside
+      the lock the writes take, and a write starting meanwhile failed with ``BusyResourceError``,
+      a traceback, and an exchange recorded in the wrong state. Here the close takes that lock
+      when it is free; when a write holds it, the stream is closed outright, which the write
+      reports as a closed connection, as it would a departed client. The socket is closed even
+      when the close is cancelled (at the end of a drain), where Hypercorn's would stay open
+      until collected.
+    """
 
     async def _read_data(self) -> None:
         await super()._read_data()
         await self.idle_task.stop()
+
+    async def _close(self) -> None:
+        try:
+            try:
+                self.send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                return  # a write is in progress: the close below makes it fail as closed
+            try:
+                await super()._close()
+            finally:
+                self.send_lock.release()
+        finally:
+            await trio.aclose_forcefully(self.stream)  # closed even when cancelled midway
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import resource
 import socket
 from contextlib import aclosing
@@ -18,7 +19,7 @@ import pytest
 import trio
 from trio_util import AsyncValue
 
-from tests.conftest import RunningProxy, StartProxy
+from tests.conftest import RunningProxy, StartProxy, access_lines
 from tests.fakeupstream import SeenRequest
 from tests.faults.conftest import CHAT, FAULT, StartScripted, assert_recovered, chat
 from tests.faults.scripted import (
@@ -359,6 +360,53 @@ async def test_connection_close_is_honoured_after_an_answer_from_a_flight(
         reply = await read_reply(stream)
         assert reply.status == 200
         assert await ends_within(stream, 1.5) == b""
+
+
+@pytest.mark.parametrize("reading", [True, False], ids=["reading", "not-reading"])
+async def test_bytes_after_a_closing_request_while_its_answer_is_written_end_only_that_client(
+    start_proxy: StartProxy,
+    start_scripted: StartScripted,
+    caplog: pytest.LogCaptureFixture,
+    reading: bool,
+) -> None:
+    """A client that asked for ``Connection: close`` and then sends more commits a protocol
+    error, and Hypercorn closes its connection from the reading task while the answer is being
+    written. That close once raced the writes (``BusyResourceError`` in the answer's task, a
+    traceback in the log). Now the writes fail as on a closed connection: each such exchange ends
+    ``client_gone``, nothing is logged as an error, and the proxy goes on serving.
+    """
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    endless = EndlessUpstream()
+    scripted: ScriptedUpstream = await start_scripted(endless.script)
+    proxy = await start_proxy(upstream_url=scripted.url)
+    request = raw_chat(chat("close, then more"), {**FAULT, **NO_STORE, "connection": "close"})
+    attempts = 10 if reading else 1
+    with trio.fail_after(30):
+        for attempt in range(attempts):
+            if reading:
+                stream = await trio.open_tcp_stream(*address(proxy.url))
+                async with stream:
+                    await stream.send_all(request)
+                    await stream.receive_some()  # the answer is flowing
+                    await stream.send_all(b"GET /more HTTP/1.1\r\nhost: x\r\n\r\n")
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some():
+                            pass
+            else:
+                client = await stalled_client(proxy, request)
+                with client:
+                    await endless.sent.wait_value(lambda sent: sent >= 8 * len(PIECE))
+                    await client.send(b"GET /more HTTP/1.1\r\nhost: x\r\n\r\n")
+            while endless.cuts <= attempt:
+                await endless.cut.wait()
+                endless.cut = trio.Event()
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        answer = await http.post(CHAT, json=chat("still serving"))
+    assert answer.content == sse_body(chat("still serving"))
+    await proxy.flush()
+    states = [line["state"] for line in access_lines(caplog)]
+    assert states == ["client_gone"] * attempts + ["completed"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_the_upstream_of_a_client_that_never_reads_is_the_only_one_held(
