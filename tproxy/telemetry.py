@@ -75,6 +75,10 @@ CLOUDEVENT_SOURCE = "/tproxy"
 CLOUDEVENTS_BATCH = "application/cloudevents-batch+json"
 
 _ACCESS_BATCH = 256
+# Seconds a sink waits for more records before it delivers a batch that is not full. Delivery is
+# a hop to a worker thread (or a POST); one per batch instead of one per request saves the event
+# loop ~0.5 ms of thread handoff per request at low load, for access lines ≤ 20 ms late.
+_LINGER = 0.02
 _FILE_BATCH = 256
 _MAX_BACKOFF = 30.0
 _MAX_REASON_CHARS = 300
@@ -457,11 +461,12 @@ class _Sink(ABC):
             try:
                 async for first in self._receive:
                     batch = [first]
-                    while len(batch) < self._batch_size:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                    with trio.move_on_after(_LINGER):
+                        while len(batch) < self._batch_size:
+                            try:
+                                batch.append(await self._receive.receive())
+                            except trio.EndOfChannel:
+                                break
                     await self._deliver(batch)
                     self._handled.value += len(batch)
                     batch = []
