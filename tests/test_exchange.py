@@ -13,6 +13,7 @@ from tproxy.core.events import (
     Fact,
     FellBehind,
     HeadersReceived,
+    InternalError,
     JoinedFlight,
     Rejected,
     ResponseFinished,
@@ -93,6 +94,7 @@ def test_a_retry_stays_connecting_and_counts_attempts() -> None:
         ([UpstreamRequested("u", 1), HeadersReceived(200), TimedOut("idle")], State.TIMED_OUT),
         ([UpstreamRequested("u", 1), HeadersReceived(200), ClientGone()], State.CLIENT_GONE),
         ([UpstreamRequested("u", 1), HeadersReceived(200), ShutDown()], State.SHUT_DOWN),
+        ([CacheHit(1.0), InternalError("RuntimeError")], State.INTERNAL_ERROR),
         ([JoinedFlight(), HeadersReceived(200), FellBehind()], State.FELL_BEHIND),
         (
             [JoinedFlight(), HeadersReceived(200), UpstreamEnded(), ResponseFinished()],
@@ -134,6 +136,7 @@ ALL_FACTS: list[Fact] = [
     TimedOut("idle"),
     ClientGone(),
     ShutDown(),
+    InternalError("RuntimeError"),
 ]
 
 

@@ -35,6 +35,7 @@ from tproxy.core.events import (
     ClientGone,
     Fact,
     HeadersReceived,
+    InternalError,
     Rejected,
     ResponseFinished,
     ShutDown,
@@ -125,6 +126,7 @@ TERMINAL_CASES = {
     "upstream_failed": exchange_after(ASKED, (0.3, UpstreamFailed("cannot connect to local"))),
     "timed_out": exchange_after(ASKED, (9.0, TimedOut("first_byte"))),
     "shut_down": exchange_after(ASKED, STREAMING, (1.5, ShutDown())),
+    "internal_error": exchange_after(ASKED, STREAMING, (0.4, InternalError("RuntimeError"))),
 }
 EXPECTED: dict[str, dict[str, object]] = {
     "completed": {"state": "completed", "status": 200, "duration_ms": 2100.0, "ttfb_ms": 1500.0},
@@ -134,6 +136,7 @@ EXPECTED: dict[str, dict[str, object]] = {
     "upstream_failed": {"state": "upstream_failed", "status": None, "upstream": "local"},
     "timed_out": {"state": "timed_out", "reason": "timeout:first_byte", "duration_ms": 9000.0},
     "shut_down": {"state": "shut_down", "duration_ms": 1500.0, "ttfb_ms": None},
+    "internal_error": {"state": "internal_error", "reason": "RuntimeError", "status": 200},
 }
 
 

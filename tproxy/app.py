@@ -26,7 +26,14 @@ from tproxy.core.cachekey import (
 from tproxy.core.clientauth import ClientKeys
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected
-from tproxy.core.events import CacheHit, ClientGone, Rejected, ResponseFinished
+from tproxy.core.events import (
+    CacheHit,
+    ClientGone,
+    InternalError,
+    Rejected,
+    ResponseFinished,
+    ShutDown,
+)
 from tproxy.core.exchange import Exchange
 from tproxy.core.headers import Header, client_request_id, header_value
 from tproxy.core.target import check_request_line
@@ -141,6 +148,15 @@ class ProxyApp:
             report = await self._exchanger.run(
                 request, exchange, receive, send, lookup.plan, lookup.cache_status, capture
             )
+        except BaseException as error:
+            # Every exchange ends once in a known state, even on the way out of an exception:
+            # a cancellation from outside is the server shutting down; anything else is a bug.
+            if not exchange.finished:
+                ending = (
+                    ShutDown() if _only_cancelled(error) else InternalError(type(error).__name__)
+                )
+                exchange.handle(ending, trio.current_time())
+            raise
         finally:
             record = ExchangeRecord.from_exchange(
                 exchange,
@@ -272,6 +288,13 @@ def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -
         model=decision.model,
         shared=cache.coalesce and decision.lookup,
     )
+
+
+def _only_cancelled(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation, alone or grouped by nurseries on its way out."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled)
 
 
 def _encode(cache_status: str | None) -> bytes | None:

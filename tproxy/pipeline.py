@@ -59,7 +59,6 @@ from tproxy.core.events import (
     HeadersReceived,
     JoinedFlight,
     ResponseFinished,
-    ShutDown,
     TimedOut,
     UpstreamEnded,
     UpstreamFailed,
@@ -371,8 +370,7 @@ class Exchanger:
         """Serve one client from a private flight, or from a shared one it opens or joins.
 
         Never raises for upstream or client trouble: that is recorded on ``exchange``.
-        ``trio.Cancelled`` from outside (server shutdown) is recorded as ``shut_down`` and
-        re-raised.
+        ``trio.Cancelled`` from outside (server shutdown) goes on, for the caller to record.
         """
         flight, status = self._flight_for(request, exchange, plan, cache_status)
         subscriber = flight.subscribe()
@@ -393,12 +391,6 @@ class Exchanger:
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
-        except BaseException:
-            # Cancelled from outside (server shutdown), possibly wrapped in a group by the
-            # nursery: record it, and let it go on.
-            if not exchange.finished:
-                exchange.handle(ShutDown(), trio.current_time())
-            raise
         finally:
             self._leave(flight, subscriber)
         return flight.report

@@ -19,6 +19,7 @@ from tests.conftest import RunningProxy, StartProxy, access_lines
 from tests.fakeupstream import SeenRequest
 from tests.faults.conftest import CHAT, StartScripted, chat
 from tests.faults.scripted import chunked, reset, response_head, sse_body
+from tproxy import app
 
 TIMEOUTS = (
     "[upstreams.default]\nfirst_byte_timeout = 0.3\nidle_timeout = 0.3\n"
@@ -123,3 +124,24 @@ async def test_a_refused_request_ends_rejected(
     assert response.status_code == 413
     await proxy_with_faults.flush()
     assert final_state(caplog, "too-big") == "rejected"
+
+
+async def test_an_unexpected_exception_ends_internal_error_and_serving_goes_on(
+    proxy_with_faults: RunningProxy,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug (here one injected into the replay of hits) still ends its exchange once, in a
+    state that says so, with the exception's type as the reason; the next request is served."""
+
+    async def broken_replay(*args: object) -> None:
+        raise RuntimeError("injected")
+
+    await ask(proxy_with_faults, "warm")
+    monkeypatch.setattr(app, "replay", broken_replay)
+    await ask(proxy_with_faults, "bug")
+    monkeypatch.undo()
+    await ask(proxy_with_faults, "after")
+    lines = {line["request_id"]: line for line in access_lines(caplog)}
+    assert (lines["bug"]["state"], lines["bug"]["reason"]) == ("internal_error", "RuntimeError")
+    assert lines["after"]["state"] == "completed"

@@ -84,6 +84,14 @@ class ShutDown:
     """The server is stopping and cut this exchange short."""
 
 
+@dataclass(frozen=True, slots=True)
+class InternalError:
+    """An unexpected exception ended this exchange (a bug, ours or a library's); ``reason`` is
+    its type. It is still an end, reached once, so the request is accounted for."""
+
+    reason: str
+
+
 Fact = (
     Rejected
     | CacheHit
@@ -97,4 +105,5 @@ Fact = (
     | TimedOut
     | ClientGone
     | ShutDown
+    | InternalError
 )

@@ -25,6 +25,7 @@ from tproxy.core.events import (
     Fact,
     FellBehind,
     HeadersReceived,
+    InternalError,
     JoinedFlight,
     Rejected,
     ResponseFinished,
@@ -37,7 +38,7 @@ from tproxy.core.events import (
 
 
 class State(Enum):
-    """Where an exchange is. The last seven are terminal."""
+    """Where an exchange is. The last eight are terminal."""
 
     RECEIVED = "received"
     REPLAYING = "replaying"
@@ -51,6 +52,7 @@ class State(Enum):
     TIMED_OUT = "timed_out"
     SHUT_DOWN = "shut_down"
     FELL_BEHIND = "fell_behind"
+    INTERNAL_ERROR = "internal_error"
 
     @property
     def terminal(self) -> bool:
@@ -66,6 +68,7 @@ TERMINAL_STATES = frozenset(
         State.TIMED_OUT,
         State.SHUT_DOWN,
         State.FELL_BEHIND,
+        State.INTERNAL_ERROR,
     }
 )
 
@@ -92,6 +95,7 @@ TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.REPLAYING, ResponseFinished): State.COMPLETED,
     **{(state, ClientGone): State.CLIENT_GONE for state in _LIVE},
     **{(state, ShutDown): State.SHUT_DOWN for state in _LIVE},
+    **{(state, InternalError): State.INTERNAL_ERROR for state in _LIVE},
 }
 
 
@@ -157,7 +161,7 @@ class Exchange:
             case Rejected(status=status, code=code):
                 self.status = status
                 self.reason = code
-            case UpstreamFailed(reason=reason):
+            case UpstreamFailed(reason=reason) | InternalError(reason=reason):
                 self.reason = reason
             case TimedOut(phase=phase):
                 self.reason = f"timeout:{phase}"
