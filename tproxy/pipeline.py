@@ -84,6 +84,9 @@ REPLAYED_HEADERS = frozenset({b"content-type", b"content-language"})
 # Item bound of a shared flight's per-client channel (the byte bound is max_entry_bytes).
 SHARED_CHANNEL_ITEMS = 4096
 
+# A client writer joins chunks already queued for it into one body message up to this size.
+JOIN_BYTES = 256 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class ProxyRequest:
@@ -316,6 +319,26 @@ class _PayloadFeed:
         for frame in self._decoder.feed(data):
             if frame.event is not None:
                 self._capture.observe_event(frame.event)
+
+
+def _take_queued_chunks(
+    first: _Chunk, items: trio.MemoryReceiveChannel[_ClientItem], subscriber: _Subscriber
+) -> tuple[list[_Chunk], _ClientItem | None]:
+    """``first`` and the chunks queued right behind it (up to ``JOIN_BYTES``), and the item
+    that stopped the run if one was taken; never waits."""
+    parts = [first]
+    size = len(first.data)
+    while size < JOIN_BYTES:
+        try:
+            queued = items.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        subscriber.taken(queued)
+        if not isinstance(queued, _Chunk):
+            return parts, queued
+        parts.append(queued)
+        size += len(queued.data)
+    return parts, None
 
 
 def _is_event_stream(headers: list[Header]) -> bool:
@@ -602,19 +625,40 @@ class Exchanger:
         started = False
         payload = _PayloadFeed(capture, self.max_line_bytes) if capture is not None else None
         async with subscriber.receive_channel as items:
-            async for item in items:
-                subscriber.taken(item)
+            pending: _ClientItem | None = None
+            while True:
+                if pending is not None:
+                    item, pending = pending, None
+                else:
+                    try:
+                        item = await items.receive()
+                    except trio.EndOfChannel:
+                        break
+                    subscriber.taken(item)
                 now = trio.current_time()
                 if isinstance(item, _Chunk):
-                    exchange.note_events(item.events)
-                    if item.data:
-                        exchange.note_upstream_chunk(len(item.data), now)
+                    # Bytes already queued behind this chunk go in the same message: each ASGI
+                    # message costs Hypercorn a write; nothing waits for bytes not yet here.
+                    parts, pending = _take_queued_chunks(item, items, subscriber)
+                    data = b"".join(part.data for part in parts)
+                    for part in parts:
+                        exchange.note_events(part.events)
+                        if part.data:
+                            exchange.note_upstream_chunk(len(part.data), now)
+                    last = isinstance(pending, _CleanEnd)
+                    if last:
+                        exchange.handle(UpstreamEnded(), now)
+                        watcher.cancel()
+                    if data or last:
                         await send(
-                            {"type": "http.response.body", "body": item.data, "more_body": True}
+                            {"type": "http.response.body", "body": data, "more_body": not last}
                         )
-                        exchange.note_delivered(len(item.data))
-                        if payload is not None:
-                            payload.feed(item.data)
+                        exchange.note_delivered(len(data))
+                        if payload is not None and data:
+                            payload.feed(data)
+                    if last:
+                        exchange.handle(ResponseFinished(), trio.current_time())
+                        return
                 elif isinstance(item, _Attempt):
                     exchange.handle(UpstreamRequested(item.upstream, item.attempt), now)
                 elif isinstance(item, _Start):
