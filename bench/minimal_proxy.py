@@ -2,8 +2,9 @@
 
 It forwards the method, path, headers and body, and streams the answer back one ``aiter_raw()``
 chunk per ASGI body message. No cache, no routing, no timeouts, no disconnect watcher, no logs:
-what a proxy costs before it does anything useful. Its pool is sized like tproxy's, so the two
-differ in what they do, not in how many upstream connections they may keep.
+what a proxy costs before it does anything useful. Its pool is sized like tproxy's (512 by
+default, ``--max-connections``), so the two differ in what they do, not in how many upstream
+connections they may keep.
 
     python bench/minimal_proxy.py --upstream http://127.0.0.1:8101 --listen 127.0.0.1:8102
 """
@@ -57,8 +58,10 @@ class PassThrough:
             await response.aclose()
 
 
-async def main(upstream: str, listen: str) -> None:
-    limits = httpx2.Limits(max_connections=512, max_keepalive_connections=512)
+async def main(upstream: str, listen: str, max_connections: int) -> None:
+    limits = httpx2.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
     async with httpx2.AsyncClient(base_url=upstream, limits=limits, timeout=None) as client:
         config = Config()
         config.bind = [listen]
@@ -69,5 +72,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="minimal Hypercorn+Trio+httpx2 pass-through")
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--listen", required=True)
+    parser.add_argument(
+        "--max-connections", type=int, default=512, help="upstream pool size (tproxy's default)"
+    )
     args = parser.parse_args()
-    trio.run(main, args.upstream, args.listen)
+    trio.run(main, args.upstream, args.listen, args.max_connections)

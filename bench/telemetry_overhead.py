@@ -269,7 +269,7 @@ def run_rounds(pool: LoadPool, targets: list[Target], plan: Plan) -> Results:
                     interval_ms=INTERVAL_MS,
                     stagger=plan.warmup,
                 )
-                cpu = cpu_in_window(target.server, running.window)
+                cpu = cpu_in_window(target.server.cpu_seconds, running.window)
                 measurement = running.wait()
                 counters = read_counters(target.admin_port)
                 results[test.key].setdefault(target.config, []).append(

@@ -72,6 +72,12 @@ def chunk_event(index: int, last: bool) -> bytes:
     )
 
 
+def stream_body() -> bytes:
+    """The whole stream's body in one piece, for servers that answer it in one write."""
+    events = [chunk_event(index, index == EVENTS - 1) for index in range(EVENTS)]
+    return b"".join(events) + _DONE
+
+
 class ClientGoneError(Exception):
     """The client closed the connection or sent something h11 refuses (soak.py uses this too)."""
 
@@ -119,7 +125,8 @@ def _interval(request: h11.Request) -> float:
     return 0.0
 
 
-def _wants_stream(body: bytes) -> bool:
+def wants_stream(body: bytes) -> bool:
+    """Whether a request body asks for a stream (``"stream": true``)."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -134,7 +141,7 @@ async def _answer(
         head = conn.send(h11.Response(status_code=404, headers=[(b"content-length", b"0")]))
         await stream.send_all(head + conn.send(h11.EndOfMessage()))
         return
-    if not _wants_stream(body):
+    if not wants_stream(body):
         head = conn.send(h11.Response(status_code=200, headers=_JSON_HEADERS))
         await stream.send_all(
             head + conn.send(h11.Data(data=COMPLETION)) + conn.send(h11.EndOfMessage())
