@@ -3,12 +3,17 @@ answer is never a wrong or a partial one."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import httpx2
 import openai
 import pytest
 import trio
 
-from tests.conftest import RunningProxy, StartProxy, tolerate_sdk_generators
+from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_generators
 from tests.fakeupstream import FakeUpstream
 
 CHAT = "/v1/chat/completions"
@@ -56,6 +61,55 @@ async def test_a_completed_stream_is_stored_and_replayed_byte_for_byte(
     assert second.headers["content-type"] == first.headers["content-type"]
     assert second.content == first.content
     assert int(second.headers["age"]) >= 0
+
+
+@contextmanager
+def upstream_on_its_own_loop() -> Iterator[FakeUpstream]:
+    """The fake upstream on a Trio loop of its own, in a thread: its writes then reach the
+    proxy in big reads, as a model server's do, instead of interleaving with the proxy's tasks."""
+    fake = FakeUpstream()
+    started = threading.Event()
+    token: list[trio.lowlevel.TrioToken] = []
+    stop = trio.Event()
+
+    async def serve() -> None:
+        token.append(trio.lowlevel.current_trio_token())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fake.serve)
+            started.set()
+            await stop.wait()
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield fake
+    finally:
+        token[0].run_sync_soon(stop.set)
+        thread.join(10)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_a_long_stream_from_a_fast_upstream_is_stored_and_its_line_says_so(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, attempt: int
+) -> None:
+    """An upstream on a loop of its own delivers a 200-event stream in big reads, and the client
+    writer takes them in one go while the cache writer works through them one by one. Each of
+    three ways this lost the answer is pinned here: the cache writer's channel overflowed (it
+    was bounded in items, now in bytes); the client, done first, left a flight still storing
+    and its leaving cancelled it; the access line was written before the outcome was known."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    with upstream_on_its_own_loop() as upstream:
+        proxy = await start_proxy(upstream_url=upstream.url)
+        body = chat(" ".join(f"word{index}" for index in range(200)), stream=True)
+        first = await post(proxy, CHAT, json=body)
+        second = await post(proxy, CHAT, json=body)
+        assert first.headers["cache-status"] == "tproxy; fwd=miss"
+        assert second.headers["cache-status"].startswith("tproxy; hit; ttl=")
+        assert second.content == first.content
+        assert upstream.calls[CHAT] == 1
+    assert [line["cache"] for line in access_lines(caplog)] == ["stored", None]
 
 
 async def test_a_json_answer_is_stored_and_replayed(

@@ -22,8 +22,10 @@ upstream nor the other clients.
 Memory ceilings. Private flight: ``stream_buffer_chunks`` items × the largest upstream read
 (64 KiB). Shared flight: the history kept for joiners and the backlog of each client are the same
 ``bytes`` objects, bounded by ``cache.max_entry_bytes``; a flight that outgrows it stops taking
-joiners and drops its history. The cache writer holds at most ``max_entry_bytes``, and is fed with
-``send_nowait``: if it ever falls behind, caching of that answer is abandoned, never the client.
+joiners and drops its history. The cache writer is fed with ``send_nowait`` on a channel bounded
+in bytes, not items: the reader stops feeding it (and the answer is not stored) once the answer
+passes ``max_entry_bytes``, so a cache writer that lags holds at most that, and never slows the
+client.
 
 Each client's :class:`~tproxy.core.exchange.Exchange` is told the facts by its own client writer,
 from the items it receives; it is finished exactly once: completed, upstream failed or timed out,
@@ -64,7 +66,7 @@ from tproxy.core.events import (
     UpstreamFailed,
     UpstreamRequested,
 )
-from tproxy.core.exchange import Exchange
+from tproxy.core.exchange import Exchange, State
 from tproxy.core.flight import Flight, FlightRegistry, FlightState, Policy, Verdict
 from tproxy.core.headers import (
     Header,
@@ -83,6 +85,9 @@ REPLAYED_HEADERS = frozenset({b"content-type", b"content-language"})
 
 # Item bound of a shared flight's per-client channel (the byte bound is max_entry_bytes).
 SHARED_CHANNEL_ITEMS = 4096
+
+# Seconds a client of a shared flight, its answer complete, waits for the flight's cache outcome.
+SETTLE_TIMEOUT = 1.0
 
 # A client writer joins chunks already queued for it into one body message up to this size.
 JOIN_BYTES = 256 * 1024
@@ -231,6 +236,7 @@ class _LiveFlight:
     report: CacheReport = field(default_factory=CacheReport)
     usage: UsageTracker = field(default_factory=UsageTracker)
     ended: bool = False
+    settled: trio.Event = field(default_factory=trio.Event)  # the cache outcome is known
 
     @property
     def shared(self) -> bool:
@@ -414,6 +420,11 @@ class Exchanger:
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
+                if flight.shared and exchange.state is State.COMPLETED:
+                    # The client has its whole answer; what became of storing it follows within
+                    # moments, and belongs in this request's access line.
+                    with trio.move_on_after(SETTLE_TIMEOUT):
+                        await flight.settled.wait()
         finally:
             self._leave(flight, subscriber)
         return flight.report
@@ -471,8 +482,9 @@ class Exchanger:
                 self.flying.value -= 1
 
     async def _read_into(self, flight: _LiveFlight) -> None:
+        # Bounded in bytes, not items: the reader stops feeding it past max_entry_bytes.
         to_cache_send, to_cache_receive = trio.open_memory_channel[_CacheItem](
-            self.buffer_chunks if flight.plan is not None else 0
+            math.inf if flight.plan is not None else 0
         )
         final: _ClientItem | None = None
         try:
@@ -485,11 +497,17 @@ class Exchanger:
                     else:
                         to_cache_receive.close()
                     final = await self._read_upstream(flight, to_cache_send)
+                    if isinstance(final, _CleanEnd) and flight.book is not None:
+                        # The registry hears of the end before the clients do: a client that
+                        # has its whole answer and leaves is done, not gone, and must not cancel
+                        # the store write still running here.
+                        self.registry.finish(flight.book, clean=True)
                     await flight.publish(final)
             if flight.report.usage is None:
                 flight.report.usage = flight.usage.usage
         finally:
             flight.end(interrupted=final is None)
+            flight.settled.set()
             book = flight.book
             if book is not None and book.state.reading:
                 clean = isinstance(final, _CleanEnd)
@@ -574,6 +592,8 @@ class Exchanger:
         streamed = _is_event_stream(headers)
         decoder = SSEDecoder(self.max_line_bytes) if streamed else None
         cache = to_cache
+        cache_limit = flight.plan.max_entry_bytes if flight.plan is not None else 0
+        cached_bytes = 0
         if cache is not None:
             if status == 200:
                 cache = _offer(cache, _CacheStart(headers, streamed))
@@ -591,8 +611,13 @@ class Exchanger:
                 _abandon(cache, decoder.failed)
                 cache = None
             if cache is not None:
-                offset = trio.current_time() - started
-                cache = _offer(cache, _CacheChunk(frames, data, offset))
+                cached_bytes += len(data)
+                if cached_bytes > cache_limit:
+                    _abandon(cache, f"larger than max_entry_bytes ({cache_limit})")
+                    cache = None
+                else:
+                    offset = trio.current_time() - started
+                    cache = _offer(cache, _CacheChunk(frames, data, offset))
         if decoder is not None:
             frames = decoder.close()
             if frames:
