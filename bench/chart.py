@@ -28,6 +28,7 @@ COLOURS = (
     "#8c8c8c",
     "#ccb974",
     "#64b5cd",
+    "#2f4b7c",
 )
 FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 

@@ -60,14 +60,17 @@ def request_body(mode: Mode) -> bytes:
     ).encode()
 
 
-def request_bytes(host: str, port: int, mode: Mode, interval_ms: float) -> bytes:
-    """The whole request, built once per measurement."""
+def request_bytes(
+    host: str, port: int, mode: Mode, interval_ms: float, extra: tuple[bytes, ...] = ()
+) -> bytes:
+    """The whole request, built once per measurement; ``extra`` are more header lines."""
     body = request_body(mode)
     lines = [
         b"POST /v1/chat/completions HTTP/1.1",
         b"Host: %s:%d" % (host.encode(), port),
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(body),
+        *extra,
     ]
     if mode is Mode.PACED:
         lines.append(b"X-Bench-Interval-Ms: %g" % interval_ms)
@@ -380,6 +383,7 @@ class LoadPool:
         interval_ms: float = 10.0,
         stagger: float = 0.0,
         timeout: float = 10.0,
+        headers: tuple[bytes, ...] = (),
     ) -> Running:
         """Start one measurement over the processes (at most one process per connection).
 
@@ -390,7 +394,7 @@ class LoadPool:
         """
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        request = request_bytes(host, port, mode, interval_ms)
+        request = request_bytes(host, port, mode, interval_ms, headers)
         processes = min(self.processes, connections)
         start_at = time.time() + 0.3  # time for every process to receive its spec and connect
         shares = [

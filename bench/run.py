@@ -70,6 +70,7 @@ class Kind(Enum):
     MINIMAL = "minimal"
     LITELLM = "LiteLLM"
     TPROXY_OFF = "tproxy cache off"
+    TPROXY_MISS = "tproxy cache miss"
     TPROXY_OFF2 = "tproxy off ×2"
     TPROXY_HIT = "tproxy cache hit"
     FLOOR = "Hypercorn floor"
@@ -81,6 +82,10 @@ CONSTANT = frozenset({Kind.NGINX_STATIC, Kind.FLOOR})
 # Measured for throughput only (a constant answer has no meaningful paced stream; the two
 # tproxy processes are there for goal 5, which is about throughput).
 THROUGHPUT_ONLY = frozenset({Kind.NGINX_STATIC, Kind.FLOOR, Kind.TPROXY_OFF2})
+# The miss target's requests ask to skip the lookup but store the answer (RFC 9111 no-cache):
+# every request goes upstream and is written to the store, with no coalescing (coalescing
+# needs a lookup), from identical request bytes. A failed lookup (~25 µs) is all it leaves out.
+MISS_HEADER = b"Cache-Control: no-cache"
 # LiteLLM takes ~4.5 s per stream at 64 connections: with the usual warm-up no answer would
 # complete inside the window, and the first to complete would all finish together.
 SLOW_WARMUP = 5.0
@@ -136,8 +141,14 @@ def make_plan(quick: bool, rounds: int | None) -> Plan:
         Test("json-64", Mode.JSON, 64, throughput),
         Test("stream-16", Mode.STREAM, 16, throughput),
         Test("stream-64", Mode.STREAM, 64, throughput),
-        Test("paced-1", Mode.PACED, 1, paced1, THROUGHPUT_ONLY),
-        Test("paced-32", Mode.PACED, 32, paced32, THROUGHPUT_ONLY | {Kind.TPROXY_HIT}),
+        Test("paced-1", Mode.PACED, 1, paced1, THROUGHPUT_ONLY | {Kind.TPROXY_MISS}),
+        Test(
+            "paced-32",
+            Mode.PACED,
+            32,
+            paced32,
+            THROUGHPUT_ONLY | {Kind.TPROXY_HIT, Kind.TPROXY_MISS},
+        ),
     )
     return Plan(
         rounds=rounds or (1 if quick else 3),
@@ -192,6 +203,7 @@ class Target:
     kind: Kind
     port: int
     servers: tuple[Server, ...]
+    headers: tuple[bytes, ...] = ()  # header lines added to every request of the load
 
     @property
     def url(self) -> str:
@@ -458,6 +470,9 @@ def start_targets(servers: Servers, plan: Plan, options: Options) -> list[Target
         servers, Kind.TPROXY_OFF.value, OFF_CONFIG, (port, next(ports)), upstream_url
     )
     targets.append(Target(Kind.TPROXY_OFF, port, (server,)))
+    port = next(ports)
+    server = start_tproxy(servers, Kind.TPROXY_MISS.value, "", (port, next(ports)), upstream_url)
+    targets.append(Target(Kind.TPROXY_MISS, port, (server,), (MISS_HEADER,)))
     if options.reuse_port:
         port = next(ports)
         pair = tuple(
@@ -523,6 +538,7 @@ def run_rounds(pool: LoadPool, targets: list[Target], plan: Plan) -> Results:
                     warmup=plan.warmup_for(test, target.kind),
                     interval_ms=plan.interval_ms,
                     stagger=stagger,
+                    headers=target.headers,
                 )
                 cpu = cpu_in_window(target.cpu_seconds, running.window)
                 measurement = running.wait()
@@ -848,6 +864,7 @@ RATIOS = (  # (target, base): shown when both ran
     (Kind.TPROXY_OFF, Kind.DIRECT),
     (Kind.TPROXY_OFF, Kind.NGINX),
     (Kind.TPROXY_OFF2, Kind.TPROXY_OFF),
+    (Kind.TPROXY_MISS, Kind.TPROXY_OFF),
     (Kind.TPROXY_HIT, Kind.MINIMAL),
     (Kind.TPROXY_HIT, Kind.DIRECT),
     (Kind.TPROXY_HIT, Kind.FLOOR),
@@ -905,7 +922,9 @@ def render(results: Results, info: RunInfo, kinds: list[Kind], analysis: str) ->
         "*nginx proxy* is nginx in front of the upstream (`proxy_buffering off`, HTTP/1.1 "
         "kept-alive upstream connections, one process). *minimal* is `bench/minimal_proxy.py`. "
         "*tproxy* runs as shipped (default settings, access log at `info` written to a file), "
-        "with `[cache] enabled = false` for *cache off*; *tproxy off ×2* is two such processes "
+        "with `[cache] enabled = false` for *cache off*; *cache miss* has the cache on and sends "
+        "`Cache-Control: no-cache`, so every answer is fetched and stored, never looked up or "
+        "shared; *tproxy off ×2* is two cache-off processes "
         "sharing one port (`[server] reuse_port = true`), whose CPU and memory are summed. "
         "*Hypercorn floor* is `bench/constant_app.py`: Hypercorn's trio worker answering every "
         "request with the upstream's bytes, a stream in one body message, no upstream."
