@@ -17,6 +17,7 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from minimal_proxy import request_body
 from upstream import COMPLETION, stream_body, wants_stream
 
 JSON_HEADERS = [
@@ -33,17 +34,9 @@ class Constant:
         self.stream = stream_body()  # built once: its "t" stamps are the start time
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        body = await request_body(scope, receive, send)
+        if body is None:
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
         streamed = wants_stream(body)
         headers = SSE_HEADERS if streamed else JSON_HEADERS
         await send({"type": "http.response.start", "status": 200, "headers": headers})
