@@ -19,9 +19,11 @@ from tproxy.server import ListenError, Listening, serve_tproxy
 CONNECTIONS = 40
 
 
-def settings_for(tmp_path: Path, name: str, listen: str, upstream: FakeUpstream) -> Settings:
+def settings_for(
+    tmp_path: Path, name: str, listen: str, upstream: FakeUpstream, *, reuse_port: bool = True
+) -> Settings:
     config = tmp_path / f"{name}.toml"
-    config.write_text("[server]\nreuse_port = true\n")
+    config.write_text(f"[server]\nreuse_port = {str(reuse_port).lower()}\n")
     return load_settings(
         config,
         Overrides(
@@ -66,17 +68,7 @@ async def test_without_reuse_port_a_second_server_cannot_take_the_port(
         serve_tproxy, settings_for(tmp_path, "first", "127.0.0.1:0", upstream), stop
     )
     address = first.proxy[0].removeprefix("http://")
-    config = tmp_path / "plain.toml"
-    config.write_text("")
-    plain = load_settings(
-        config,
-        Overrides(
-            listen=address,
-            admin_listen="127.0.0.1:0",
-            upstream=upstream.url,
-            cache_dir=tmp_path / "store-plain",
-        ),
-    )
+    plain = settings_for(tmp_path, "plain", address, upstream, reuse_port=False)
     expected = pytest.RaisesExc(ListenError, match=f"cannot listen on {address}: .*in use")
     with pytest.RaisesGroup(expected, flatten_subgroups=True):
         await serve_tproxy(plain, stop)
