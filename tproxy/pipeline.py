@@ -661,10 +661,15 @@ class Exchanger:
                         break
                     subscriber.taken(item)
                 now = trio.current_time()
-                if isinstance(item, _Chunk):
-                    # Bytes already queued behind this chunk go in the same message: each ASGI
-                    # message costs Hypercorn a write; nothing waits for bytes not yet here.
-                    parts, pending = _take_queued_chunks(item, items, subscriber)
+                if isinstance(item, _Chunk | _CleanEnd):
+                    # Bytes already queued behind this chunk go in the same message, and so does
+                    # the end: each ASGI message costs Hypercorn a write; nothing waits for bytes
+                    # not yet here.
+                    parts, pending = (
+                        _take_queued_chunks(item, items, subscriber)
+                        if isinstance(item, _Chunk)
+                        else ([], item)
+                    )
                     data = b"".join(part.data for part in parts)
                     for part in parts:
                         exchange.note_events(part.events)
@@ -702,12 +707,6 @@ class Exchanger:
                             ),
                         }
                     )
-                elif isinstance(item, _CleanEnd):
-                    exchange.handle(UpstreamEnded(), now)
-                    watcher.cancel()
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    exchange.handle(ResponseFinished(), trio.current_time())
-                    return
                 else:
                     error = item.error
                     fact = (
