@@ -145,3 +145,29 @@ async def test_an_unexpected_exception_ends_internal_error_and_serving_goes_on(
     lines = {line["request_id"]: line for line in access_lines(caplog)}
     assert (lines["bug"]["state"], lines["bug"]["reason"]) == ("internal_error", "RuntimeError")
     assert lines["after"]["state"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("toml", "reason"),
+    [
+        ("[upstreams.default]\ntotal_timeout = 0.5\n", "timeout:total"),
+        ("[upstreams.default]\nidle_timeout = 0.2\n", "timeout:idle"),
+    ],
+    ids=["total", "idle"],
+)
+async def test_a_stream_past_its_deadline_ends_timed_out_and_says_which(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, toml: str, reason: str
+) -> None:
+    """A stream that keeps flowing past ``total_timeout``, or pauses longer than
+    ``idle_timeout`` between two events, is cut there; the line names the deadline."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    proxy = await start_proxy(toml)
+    pause = "0.1" if reason == "timeout:total" else "0.4"
+    headers = {"x-request-id": reason, "x-fake-delay": pause, "cache-control": "no-store"}
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await http.post(CHAT, json=chat(" ".join(["slow"] * 20)), headers=headers)
+    with trio.fail_after(5):
+        await proxy.flush()
+    line = next(line for line in access_lines(caplog) if line["request_id"] == reason)
+    assert (line["state"], line["reason"]) == ("timed_out", reason)
