@@ -569,10 +569,13 @@ class Exchanger:
                     body=request.body,
                     deadline=deadline,
                 ) as response:
-                    async with aclosing(response.chunks()) as chunks:
-                        await self._relay(
-                            flight, response.status, response.headers, chunks, to_cache
-                        )
+                    with trio.CancelScope(deadline=deadline) as whole:
+                        async with aclosing(response.chunks()) as chunks:
+                            await self._relay(
+                                flight, response.status, response.headers, chunks, to_cache
+                            )
+                    if whole.cancelled_caught:
+                        raise UpstreamTimeout("total")
                     return
             except UpstreamConnectError:
                 if attempt == attempts:

@@ -1,11 +1,12 @@
 """Talking to upstreams: the only module that uses httpx2.
 
 One ``httpx2.AsyncClient`` per configured upstream, HTTP/1.1 unless the operator opted into
-HTTP/2 (closing an HTTP/2 stream early does not stop generation upstream). Deadlines are Trio
-cancel scopes, not httpx timeouts, because httpx's read timeout is the gap between two reads,
-not a total: the time to the response headers, the gap between two body chunks and the whole
-exchange each have their own deadline. httpx2's exceptions are translated here, at the edge,
-into :mod:`tproxy.core.errors`.
+HTTP/2 (closing an HTTP/2 stream early does not stop generation upstream). Three deadlines: the
+time to the response headers is a Trio cancel scope here; the gap between two body chunks is
+httpx2's read timeout, which is exactly that gap (httpcore2 puts a deadline around every read
+whether one is set or not, so it costs nothing more), set once the headers are in; the whole
+exchange is the caller's cancel scope. httpx2's exceptions are translated here, at the edge, into
+:mod:`tproxy.core.errors`.
 
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
 connection whose last response was followed by more bytes is closed instead of recycled.
@@ -39,26 +40,23 @@ class UpstreamResponse:
     status: int
     headers: list[Header]
     _response: httpx2.Response
-    _idle_timeout: float
-    _deadline: float
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body as the socket delivers it, one read at a time, never re-buffered.
 
-        Raises :class:`UpstreamTimeout` (``idle`` or ``total``) or :class:`UpstreamBroken`.
+        Raises :class:`UpstreamTimeout` (``idle``: no byte for the upstream's ``idle_timeout``)
+        or :class:`UpstreamBroken`. The total deadline is the caller's to enforce.
         """
         async with aclosing(self._response.aiter_raw()) as stream:
             while True:
-                idle_deadline = trio.current_time() + self._idle_timeout
-                with trio.CancelScope(deadline=min(idle_deadline, self._deadline)) as scope:
-                    try:
-                        chunk = await anext(stream)
-                    except StopAsyncIteration:
-                        return
-                    except (httpx2.TransportError, httpx2.StreamError) as error:
-                        raise UpstreamBroken(f"upstream body broke: {error!r}") from error
-                if scope.cancelled_caught:
-                    raise UpstreamTimeout("total" if self._deadline <= idle_deadline else "idle")
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    return
+                except httpx2.ReadTimeout as error:
+                    raise UpstreamTimeout("idle") from error
+                except (httpx2.TransportError, httpx2.StreamError) as error:
+                    raise UpstreamBroken(f"upstream body broke: {error!r}") from error
                 yield chunk
 
 
@@ -123,13 +121,14 @@ class UpstreamPool:
         if response is None:
             assert scope.cancelled_caught
             raise UpstreamTimeout("total" if deadline <= first_byte_deadline else "first_byte")
+        # httpcore2 reads the read timeout when the body's first read starts: from here on, it
+        # bounds the gap between two chunks.
+        request.extensions["timeout"]["read"] = settings.idle_timeout
         try:
             yield UpstreamResponse(
                 status=response.status_code,
                 headers=list(response.headers.raw),
                 _response=response,
-                _idle_timeout=settings.idle_timeout,
-                _deadline=deadline,
             )
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
