@@ -4,8 +4,9 @@ One ``httpx2.AsyncClient`` per configured upstream, HTTP/1.1 unless the operator
 HTTP/2 (closing an HTTP/2 stream early does not stop generation upstream). Three deadlines: the
 time to the response headers is a Trio cancel scope here; the gap between two body chunks is
 httpx2's read timeout, which is exactly that gap (httpcore2 puts a deadline around every read
-whether one is set or not, so it costs nothing more), set once the headers are in; the whole
-exchange is the caller's cancel scope. httpx2's exceptions are translated here, at the edge, into
+whether one is set or not, so it costs nothing more), set once the headers are in (on HTTP/2,
+where a read timeout fails the whole connection, a cancel scope per chunk); the whole exchange is
+the caller's cancel scope. httpx2's exceptions are translated here, at the edge, into
 :mod:`tproxy.core.errors`.
 
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
@@ -40,6 +41,7 @@ class UpstreamResponse:
     status: int
     headers: list[Header]
     _response: httpx2.Response
+    _idle_scope: float | None  # HTTP/2: the idle deadline as a scope per chunk (see open_response)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body as the socket delivers it, one read at a time, never re-buffered.
@@ -49,15 +51,28 @@ class UpstreamResponse:
         """
         async with aclosing(self._response.aiter_raw()) as stream:
             while True:
-                try:
-                    chunk = await anext(stream)
-                except StopAsyncIteration:
+                if self._idle_scope is None:
+                    chunk = await _next_chunk(stream)
+                else:
+                    with trio.move_on_after(self._idle_scope) as idle:
+                        chunk = await _next_chunk(stream)
+                    if idle.cancelled_caught:
+                        raise UpstreamTimeout("idle")
+                if chunk is None:
                     return
-                except httpx2.ReadTimeout as error:
-                    raise UpstreamTimeout("idle") from error
-                except (httpx2.TransportError, httpx2.StreamError) as error:
-                    raise UpstreamBroken(f"upstream body broke: {error!r}") from error
                 yield chunk
+
+
+async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
+    """The next chunk of a body, None at its end; httpx2's errors translated."""
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
+    except httpx2.ReadTimeout as error:
+        raise UpstreamTimeout("idle") from error
+    except (httpx2.TransportError, httpx2.StreamError) as error:
+        raise UpstreamBroken(f"upstream body broke: {error!r}") from error
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +136,19 @@ class UpstreamPool:
         if response is None:
             assert scope.cancelled_caught
             raise UpstreamTimeout("total" if deadline <= first_byte_deadline else "first_byte")
-        # httpcore2 reads the read timeout when the body's first read starts: from here on, it
-        # bounds the gap between two chunks.
-        request.extensions["timeout"]["read"] = settings.idle_timeout
+        # On HTTP/1.1 httpcore2 reads the read timeout when the body's first read starts: from
+        # here on it bounds the gap between two chunks. On HTTP/2 a read timeout would fail every
+        # stream of the shared connection, so there the idle deadline stays a scope of ours.
+        idle_scope: float | None = settings.idle_timeout
+        if response.http_version == "HTTP/1.1":
+            request.extensions["timeout"]["read"] = settings.idle_timeout
+            idle_scope = None
         try:
             yield UpstreamResponse(
                 status=response.status_code,
                 headers=list(response.headers.raw),
                 _response=response,
+                _idle_scope=idle_scope,
             )
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
