@@ -23,6 +23,7 @@ restarts after ``max_requests``, statsd.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,10 +38,14 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from tproxy.config import parse_host_port
 
+log = logging.getLogger("tproxy.serving")
+
 
 class _PromptlyClosedConnection(TCPServer):
-    """Hypercorn's connection, with two repairs.
+    """Hypercorn's connection, with three repairs.
 
+    - A connection that fails is closed and logged; the server goes on. Hypercorn's own loop lets
+      anything but ``OSError`` out of a connection's task, which ends the whole server.
     - Its idle timer stops once the client has closed its side (see the module's docstring).
     - Closing it never races a write. Hypercorn closes a connection from its reading task when
       the client breaks the protocol (for instance, more bytes after a ``Connection: close``
@@ -52,6 +57,12 @@ class _PromptlyClosedConnection(TCPServer):
       when the close is cancelled (at the end of a drain), where Hypercorn's would stay open
       until collected.
     """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception:
+            log.exception("a connection failed and was closed; serving goes on")
 
     async def _read_data(self) -> None:
         await super()._read_data()
