@@ -35,14 +35,21 @@ def settings_for(
     )
 
 
+async def start_first(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path, stop: trio.Event
+) -> tuple[Listening, str]:
+    """A server with reuse_port on a free port, and its ``host:port``."""
+    first: Listening = await nursery.start(
+        serve_tproxy, settings_for(tmp_path, "first", "127.0.0.1:0", upstream), stop
+    )
+    return first, first.proxy[0].removeprefix("http://")
+
+
 async def test_two_servers_share_one_port_and_both_answer(
     nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     stop = trio.Event()
-    first: Listening = await nursery.start(
-        serve_tproxy, settings_for(tmp_path, "first", "127.0.0.1:0", upstream), stop
-    )
-    address = first.proxy[0].removeprefix("http://")
+    first, address = await start_first(nursery, upstream, tmp_path, stop)
     second: Listening = await nursery.start(
         serve_tproxy, settings_for(tmp_path, "second", address, upstream), stop
     )
@@ -64,10 +71,7 @@ async def test_without_reuse_port_a_second_server_cannot_take_the_port(
     nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     stop = trio.Event()
-    first: Listening = await nursery.start(
-        serve_tproxy, settings_for(tmp_path, "first", "127.0.0.1:0", upstream), stop
-    )
-    address = first.proxy[0].removeprefix("http://")
+    _, address = await start_first(nursery, upstream, tmp_path, stop)
     plain = settings_for(tmp_path, "plain", address, upstream, reuse_port=False)
     expected = pytest.RaisesExc(ListenError, match=f"cannot listen on {address}: .*in use")
     with pytest.RaisesGroup(expected, flatten_subgroups=True):
