@@ -1,0 +1,68 @@
+"""``UpstreamResponse.chunks``: the body of an upstream answer, and its idle deadline.
+
+End to end, over real sockets, the deadlines are tested in ``tests/faults``; an HTTP/1.1 upstream
+there gets its idle deadline from httpx2's read timeout. An HTTP/2 answer keeps the deadline as a
+cancel scope per chunk (a read timeout would fail every stream of its connection); no HTTP/2
+upstream runs in the suite, so that path is tested here on an in-memory body, with Trio's
+virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx2
+import pytest
+import trio
+import trio.testing
+
+from tproxy.core.errors import UpstreamTimeout
+from tproxy.upstream import UpstreamResponse
+
+
+class PausingBody(httpx2.AsyncByteStream):
+    """Two chunks with ``pause`` seconds between them."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"first"
+        await trio.sleep(self.pause)
+        yield b"second"
+
+
+def answer(pause: float, idle_scope: float | None) -> UpstreamResponse:
+    response = httpx2.Response(200, stream=PausingBody(pause))
+    return UpstreamResponse(200, [], _response=response, _idle_scope=idle_scope)
+
+
+async def read_all(upstream_response: UpstreamResponse) -> list[bytes]:
+    return [chunk async for chunk in upstream_response.chunks()]
+
+
+async def test_a_pause_longer_than_the_idle_scope_is_an_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    received: list[bytes] = []
+
+    async def read_into_received() -> None:
+        async for chunk in answer(pause=5.0, idle_scope=1.0).chunks():
+            received.append(chunk)
+
+    with pytest.raises(UpstreamTimeout) as raised:
+        await read_into_received()
+    assert (received, raised.value.phase) == ([b"first"], "idle")
+
+
+async def test_a_pause_shorter_than_the_idle_scope_is_waited_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    assert await read_all(answer(pause=0.5, idle_scope=1.0)) == [b"first", b"second"]
+
+
+async def test_without_an_idle_scope_the_body_is_read_as_it_comes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """HTTP/1.1: the deadline is httpx2's read timeout, on the socket, not here."""
+    assert await read_all(answer(pause=60.0, idle_scope=None)) == [b"first", b"second"]
