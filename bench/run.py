@@ -1069,12 +1069,19 @@ def render(results: Results, info: RunInfo, kinds: list[Kind], analysis: str) ->
     out += ["", "## The goals of issue 8", ""]
     out += goals(results, info)
     out += errors_section(results, kinds)
-    out += ["", "## Analysis", ""]
-    match = ANALYSIS_BEGIN.search(analysis)
+    out += analysis_section(analysis, info.stamp)
+    return "\n".join(out)
+
+
+def analysis_section(previous: str, stamp: str) -> list[str]:
+    """The hand-written analysis of the report ``previous``, kept across runs and marked when it
+    was written for another run; a placeholder when there is none."""
+    out = ["", "## Analysis", ""]
+    match = ANALYSIS_BEGIN.search(previous)
     if match is None:
-        out += [f"<!-- analysis:begin run={info.stamp} -->", "_Not written yet._", ""]
+        out += [f"<!-- analysis:begin run={stamp} -->", "_Not written yet._", ""]
     else:
-        if match.group(1) != info.stamp:
+        if match.group(1) != stamp:
             out += [
                 f"> Written for the run of {match.group(1)}, not this one: check it against the "
                 "tables above.",
@@ -1082,7 +1089,7 @@ def render(results: Results, info: RunInfo, kinds: list[Kind], analysis: str) ->
             ]
         out += [f"<!-- analysis:begin run={match.group(1)} -->", match.group(2).rstrip("\n"), ""]
     out += ["<!-- analysis:end -->", ""]
-    return "\n".join(out)
+    return out
 
 
 def memory_section(info: RunInfo) -> list[str]:

@@ -40,12 +40,12 @@ import trio
 from load import LoadPool, LoadStuckError, Measurement, Mode, percentile
 from prometheus_client.parser import text_string_to_metric_families
 from run import (
-    ANALYSIS_BEGIN,
     BENCH,
     ROOT,
     BenchError,
     Server,
     Servers,
+    analysis_section,
     cpu_in_window,
     fmt_load,
     free_ports,
@@ -469,19 +469,7 @@ def render(
     ]
     out += ["", "## Errors", ""]
     out += errors or ["No request failed, timed out or got a status other than 200."]
-    out += ["", "## Analysis", ""]
-    match = ANALYSIS_BEGIN.search(previous)
-    if match is None:
-        out += [f"<!-- analysis:begin run={stamp} -->", "_Not written yet._", ""]
-    else:
-        if match.group(1) != stamp:
-            out += [
-                f"> Written for the run of {match.group(1)}, not this one: check it against the "
-                "tables above.",
-                "",
-            ]
-        out += [f"<!-- analysis:begin run={match.group(1)} -->", match.group(2).rstrip("\n"), ""]
-    out += ["<!-- analysis:end -->", ""]
+    out += analysis_section(previous, stamp)
     return "\n".join(out)
 
 
