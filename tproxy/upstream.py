@@ -235,9 +235,12 @@ class _GuardedTransport(httpx2.AsyncHTTPTransport):
     """httpx2's transport over a :class:`_LeftoverGuardPool` with the same settings."""
 
     def __init__(self, *, http2: bool, limits: httpx2.Limits) -> None:
-        super().__init__(http1=True, http2=http2, limits=limits, trust_env=False)
+        ssl_context = httpx2.create_ssl_context(trust_env=False)  # loaded once, for both pools
+        super().__init__(
+            http1=True, http2=http2, limits=limits, trust_env=False, verify=ssl_context
+        )
         self._pool = _LeftoverGuardPool(
-            ssl_context=httpx2.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
