@@ -7,7 +7,8 @@ httpx2's read timeout, which is exactly that gap (httpcore2 puts a deadline arou
 whether one is set or not, so it costs nothing more), set once the headers are in (on HTTP/2,
 where a read timeout fails the whole connection, a cancel scope per chunk); the whole exchange is
 the caller's cancel scope. httpx2's exceptions are translated here, at the edge, into
-:mod:`tproxy.core.errors`.
+:mod:`tproxy.core.errors`, and the upstream's header names are lower-cased here (httpx2 keeps
+them as written, and llama.cpp, Ollama and nginx write ``Content-Type``).
 
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
 connection whose last response was followed by more bytes is closed instead of recycled.
@@ -31,7 +32,7 @@ from tproxy.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tproxy.core.headers import Header
+from tproxy.core.headers import Header, lowered_names
 
 
 @dataclass(slots=True)
@@ -39,7 +40,7 @@ class UpstreamResponse:
     """An upstream response whose headers have arrived and whose body is still to be read."""
 
     status: int
-    headers: list[Header]
+    headers: list[Header]  # names lower-cased, as everything after this edge expects
     _response: httpx2.Response
     _idle_scope: float | None  # HTTP/2: the idle deadline as a scope per chunk (see open_response)
 
@@ -146,7 +147,7 @@ class UpstreamPool:
         try:
             yield UpstreamResponse(
                 status=response.status_code,
-                headers=list(response.headers.raw),
+                headers=lowered_names(response.headers.raw),
                 _response=response,
                 _idle_scope=idle_scope,
             )
@@ -292,7 +293,9 @@ async def open_upstream_pool(
                 client=client,
                 authorization=_authorization(upstream, env),
                 extra_headers=tuple(
-                    (n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
+                    lowered_names(
+                        (n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
+                    )
                 ),
             )
         yield UpstreamPool(upstreams)
