@@ -73,7 +73,13 @@ async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
     except httpx2.ReadTimeout as error:
         raise UpstreamTimeout("idle") from error
     except (httpx2.TransportError, httpx2.StreamError) as error:
-        raise UpstreamBroken(f"upstream body broke: {error!r}") from error
+        raise UpstreamBroken(f"upstream body broke: {_describe(error)}") from error
+
+
+def _describe(error: Exception) -> str:
+    """An httpx2 error in words, for the access log's reason: its message, or its kind when it
+    has none (``ReadError()`` often has none)."""
+    return str(error) or type(error).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +137,13 @@ class UpstreamPool:
             except httpx2.ConnectTimeout as error:
                 raise UpstreamTimeout("connect") from error
             except (httpx2.ConnectError, httpx2.UnsupportedProtocol) as error:
-                raise UpstreamConnectError(f"cannot connect to {name}: {error}") from error
+                raise UpstreamConnectError(
+                    f"cannot connect to {name}: {_describe(error)}"
+                ) from error
             except httpx2.TransportError as error:
-                raise UpstreamBroken(f"{name} failed before its response: {error!r}") from error
+                raise UpstreamBroken(
+                    f"{name} failed before its response: {_describe(error)}"
+                ) from error
         if response is None:
             assert scope.cancelled_caught
             raise UpstreamTimeout("total" if deadline <= first_byte_deadline else "first_byte")
