@@ -177,3 +177,16 @@ def test_demo_refuses_a_token_delay_out_of_range(
         main(["demo", "--token-delay", delay])
     assert exited.value.code == EXIT_USAGE
     assert "expected seconds between 0 and 10" in capsys.readouterr().err
+
+
+def test_check_config_and_serve_refuse_an_upstream_url_ending_in_v1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tproxy.toml"
+    config.write_text('[upstreams.local]\nurl = "http://127.0.0.1:8000/v1"\n')
+    assert main(["check-config", str(config)]) == EXIT_USAGE
+    [problem] = capsys.readouterr().err.splitlines()
+    assert problem.startswith(f"{config}: upstreams.local.url: ends in /v1")
+    assert problem.endswith('write "http://127.0.0.1:8000"')
+    assert main(["serve", "--config", str(config)]) == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines() == [f"tproxy: {problem}"]
