@@ -167,6 +167,7 @@ max_background = 2
 [log]
 level = "debug"
 format = "json"
+libraries = "info"
 
 [upstreams.main]
 url = "HTTPS://Example.COM:8443/base/"
@@ -222,7 +223,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
             finish_timeout=30.0,
             max_background=2,
         ),
-        log=LogSettings(level="debug", format="json"),
+        log=LogSettings(level="debug", format="json", libraries="info"),
         upstreams=(
             UpstreamSettings(
                 name="main",

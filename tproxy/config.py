@@ -116,6 +116,7 @@ class LogSettings:
 
     level: str = "info"
     format: str = "auto"
+    libraries: str = "warning"  # the level of the loggers of the libraries tproxy uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,7 +622,11 @@ _CACHE: dict[str, _Checker] = {
     "finish_timeout": _seconds,
     "max_background": _count,
 }
-_LOG: dict[str, _Checker] = {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)}
+_LOG: dict[str, _Checker] = {
+    "level": _choice(LOG_LEVELS),
+    "format": _choice(LOG_FORMATS),
+    "libraries": _choice(LOG_LEVELS),
+}
 _UPSTREAM: dict[str, _Checker] = {
     "url": _upstream_url,
     **_TIMEOUTS,

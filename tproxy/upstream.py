@@ -10,15 +10,27 @@ the caller's cancel scope. httpx2's exceptions are translated here, at the edge,
 :mod:`tproxy.core.errors`, and the upstream's header names are lower-cased here (httpx2 keeps
 them as written, and llama.cpp, Ollama and nginx write ``Content-Type``).
 
+The libraries' own loggers are held at ``log.libraries`` (WARNING by default) while the pool is
+open: httpx2 logs every request at INFO with its whole URL, query string (where clients put keys)
+included, and the access line already says it; hpack logs header values at DEBUG.
+
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
 connection whose last response was followed by more bytes is closed instead of recycled.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import httpcore2
@@ -271,17 +283,37 @@ def _authorization(settings: UpstreamSettings, environ: Mapping[str, str]) -> by
     return b"Bearer " + key.encode("latin-1")
 
 
+# The loggers of httpx2 and of the libraries under it (h2 and hpack also serve Hypercorn's HTTP/2).
+LIBRARY_LOGGERS = ("httpx2", "httpcore2", "h2", "hpack")
+
+
+@contextmanager
+def _library_log_level(level: str) -> Iterator[None]:
+    """Hold the libraries' loggers at ``level``; give them back their own levels on exit."""
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        for logger, own in zip(loggers, before, strict=True):
+            logger.setLevel(own)
+
+
 @asynccontextmanager
 async def open_upstream_pool(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> AsyncIterator[UpstreamPool]:
-    """Open one client per upstream; close them all on exit.
+    """Open one client per upstream; close them all on exit. Meanwhile the libraries' loggers
+    are held at ``settings.log.libraries``.
 
     Raises :class:`UpstreamError` when an upstream's API key variable is missing, so a
     misconfigured service fails at start, not on the first request.
     """
     env = os.environ if environ is None else environ
     async with AsyncExitStack() as stack:
+        stack.enter_context(_library_log_level(settings.log.libraries))
         upstreams: dict[str, _Upstream] = {}
         for upstream in settings.upstreams:
             limits = httpx2.Limits(
