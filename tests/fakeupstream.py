@@ -175,7 +175,7 @@ class FakeUpstream:
         await send(h11.Data(data=body))
         await send(h11.EndOfMessage())
 
-    async def _stream(self, stream, send, request: SeenRequest, payload: dict, case: str) -> None:  # type: ignore[no-untyped-def]
+    async def _stream(self, stream, send, request: SeenRequest, payload: dict, case: str) -> None:  # type: ignore[no-untyped-def,type-arg]
         knobs = request.headers
         eol = FRAMINGS[knobs.get("x-fake-framing", "lf")]
         delay = float(knobs.get("x-fake-delay", "0"))

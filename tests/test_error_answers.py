@@ -44,11 +44,28 @@ async def upstream_errors(proxy: RunningProxy, kind: str) -> float:
     return 0.0 if found is None else float(found.group(1))
 
 
-def assert_readable(response: httpx2.Response) -> None:
-    message = response.json()["error"]["message"]
+async def assert_answered_by_the_proxy(
+    proxy: RunningProxy,
+    caplog: pytest.LogCaptureFixture,
+    response: httpx2.Response,
+    answer: tuple[int, str],
+    state: str,
+    kind: str,
+) -> dict[str, object]:
+    """The client received ``answer`` (status, code) in a sentence, the access line says that
+    status and ``state``, and the upstream error was counted as ``kind``; returns the line."""
+    status, code = answer
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code
+    message = error["message"]
     assert not PYTHON_REPR.search(message), message
     assert message[0].isupper(), message
     assert message.endswith("."), message
+    [line] = access_lines(caplog)
+    assert (line["status"], line["state"]) == (status, state)
+    assert await upstream_errors(proxy, kind) == 1
+    return line
 
 
 async def test_an_upstream_that_hangs_up_is_a_502_in_words_and_in_the_access_line(
@@ -57,14 +74,11 @@ async def test_an_upstream_that_hangs_up_is_a_502_in_words_and_in_the_access_lin
     caplog.set_level(logging.INFO, logger="tproxy.access")
     response = await ask(proxy, chat("hang up"), {"x-fake-hang-up": "1"})
 
-    assert response.status_code == 502
-    assert response.json()["error"]["code"] == "upstream_unavailable"
-    assert_readable(response)
-    [line] = access_lines(caplog)
-    assert (line["status"], line["state"]) == (502, "upstream_failed")
+    line = await assert_answered_by_the_proxy(
+        proxy, caplog, response, (502, "upstream_unavailable"), "upstream_failed", "connect"
+    )
     assert "disconnected" in str(line["reason"])  # the detail stays in the log
     assert not PYTHON_REPR.search(str(line["reason"]))
-    assert await upstream_errors(proxy, "connect") == 1
 
 
 async def test_a_refused_connection_is_a_502_in_words_and_in_the_access_line(
@@ -76,11 +90,9 @@ async def test_a_refused_connection_is_a_502_in_words_and_in_the_access_line(
         proxy = await start_proxy(upstream_url=f"http://127.0.0.1:{sock.getsockname()[1]}")
         response = await ask(proxy, chat("refused"))
 
-    assert response.status_code == 502
-    assert_readable(response)
-    [line] = access_lines(caplog)
-    assert (line["status"], line["state"]) == (502, "upstream_failed")
-    assert await upstream_errors(proxy, "connect") == 1
+    await assert_answered_by_the_proxy(
+        proxy, caplog, response, (502, "upstream_unavailable"), "upstream_failed", "connect"
+    )
 
 
 async def test_an_upstream_that_never_answers_is_a_504_in_words_and_in_the_access_line(
@@ -90,12 +102,10 @@ async def test_an_upstream_that_never_answers_is_a_504_in_words_and_in_the_acces
     proxy = await start_proxy("[upstreams.default]\nfirst_byte_timeout = 0.2\n")
     response = await ask(proxy, chat("silence"), {"x-fake-stall-headers": "1"})
 
-    assert response.status_code == 504
-    assert response.json()["error"]["code"] == "upstream_timeout_first_byte"
-    assert_readable(response)
-    [line] = access_lines(caplog)
-    assert (line["status"], line["state"]) == (504, "timed_out")
-    assert await upstream_errors(proxy, "timeout_first_byte") == 1
+    answer = (504, "upstream_timeout_first_byte")
+    await assert_answered_by_the_proxy(
+        proxy, caplog, response, answer, "timed_out", "timeout_first_byte"
+    )
 
 
 async def test_a_body_that_breaks_keeps_the_status_the_client_received(

@@ -9,6 +9,7 @@ replayed without a Content-Type, and every miss carried ``Date`` and ``date``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import h11
 import httpx2
@@ -123,7 +124,7 @@ _VALUES = st.sampled_from(
 )
 
 
-def _recased(draw: st.DrawFn, name: str) -> bytes:
+def _recased(draw: Callable[[st.SearchStrategy[str]], str], name: str) -> bytes:
     return "".join(draw(st.sampled_from([c.upper(), c.lower()])) for c in name).encode()
 
 
