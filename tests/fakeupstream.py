@@ -9,10 +9,18 @@ and framing with request headers, which the proxy forwards:
 - ``x-fake-break-after``: close the connection after this many events, mid-body
 - ``x-fake-stall-after``: stop sending (but keep the connection open) after this many events
 - ``x-fake-stall-headers``: never send the response headers
+- ``x-fake-hang-up``: close the connection without answering
 - ``x-fake-status``: answer with this status and a JSON error
 - ``x-fake-no-done``: end the stream after the finish_reason chunk, without ``data: [DONE]``
 - ``x-fake-error-event``: send an ``event: error`` instead of the last chunk
 - ``x-fake-byte-chunks``: write the stream one byte per socket write
+- ``x-fake-header-case``: ``title`` (the default, see below), ``mixed`` or ``lower``
+
+Header names are written the way real servers write them: llama.cpp's server (cpp-httplib) and
+Ollama (Go's net/http) write Title-Case (``Content-Type: text/event-stream``) and send their own
+``Date`` and ``Server``. ``header_case`` changes that for every answer; ``mixed``
+(``cOnTeNt-TyPe``) is a peer no test should be kinder to than to the others. h11 writes the
+``Transfer-Encoding`` it adds in Title-Case whatever the choice.
 """
 
 from __future__ import annotations
@@ -23,12 +31,36 @@ import json
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from email.utils import formatdate
 
 import h11
 import trio
 from trio_util import AsyncValue
 
 FRAMINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
+
+HEADER_CASES = ("title", "mixed", "lower")
+
+SERVER_NAME = b"fake-upstream"
+
+
+def cased(name: str, case: str) -> bytes:
+    """A header name written in ``case``: ``title``, ``mixed`` or ``lower``."""
+    if case == "title":
+        written = "-".join(part.capitalize() for part in name.split("-"))
+    elif case == "mixed":
+        written = "".join(c.lower() if i % 2 else c.upper() for i, c in enumerate(name))
+    else:
+        written = name.lower()
+    return written.encode("ascii")
+
+
+def answer_head(status: int, case: str, headers: dict[str, bytes]) -> h11.Response:
+    """A response head with ``headers`` and the ``Date`` and ``Server`` real servers add."""
+    every = {**headers, "date": formatdate(usegmt=True).encode(), "server": SERVER_NAME}
+    return h11.Response(
+        status_code=status, headers=[(cased(name, case), value) for name, value in every.items()]
+    )
 
 
 @dataclass
@@ -44,6 +76,7 @@ class FakeUpstream:
     """Serve with :meth:`serve` in a nursery; read what it saw from its attributes."""
 
     port: int = 0
+    header_case: str = "title"
     requests: list[SeenRequest] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
     disconnects: int = 0
@@ -116,6 +149,9 @@ class FakeUpstream:
         if "x-fake-stall-headers" in knobs:
             await self._wait_for_close(stream)
             return
+        if "x-fake-hang-up" in knobs:
+            return  # the connection is closed with our side of the exchange unfinished
+        case = knobs.get("x-fake-header-case", self.header_case)
         status = int(knobs.get("x-fake-status", "200"))
         try:
             payload = json.loads(request.body) if request.body else {}
@@ -123,7 +159,7 @@ class FakeUpstream:
             payload = {}
         if status != 200:
             body = json.dumps({"error": {"message": "fake failure", "code": status}}).encode()
-            await send(_json_head(status, body))
+            await send(_json_head(status, body, case))
             await send(h11.Data(data=body))
             await send(h11.EndOfMessage())
             return
@@ -131,15 +167,15 @@ class FakeUpstream:
         if path.endswith("/embeddings"):
             body = json.dumps(embedding_answer(payload)).encode()
         elif payload.get("stream"):
-            await self._stream(stream, send, request, payload)
+            await self._stream(stream, send, request, payload, case)
             return
         else:
             body = json.dumps(completion_answer(payload)).encode()
-        await send(_json_head(200, body))
+        await send(_json_head(200, body, case))
         await send(h11.Data(data=body))
         await send(h11.EndOfMessage())
 
-    async def _stream(self, stream, send, request: SeenRequest, payload: dict) -> None:  # type: ignore[no-untyped-def]
+    async def _stream(self, stream, send, request: SeenRequest, payload: dict, case: str) -> None:  # type: ignore[no-untyped-def,type-arg]
         knobs = request.headers
         eol = FRAMINGS[knobs.get("x-fake-framing", "lf")]
         delay = float(knobs.get("x-fake-delay", "0"))
@@ -148,12 +184,7 @@ class FakeUpstream:
         events = stream_events(payload, done="x-fake-no-done" not in knobs)
         if "x-fake-error-event" in knobs:
             events[-1] = b"event: error\ndata: " + json.dumps({"error": "boom"}).encode()
-        await send(
-            h11.Response(
-                status_code=200,
-                headers=[(b"content-type", b"text/event-stream; charset=utf-8")],
-            )
-        )
+        await send(answer_head(200, case, {"content-type": b"text/event-stream; charset=utf-8"}))
         self.active_streams += 1
         try:
             for index, event in enumerate(events):
@@ -193,10 +224,9 @@ class FakeUpstream:
         self.disconnected.set()
 
 
-def _json_head(status: int, body: bytes) -> h11.Response:
-    return h11.Response(
-        status_code=status,
-        headers=[(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+def _json_head(status: int, body: bytes, case: str) -> h11.Response:
+    return answer_head(
+        status, case, {"content-type": b"application/json", "content-length": b"%d" % len(body)}
     )
 
 

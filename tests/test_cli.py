@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -177,3 +178,37 @@ def test_demo_refuses_a_token_delay_out_of_range(
         main(["demo", "--token-delay", delay])
     assert exited.value.code == EXIT_USAGE
     assert "expected seconds between 0 and 10" in capsys.readouterr().err
+
+
+def test_check_config_and_serve_refuse_an_upstream_url_ending_in_v1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tproxy.toml"
+    config.write_text('[upstreams.local]\nurl = "http://127.0.0.1:8000/v1"\n')
+    assert main(["check-config", str(config)]) == EXIT_USAGE
+    [problem] = capsys.readouterr().err.splitlines()
+    assert problem.startswith(f"{config}: upstreams.local.url: ends in /v1")
+    assert problem.endswith('write "http://127.0.0.1:8000"')
+    assert main(["serve", "--config", str(config)]) == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines() == [f"tproxy: {problem}"]
+
+
+def admin_endpoints() -> list[str]:
+    """The endpoints of the admin listener, as docs/telemetry.md's table lists them."""
+    text = (REPO / "docs" / "telemetry.md").read_text()
+    section = text.partition("## The admin listener")[2].partition("\n## ")[0]
+    return re.findall(r"^\| `(/\w+)` \|", section, re.M)
+
+
+def test_the_admin_listen_help_and_the_example_file_name_every_admin_endpoint(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    endpoints = admin_endpoints()
+    assert {"/healthz", "/readyz", "/metrics", "/inflight"} <= set(endpoints)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.rpartition("--admin-listen HOST:PORT")[2].split())
+    example = EXAMPLE.read_text().partition("\nadmin_listen =")[0].rpartition("\nlisten =")[2]
+    for endpoint in endpoints:
+        assert endpoint in help_text.partition(" -")[0], endpoint
+        assert endpoint in example, endpoint

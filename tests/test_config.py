@@ -167,6 +167,7 @@ max_background = 2
 [log]
 level = "debug"
 format = "json"
+libraries = "info"
 
 [upstreams.main]
 url = "HTTPS://Example.COM:8443/base/"
@@ -222,7 +223,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
             finish_timeout=30.0,
             max_background=2,
         ),
-        log=LogSettings(level="debug", format="json"),
+        log=LogSettings(level="debug", format="json", libraries="info"),
         upstreams=(
             UpstreamSettings(
                 name="main",
@@ -302,7 +303,7 @@ def test_a_tilde_in_cache_dir_is_the_home_directory(
     [
         ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
         ("http://127.0.0.1:8081/", "http://127.0.0.1:8081"),
-        ("HTTP://LocalHost/V1//", "http://localhost/V1"),
+        ("HTTP://LocalHost/Base//", "http://localhost/Base"),
         ("https://[::1]:8443/api/", "https://[::1]:8443/api"),
         ("https://[::1]", "https://[::1]"),
         ("http://llm_server.internal", "http://llm_server.internal"),
@@ -1096,3 +1097,26 @@ def test_an_empty_key_array_is_fine_when_the_keys_file_has_hashes(in_tmp_path: P
 
 def test_the_example_file_leaves_client_authentication_off() -> None:
     assert not load_settings(EXAMPLE).auth.enabled
+
+
+@pytest.mark.parametrize(
+    ("url", "root"),
+    [
+        ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080"),
+        ("http://127.0.0.1:11434/v1/", "http://127.0.0.1:11434"),
+        ("https://api.example.com/openai/V1", "https://api.example.com/openai"),
+    ],
+)
+def test_an_upstream_url_ending_in_v1_is_refused_with_the_url_to_write(url: str, root: str) -> None:
+    """The way SDKs write base_url; tproxy appends the client's /v1/... and each request 404s."""
+    [problem] = problems(f'[upstreams.local]\nurl = "{url}"\n')
+    assert problem.startswith("x.toml: upstreams.local.url: ends in /v1, so ")
+    assert problem.endswith(f'write "{root}"')
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None, Overrides(upstream=url))
+    assert raised.value.problems == (problem.replace("x.toml: upstreams.local.url", "--upstream"),)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://h:1/v12", "http://h:1/v1/x"])
+def test_other_upstream_paths_are_accepted(url: str) -> None:
+    assert load(f'[upstreams.local]\nurl = "{url}"\n').upstreams[0].url == url

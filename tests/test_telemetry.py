@@ -820,5 +820,7 @@ def test_cache_status_becomes_one_label(header: str | None, label: str) -> None:
 def test_upstream_errors_are_sorted_by_kind(
     case: str, status: int | None, kind: str | None
 ) -> None:
-    record = dataclasses.replace(record_of(TERMINAL_CASES[case]), status=status)
+    record = dataclasses.replace(
+        record_of(TERMINAL_CASES[case]), status=status, upstream_answered=status is not None
+    )
     assert upstream_error_kind(record) == kind

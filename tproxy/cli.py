@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", metavar="URL", help="the one upstream to forward to")
     serve.add_argument("--cache-dir", type=Path, metavar="DIR", help="LMDB cache directory")
     serve.add_argument(
-        "--admin-listen", metavar="HOST:PORT", help="admin address (/healthz, /readyz)"
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="admin address (/healthz, /readyz, /metrics, /inflight)",
     )
 
     demo = commands.add_parser(

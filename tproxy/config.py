@@ -116,6 +116,7 @@ class LogSettings:
 
     level: str = "info"
     format: str = "auto"
+    libraries: str = "warning"  # the level of the loggers of the libraries tproxy uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +381,24 @@ def _url(value: object) -> str:
         raise _BadValueError(str(error)) from None
 
 
+def _upstream_url(value: object) -> str:
+    """An upstream's URL, to which each request's whole path is appended as the client sent it.
+
+    A URL ending in ``/v1`` (the way an SDK's ``base_url`` is written) would send every request
+    to ``/v1/v1/...``, and each would fail upstream with a 404: refused here, with the fix.
+    """
+    url = _url(value)
+    path = urlsplit(url).path
+    if path.lower().endswith("/v1"):
+        base = url.removesuffix(path[-3:])
+        raise _BadValueError(
+            f"ends in /v1, so a client's /v1/chat/completions would go to"
+            f" {path}/v1/chat/completions (a 404): tproxy passes the client's whole path on;"
+            f" write {_show(base)}"
+        )
+    return url
+
+
 def _choice(options: Sequence[str]) -> _Checker:
     def check(value: object) -> str:
         text = _string(value)
@@ -603,9 +622,13 @@ _CACHE: dict[str, _Checker] = {
     "finish_timeout": _seconds,
     "max_background": _count,
 }
-_LOG: dict[str, _Checker] = {"level": _choice(LOG_LEVELS), "format": _choice(LOG_FORMATS)}
+_LOG: dict[str, _Checker] = {
+    "level": _choice(LOG_LEVELS),
+    "format": _choice(LOG_FORMATS),
+    "libraries": _choice(LOG_LEVELS),
+}
 _UPSTREAM: dict[str, _Checker] = {
-    "url": _url,
+    "url": _upstream_url,
     **_TIMEOUTS,
     "headers": _headers,
     "api_key_env": _env_name,
@@ -926,7 +949,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     auth = _read_auth(_table(document, "auth", problems), base, problems)
 
     flags: dict[str, Any] = {}
-    _apply_flag(flags, "url", "--upstream", _url, overrides.upstream, problems)
+    _apply_flag(flags, "url", "--upstream", _upstream_url, overrides.upstream, problems)
     _apply_flag(server_values, "listen", "--listen", _address, overrides.listen, problems)
     _apply_flag(
         server_values, "admin_listen", "--admin-listen", _address, overrides.admin_listen, problems

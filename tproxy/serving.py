@@ -28,9 +28,13 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from http import HTTPStatus
 
+import h11
 import trio
 from hypercorn.config import Config
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
@@ -42,7 +46,7 @@ log = logging.getLogger("tproxy.serving")
 
 
 class _PromptlyClosedConnection(TCPServer):
-    """Hypercorn's connection, with three repairs.
+    """Hypercorn's connection, with four repairs.
 
     - A connection that fails is closed and logged; the server goes on. Hypercorn's own loop lets
       anything but ``OSError`` out of a connection's task, which ends the whole server.
@@ -56,7 +60,23 @@ class _PromptlyClosedConnection(TCPServer):
       reports as a closed connection, as it would a departed client. The socket is closed even
       when the close is cancelled (at the end of a drain), where Hypercorn's would stay open
       until collected.
+    - Its status lines carry the reason phrase (``200 OK``): Hypercorn's have none.
     """
+
+    @property
+    def protocol(self) -> ProtocolWrapper:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        """Hypercorn's protocol for this connection; an HTTP/1.1 one, not yet started, is given
+        an h11 connection that writes reason phrases (see :class:`_PhrasedH11Connection`)."""
+        inner = wrapper.protocol
+        if isinstance(inner, H11Protocol) and type(inner.connection) is h11.Connection:
+            inner.connection = _PhrasedH11Connection(
+                h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+            )
+        self._protocol = wrapper
 
     async def run(self) -> None:
         try:
@@ -80,6 +100,31 @@ class _PromptlyClosedConnection(TCPServer):
                 self.send_lock.release()
         finally:
             await trio.aclose_forcefully(self.stream)  # closed even when cancelled midway
+
+
+class _PhrasedH11Connection(h11.Connection):
+    """h11's server connection; a response sent without a reason phrase gets the standard one.
+
+    Hypercorn builds every ``h11.Response`` without a reason, so the status line read
+    ``HTTP/1.1 200 `` (legal, RFC 9112 §4, but curl, logs and people expect ``200 OK``).
+    """
+
+    def send(self, event: h11.Event) -> bytes | None:  # type: ignore[override]
+        if isinstance(event, h11.Response | h11.InformationalResponse) and not event.reason:
+            event = type(event)(
+                status_code=event.status_code,
+                headers=event.headers.raw_items(),
+                http_version=event.http_version,
+                reason=_reason_phrase(event.status_code),
+            )
+        return super().send(event)
+
+
+def _reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""  # a status without a registered phrase keeps an empty one
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,6 +135,7 @@ class ExchangeRecord:
     tenant: str | None
     cache: str | None  # "stored", or why the answer was not stored
     collapsed: bool
+    upstream_answered: bool  # the upstream's response started (its status reached the client)
 
     @classmethod
     def from_exchange(
@@ -180,6 +181,7 @@ class ExchangeRecord:
             tenant=tenant_label(exchange.tenant),
             cache=cache_outcome,
             collapsed=collapsed,
+            upstream_answered=State.STREAMING in exchange.history,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -997,7 +999,7 @@ def upstream_error_kind(record: ExchangeRecord) -> str | None:
         phase = (record.reason or "").removeprefix("timeout:")
         return f"timeout_{phase}" if phase in _TIMEOUT_PHASES else "timeout_other"
     if record.state == State.UPSTREAM_FAILED.value:
-        return "connect" if record.status is None else "broken"
+        return "broken" if record.upstream_answered else "connect"
     if record.upstream is None or record.status is None or record.state == State.REJECTED.value:
         return None
     if record.status == 429:

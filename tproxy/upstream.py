@@ -7,7 +7,12 @@ httpx2's read timeout, which is exactly that gap (httpcore2 puts a deadline arou
 whether one is set or not, so it costs nothing more), set once the headers are in (on HTTP/2,
 where a read timeout fails the whole connection, a cancel scope per chunk); the whole exchange is
 the caller's cancel scope. httpx2's exceptions are translated here, at the edge, into
-:mod:`tproxy.core.errors`.
+:mod:`tproxy.core.errors`, and the upstream's header names are lower-cased here (httpx2 keeps
+them as written, and llama.cpp, Ollama and nginx write ``Content-Type``).
+
+The libraries' own loggers are held at ``log.libraries`` (WARNING by default) while the pool is
+open: httpx2 logs every request at INFO with its whole URL, query string (where clients put keys)
+included, and the access line already says it; hpack logs header values at DEBUG.
 
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
 connection whose last response was followed by more bytes is closed instead of recycled.
@@ -15,9 +20,17 @@ connection whose last response was followed by more bytes is closed instead of r
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import httpcore2
@@ -31,7 +44,7 @@ from tproxy.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from tproxy.core.headers import Header
+from tproxy.core.headers import Header, lowered_names
 
 
 @dataclass(slots=True)
@@ -39,7 +52,7 @@ class UpstreamResponse:
     """An upstream response whose headers have arrived and whose body is still to be read."""
 
     status: int
-    headers: list[Header]
+    headers: list[Header]  # names lower-cased, as everything after this edge expects
     _response: httpx2.Response
     _idle_scope: float | None  # HTTP/2: the idle deadline as a scope per chunk (see open_response)
 
@@ -72,7 +85,13 @@ async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
     except httpx2.ReadTimeout as error:
         raise UpstreamTimeout("idle") from error
     except (httpx2.TransportError, httpx2.StreamError) as error:
-        raise UpstreamBroken(f"upstream body broke: {error!r}") from error
+        raise UpstreamBroken(f"upstream body broke: {_describe(error)}") from error
+
+
+def _describe(error: Exception) -> str:
+    """An httpx2 error in words, for the access log's reason: its message, or its kind when it
+    has none (``ReadError()`` often has none)."""
+    return str(error) or type(error).__name__
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +149,13 @@ class UpstreamPool:
             except httpx2.ConnectTimeout as error:
                 raise UpstreamTimeout("connect") from error
             except (httpx2.ConnectError, httpx2.UnsupportedProtocol) as error:
-                raise UpstreamConnectError(f"cannot connect to {name}: {error}") from error
+                raise UpstreamConnectError(
+                    f"cannot connect to {name}: {_describe(error)}"
+                ) from error
             except httpx2.TransportError as error:
-                raise UpstreamBroken(f"{name} failed before its response: {error!r}") from error
+                raise UpstreamBroken(
+                    f"{name} failed before its response: {_describe(error)}"
+                ) from error
         if response is None:
             assert scope.cancelled_caught
             raise UpstreamTimeout("total" if deadline <= first_byte_deadline else "first_byte")
@@ -146,7 +169,7 @@ class UpstreamPool:
         try:
             yield UpstreamResponse(
                 status=response.status_code,
-                headers=list(response.headers.raw),
+                headers=lowered_names(response.headers.raw),
                 _response=response,
                 _idle_scope=idle_scope,
             )
@@ -260,17 +283,37 @@ def _authorization(settings: UpstreamSettings, environ: Mapping[str, str]) -> by
     return b"Bearer " + key.encode("latin-1")
 
 
+# The loggers of httpx2 and of the libraries under it (h2 and hpack also serve Hypercorn's HTTP/2).
+LIBRARY_LOGGERS = ("httpx2", "httpcore2", "h2", "hpack")
+
+
+@contextmanager
+def _library_log_level(level: str) -> Iterator[None]:
+    """Hold the libraries' loggers at ``level``; give them back their own levels on exit."""
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        for logger, own in zip(loggers, before, strict=True):
+            logger.setLevel(own)
+
+
 @asynccontextmanager
 async def open_upstream_pool(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> AsyncIterator[UpstreamPool]:
-    """Open one client per upstream; close them all on exit.
+    """Open one client per upstream; close them all on exit. Meanwhile the libraries' loggers
+    are held at ``settings.log.libraries``.
 
     Raises :class:`UpstreamError` when an upstream's API key variable is missing, so a
     misconfigured service fails at start, not on the first request.
     """
     env = os.environ if environ is None else environ
     async with AsyncExitStack() as stack:
+        stack.enter_context(_library_log_level(settings.log.libraries))
         upstreams: dict[str, _Upstream] = {}
         for upstream in settings.upstreams:
             limits = httpx2.Limits(
@@ -292,7 +335,9 @@ async def open_upstream_pool(
                 client=client,
                 authorization=_authorization(upstream, env),
                 extra_headers=tuple(
-                    (n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
+                    lowered_names(
+                        (n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
+                    )
                 ),
             )
         yield UpstreamPool(upstreams)

@@ -129,14 +129,15 @@ def response_head(
     delimited_by_close: bool = False,
 ) -> bytes:
     """A response head, chunked unless ``length`` is given or the body is ``delimited_by_close``
-    (no framing at all: the body ends when the connection does, as in HTTP/1.0)."""
+    (no framing at all: the body ends when the connection does, as in HTTP/1.0). Header names in
+    Title-Case, as llama.cpp's server and Ollama write them."""
     if delimited_by_close:
         framing = b""
     elif length is None:
-        framing = b"transfer-encoding: chunked\r\n"
+        framing = b"Transfer-Encoding: chunked\r\n"
     else:
-        framing = b"content-length: %d\r\n" % length
-    return b"HTTP/1.1 %d X\r\ncontent-type: %s\r\n%sconnection: close\r\n\r\n" % (
+        framing = b"Content-Length: %d\r\n" % length
+    return b"HTTP/1.1 %d X\r\nContent-Type: %s\r\n%sConnection: close\r\n\r\n" % (
         status,
         content_type,
         framing,

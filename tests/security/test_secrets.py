@@ -78,11 +78,12 @@ async def stop(proxy: RunningProxy) -> None:
 
 @pytest.fixture
 async def keyed_proxy(start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch) -> RunningProxy:
-    """A proxy that injects its own key for the upstream, and caps bodies at 1000 bytes."""
+    """A proxy that injects its own key for the upstream, caps bodies at 1000 bytes, and lets
+    the libraries under it log at DEBUG (by default they are held at WARNING)."""
     monkeypatch.setenv(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
     return await start_proxy(
         f'[upstreams.default]\napi_key_env = "{UPSTREAM_KEY_ENV}"\n'
-        "[server]\nmax_body_bytes = 1000\n"
+        '[server]\nmax_body_bytes = 1000\n[log]\nlibraries = "debug"\n'
     )
 
 
@@ -107,6 +108,7 @@ async def test_no_credential_reaches_a_log_line_or_the_output(
     await stop(keyed_proxy)
     output = capsys.readouterr()
     assert len(caplog.records) > len(SECRETS)
+    assert any(record.name.startswith("httpcore2") for record in caplog.records)
     for record in caplog.records:
         logged = repr(vars(record)) + record.getMessage()
         for secret in secret_bytes():

@@ -62,16 +62,26 @@ class ResponseFinished:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamFailed:
-    """The upstream could not be reached, or its response broke; ``reason`` says how."""
+    """The upstream could not be reached, or its response broke; ``reason`` says how.
+
+    ``answered`` is the status of the error answer the proxy sent in its place (502) when the
+    failure came before the response started; None when the client had the upstream's status.
+    """
 
     reason: str
+    answered: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class TimedOut:
-    """A deadline passed; ``phase`` is ``connect``, ``first_byte``, ``idle`` or ``total``."""
+    """A deadline passed; ``phase`` is ``connect``, ``first_byte``, ``idle`` or ``total``.
+
+    ``answered`` is the status of the error answer the proxy sent (504) when the deadline passed
+    before the response started; None when the client had the upstream's status.
+    """
 
     phase: str
+    answered: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

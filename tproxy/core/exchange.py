@@ -161,10 +161,14 @@ class Exchange:
             case Rejected(status=status, code=code):
                 self.status = status
                 self.reason = code
-            case UpstreamFailed(reason=reason) | InternalError(reason=reason):
+            case UpstreamFailed(reason=reason, answered=answered):
                 self.reason = reason
-            case TimedOut(phase=phase):
+                self._answered(answered)
+            case InternalError(reason=reason):
+                self.reason = reason
+            case TimedOut(phase=phase, answered=answered):
                 self.reason = f"timeout:{phase}"
+                self._answered(answered)
             case CacheHit():
                 self.status = 200
                 self.headers_at = now
@@ -172,6 +176,12 @@ class Exchange:
                 self.collapsed = True
             case _:
                 pass
+
+    def _answered(self, status: int | None) -> None:
+        """The proxy answered with ``status`` in place of the upstream: that is what the client
+        received, so that is the exchange's status."""
+        if status is not None:
+            self.status = status
 
     def note_upstream_chunk(self, size: int, now: float) -> None:
         """Count a chunk of the upstream's body (accounting only)."""

@@ -1,6 +1,10 @@
 """Which headers cross the proxy, in each direction.
 
-Theory of operation: headers are ASGI-style pairs of bytes with lower-case names. A proxy must drop
+Theory of operation: headers are ASGI-style pairs of bytes with lower-case names. Header names are
+case-insensitive (RFC 9110 §5.1) and peers write them as they like (llama.cpp's server, Ollama and
+nginx write ``Content-Type``), so the names are lowered once, where headers enter: Hypercorn (h11,
+h2) hands requests over lowered, ``upstream.py`` lowers the upstream's with
+:func:`lowered_names`, and every comparison after that is exact. A proxy must drop
 hop-by-hop headers (RFC 9110 §7.6.1): ``Connection``, every header ``Connection`` names, and the
 fixed list below; they describe one connection, not the message. ``Host`` is replaced by the
 upstream's, ``Content-Length`` is recomputed by the HTTP client for the body we send, and
@@ -36,6 +40,11 @@ _REQUEST_OWNED = frozenset(
 
 # A request id we accept from a client: short and printable, so it is safe in logs and headers.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+def lowered_names(headers: Iterable[Header]) -> list[Header]:
+    """``headers`` as a peer wrote them, with the names lower-cased and the values untouched."""
+    return [(name.lower(), value) for name, value in headers]
 
 
 def _connection_tokens(headers: Iterable[Header]) -> frozenset[bytes]:

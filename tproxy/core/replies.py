@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
-from tproxy.core.errors import RequestRejected, UpstreamError, UpstreamTimeout
+from tproxy.core.errors import (
+    RequestRejected,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -25,8 +30,26 @@ def error_body(status: int, code: str, message: str) -> bytes:
     return json.dumps({"error": error}, separators=(",", ":")).encode()
 
 
+# What a client is told when the upstream gave no answer, by the deadline that passed.
+_TIMEOUT_MESSAGES = {
+    "connect": "The proxy could not connect to the upstream server in time.",
+    "first_byte": "The upstream server did not start its answer in time.",
+    "idle": "The upstream server stopped sending its answer.",
+    "total": "The upstream server did not finish its answer in time.",
+}
+
+
 def rejection_for(error: UpstreamError) -> RequestRejected:
-    """The error answer for an upstream failure that happened before any response started."""
+    """The error answer for an upstream failure that happened before any response started.
+
+    The message is a sentence for people, the same for every failure of a kind: the detail (an
+    address, a library's exception) belongs in the access log's ``reason``, not in the body.
+    """
     if isinstance(error, UpstreamTimeout):
-        return RequestRejected(504, f"upstream_timeout_{error.phase}", str(error))
-    return RequestRejected(502, "upstream_unavailable", str(error))
+        message = _TIMEOUT_MESSAGES.get(error.phase, "The upstream server did not answer in time.")
+        return RequestRejected(504, f"upstream_timeout_{error.phase}", message)
+    if isinstance(error, UpstreamConnectError):
+        message = "The proxy could not connect to the upstream server."
+    else:
+        message = "The upstream server closed the connection without a complete answer."
+    return RequestRejected(502, "upstream_unavailable", message)

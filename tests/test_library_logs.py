@@ -1,0 +1,73 @@
+"""What the libraries under tproxy log: nothing below WARNING unless ``log.libraries`` asks.
+
+httpx2 logged an INFO line per upstream request: it doubled the log (the access line already says
+it) and carried the upstream URL whole, query string included, where clients put keys
+(``?api-key=...``); hpack logs header values at DEBUG. No log record emitted while serving a
+request may hold its query string, whatever the level (docs/telemetry.md promises paths without
+query strings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tests.conftest import StartProxy
+from tests.security.rawhttp import raw_request
+
+SECRET = "sk-query-secret-7f3a"
+
+
+def request(path: str, body: dict[str, object], *extra: bytes) -> bytes:
+    data = json.dumps(body).encode()
+    head = [f"POST {path} HTTP/1.1".encode(), b"Host: tproxy", b"Connection: close", *extra]
+    head += [b"Content-Type: application/json", b"Content-Length: %d" % len(data)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + data
+
+
+def chat(content: str, **extra: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def holding(records: list[logging.LogRecord], text: str) -> list[logging.LogRecord]:
+    """The records in which ``text`` appears: in the message, its arguments or any extra."""
+    return [
+        record for record in records if text in record.getMessage() or text in repr(vars(record))
+    ]
+
+
+async def test_no_log_record_at_any_level_holds_a_query_string(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy()
+    path = f"/v1/chat/completions?api-key={SECRET}"
+    for body, extra in [
+        (chat("a json miss"), ()),
+        (chat("a json miss"), ()),  # and its hit
+        (chat("a stream", stream=True), ()),
+        (chat("hang up"), (b"X-Fake-Hang-Up: 1",)),  # a 502
+    ]:
+        await raw_request(proxy.url, request(path, body, *extra))
+        await proxy.flush()
+
+    assert any(record.name == "tproxy.access" for record in caplog.records)
+    assert holding(caplog.records, SECRET) == []
+    assert [r.name for r in caplog.records if r.name.startswith(("httpx2", "httpcore2"))] == []
+
+
+async def test_library_logs_come_back_when_the_settings_ask(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    proxy = await start_proxy('[log]\nlibraries = "info"\n')
+    await raw_request(proxy.url, request("/v1/chat/completions", chat("loud")))
+    await proxy.flush()
+
+    assert any(record.name == "httpx2" for record in caplog.records)
+    assert not any(
+        record.name.startswith("httpcore2") and record.levelno < logging.INFO
+        for record in caplog.records
+    )
