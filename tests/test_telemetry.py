@@ -11,6 +11,8 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -422,6 +424,33 @@ async def test_the_payload_file_is_rotated_by_size_and_keeps_the_newest_files(
     flat = [number for group in numbers for number in group]
     assert flat == list(range(40 - len(flat), 40)), "the newest records, in order"
     assert all(numbers)
+
+
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """The umask most systems give a process (022): files would be readable by everyone."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.usefixtures("usual_umask")
+async def test_payload_files_and_their_directory_are_for_the_owner_only(tmp_path: Path) -> None:
+    """The payload log holds prompts and answers: private like the store, whatever the umask."""
+    path = tmp_path / "logs" / "payload.jsonl"
+    settings = make_settings(access_log=False, enabled=True, file=path, max_bytes=1000, keep=2)
+    payload = Payload(b'{"prompt":"' + b"p" * 600 + b'"}', None, body=b'{"ok":true}')
+    async with open_telemetry(settings, inflight=None, store=None, store_writer=None) as t:
+        for _ in range(2):
+            t.exchange_finished(record_of(TERMINAL_CASES["completed"]), payload)
+            await t.flush()
+    assert sorted(file.name for file in path.parent.iterdir()) == [
+        "payload.jsonl",
+        "payload.jsonl.1",
+    ]
+    for file in path.parent.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 async def test_a_file_sink_that_cannot_write_drops_and_counts_then_recovers(

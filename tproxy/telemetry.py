@@ -87,6 +87,9 @@ _MAX_MODEL_LABELS = 64
 _MAX_OUTCOME_LABELS = 16
 _TIMEOUT_PHASES = frozenset({"connect", "first_byte", "idle", "total"})
 _KNOWN_FWD = frozenset({"miss", "stale", "request", "bypass", "uri-miss", "vary-miss", "method"})
+_PRIVATE_FILE = 0o600
+_PRIVATE_DIRECTORY = 0o700
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _TENANT_DOMAIN = b"tproxy/log-tenant\x00"
 _TENANT_HEX_DIGITS = 12
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -552,7 +555,7 @@ class _FileSink(_Sink):
     def _write(self, batch: list[_Item]) -> None:
         """Serialise and append ``batch`` (in a worker thread); raises OSError."""
         lines = [_json_line(record, payload) for record, payload in batch if payload is not None]
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=_PRIVATE_DIRECTORY, parents=True, exist_ok=True)
         try:
             size = self._path.stat().st_size
         except FileNotFoundError:
@@ -561,7 +564,10 @@ class _FileSink(_Sink):
             if number:
                 self._rotate()
             if segment:
-                with self._path.open("ab") as handle:
+                # Created for the owner only, as the store is: the records hold prompts. A
+                # rotated file is this one renamed, so it keeps the mode.
+                descriptor = os.open(self._path, _APPEND_FLAGS, _PRIVATE_FILE)
+                with open(descriptor, "ab") as handle:
                     handle.write(b"".join(segment))
 
     def _rotate(self) -> None:
