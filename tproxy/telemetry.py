@@ -34,8 +34,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import ssl
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -48,7 +50,14 @@ from urllib.parse import urlsplit
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from trio_util import AsyncValue
 
@@ -85,6 +94,7 @@ _MAX_REASON_CHARS = 300
 _MAX_LABEL_CHARS = 128
 _MAX_MODEL_LABELS = 64
 _MAX_OUTCOME_LABELS = 16
+_SAVING_CACHE_LABELS = frozenset({"hit", "collapsed"})
 _TIMEOUT_PHASES = frozenset({"connect", "first_byte", "idle", "total"})
 _KNOWN_FWD = frozenset({"miss", "stale", "request", "bypass", "uri-miss", "vary-miss", "method"})
 _PRIVATE_FILE = 0o600
@@ -121,6 +131,7 @@ class ExchangeRecord:
     client: str | None
     method: str
     path: str  # without the query string, which may carry a key
+    route: str | None  # the route's name from the configuration; None before one was chosen
     upstream: str | None
     model: str | None
     status: int | None
@@ -144,6 +155,7 @@ class ExchangeRecord:
         cls,
         exchange: Exchange,
         *,
+        route: str | None,
         bytes_in: int,
         usage: Mapping[str, object] | None,
         cache_outcome: str | None,
@@ -152,7 +164,9 @@ class ExchangeRecord:
     ) -> ExchangeRecord:
         """The record of ``exchange``, which should be finished.
 
-        ``usage`` is the upstream's ``usage`` object; only its top-level counts are kept.
+        ``route`` is the name of the route that took the request (None: refused before one was
+        chosen). ``usage`` is the answer's ``usage`` object (for a cache hit, the stored
+        answer's); only its top-level counts are kept.
         ``cache_outcome`` is ``"stored"`` or the reason the answer was not stored (None: caching
         was not attempted). ``now_unix`` is ``time.time()``.
         """
@@ -166,6 +180,7 @@ class ExchangeRecord:
             client=exchange.client,
             method=exchange.method,
             path=exchange.path.partition("?")[0],
+            route=route,
             upstream=exchange.upstream,
             model=exchange.model,
             status=exchange.status,
@@ -744,6 +759,47 @@ class _Labels:
         return value
 
 
+class _ConfiguredNames:
+    """Route or upstream names as label values: only names from the configuration, so the label
+    stays bounded; "none" where there is no name, "other" for one the configuration lacks."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._names = frozenset(names)
+
+    def __call__(self, name: str | None) -> str:
+        if name is None:
+            return "none"
+        return name if name in self._names else "other"
+
+
+class _WithoutCreated:
+    """A registry's metrics without the ``_created`` series prometheus-client adds to counters
+    and histograms (a start time per series, which doubles the series and which dashboards do
+    not use). For this registry only: the library's own switch is global to the process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            created = f"{metric.name}_created"
+            # Every collect() builds its families afresh: changing them here is safe.
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
+
+
+class ProcessMetrics(ProcessCollector):
+    """prometheus-client's ``process_*`` metrics, also where /proc shows only processes.
+
+    The library reads the boot time from /proc/stat and reports nothing at all without it; the
+    unit's ``ProcSubset=pid`` hides that file. The kernel computes that ``btime`` as the time now
+    less the time since boot, and so does this, from clocks that need no file.
+    """
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class _ScrapeCollector:
     """Reads, at scrape time, what other parts of the server own."""
 
@@ -873,31 +929,40 @@ class Telemetry:
         ]
         self._models = _Labels(_MAX_MODEL_LABELS)
         self._outcomes = _Labels(_MAX_OUTCOME_LABELS)
+        self._routes = _ConfiguredNames(route.name for route in settings.routes)
+        self._upstreams = _ConfiguredNames(upstream.name for upstream in settings.upstreams)
         self.registry = CollectorRegistry()
+        self._exposed = _WithoutCreated(self.registry)
+        ProcessMetrics(registry=self.registry)
+        Info(
+            "tproxy_build",
+            "The tproxy version and the Python that runs it.",
+            registry=self.registry,
+        ).info({"version": __version__, "python": platform.python_version()})
         self._requests = Counter(
             "tproxy_requests",
-            "Requests finished, by terminal state and cache status.",
-            ["state", "cache"],
+            "Requests finished, by terminal state, cache status, route and upstream.",
+            ["state", "cache", "route", "upstream"],
             registry=self.registry,
         )
         self._ttfb = Histogram(
             "tproxy_time_to_first_byte_seconds",
             "Time from the request to the first byte of the answer's body.",
-            ["source"],
+            ["source", "route", "upstream"],
             buckets=_TTFB_BUCKETS,
             registry=self.registry,
         )
         self._duration = Histogram(
             "tproxy_request_duration_seconds",
             "Time from the request to its terminal state.",
-            ["source"],
+            ["source", "route", "upstream"],
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
         self._upstream_errors = Counter(
             "tproxy_upstream_errors",
-            "Exchanges the upstream failed, by kind.",
-            ["kind"],
+            "Exchanges the upstream failed, by kind, route and upstream.",
+            ["kind", "route", "upstream"],
             registry=self.registry,
         )
         self._followers = Counter(
@@ -915,6 +980,13 @@ class Telemetry:
             "tproxy_tokens",
             "Tokens the upstreams reported in usage, by model and kind.",
             ["model", "kind"],
+            registry=self.registry,
+        )
+        self._saved_tokens = Counter(
+            "tproxy_tokens_saved",
+            "Tokens of answers served without an upstream call (cache hits, coalesced followers),"
+            " from the answers' usage, by model, kind and cache status.",
+            ["model", "kind", "cache"],
             registry=self.registry,
         )
         self.registry.register(_ScrapeCollector(inflight, store, store_writer, self._sinks))
@@ -949,7 +1021,7 @@ class Telemetry:
 
     def metrics_text(self) -> bytes:
         """The metrics in the Prometheus text format (:data:`METRICS_CONTENT_TYPE`)."""
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
     def statistics(self) -> dict[str, SinkStatistics]:
         """Each sink's counts, by sink name (``access``, ``file``, ``http``)."""
@@ -974,23 +1046,38 @@ class Telemetry:
 
     def _count(self, record: ExchangeRecord) -> None:
         cache = cache_label(record.cache_status, record.collapsed)
-        self._requests.labels(state=record.state, cache=cache).inc()
+        route = self._routes(record.route)
+        upstream = self._upstreams(record.upstream)
+        self._requests.labels(state=record.state, cache=cache, route=route, upstream=upstream).inc()
         source = "cache" if cache == "hit" else "upstream" if record.upstream else "proxy"
         if record.ttfb is not None:
-            self._ttfb.labels(source=source).observe(record.ttfb)
+            self._ttfb.labels(source, route, upstream).observe(record.ttfb)
         if record.duration is not None:
-            self._duration.labels(source=source).observe(record.duration)
+            self._duration.labels(source, route, upstream).observe(record.duration)
         kind = upstream_error_kind(record)
         if kind is not None:
-            self._upstream_errors.labels(kind=kind).inc()
+            self._upstream_errors.labels(kind=kind, route=route, upstream=upstream).inc()
         if record.collapsed:
             self._followers.inc()
         if record.usage is not None:
-            model = self._models(record.model)
-            for kind, member in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-                count = record.usage.get(member)
-                if count:
-                    self._tokens.labels(model=model, kind=kind).inc(count)
+            self._count_tokens(record, cache)
+
+    def _count_tokens(self, record: ExchangeRecord, cache: str) -> None:
+        """The upstream spent the tokens of the answer it produced once; a hit or a follower was
+        served that answer again without an upstream call: its tokens are what was saved."""
+        assert record.usage is not None
+        saved = cache in _SAVING_CACHE_LABELS
+        if saved and record.state != State.COMPLETED.value:
+            return  # a client that left early was not served the whole answer
+        model = self._models(record.model)
+        for kind, member in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+            count = record.usage.get(member)
+            if not count:
+                continue
+            if saved:
+                self._saved_tokens.labels(model=model, kind=kind, cache=cache).inc(count)
+            else:
+                self._tokens.labels(model=model, kind=kind).inc(count)
 
 
 def upstream_error_kind(record: ExchangeRecord) -> str | None:
