@@ -23,7 +23,9 @@ it assembles them (:mod:`tproxy.core.assemble`). Memory ceiling of the payload l
 ``queue_size`` × (2 × ``max_record_bytes``) plus one batch being written.
 
 Metrics live on a :class:`prometheus_client.CollectorRegistry` of this instance (no global
-state). Counters move in :meth:`Telemetry.exchange_finished`; what other parts own (in-flight
+state), exposed without ``_created`` series, with the process's own figures (``process_*``) and
+``tproxy_build_info``. Counters move in :meth:`Telemetry.exchange_finished`; labels that name a
+route or an upstream take names from the configuration only. What other parts own (in-flight
 exchanges, the store, the store writer, the sinks' own counts) is read when ``/metrics`` is
 scraped, by a custom collector. docs/telemetry.md lists every log field and metric.
 """
