@@ -776,8 +776,9 @@ class _ConfiguredNames:
 
 class _WithoutCreated:
     """A registry's metrics without the ``_created`` series prometheus-client adds to counters
-    and histograms (a start time per series, which doubles the series and which dashboards do
-    not use). For this registry only: the library's own switch is global to the process."""
+    and histograms (a start time for each of their series: as many series again for counters,
+    and dashboards do not use them). For this registry only: the library's own switch is global
+    to the process."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
