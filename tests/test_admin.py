@@ -180,7 +180,13 @@ async def test_metrics_are_prometheus_text_and_move_as_exchanges_finish(
     exchange.handle(UpstreamEnded(), trio.current_time())
     exchange.handle(ResponseFinished(), trio.current_time())
     record = ExchangeRecord.from_exchange(
-        exchange, bytes_in=1, usage=None, cache_outcome=None, collapsed=False, now_unix=0.0
+        exchange,
+        route=None,
+        bytes_in=1,
+        usage=None,
+        cache_outcome=None,
+        collapsed=False,
+        now_unix=0.0,
     )
     telemetry.exchange_finished(record)
     telemetry.exchange_finished(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 import zlib
@@ -47,6 +48,12 @@ def entries(draw: st.DrawFn) -> StoredEntry:
         created_at=draw(st.floats(min_value=0, max_value=4e9)),
         expires_at=draw(st.one_of(st.floats(min_value=0, max_value=4e9), st.just(math.inf))),
         model=draw(st.one_of(st.none(), st.text(max_size=30))),
+        usage=draw(
+            st.one_of(
+                st.none(),
+                st.dictionaries(st.text(max_size=20), st.integers(0, 2**70), max_size=4),
+            )
+        ),
     )
 
 
@@ -71,6 +78,35 @@ def test_a_whole_body_without_model_or_expiry_round_trips() -> None:
 def test_an_empty_model_name_is_kept_apart_from_no_model() -> None:
     entry = StoredEntry(200, (), (), (), False, 1.0, 2.0, model="")
     assert decode_entry(encode_entry(entry)).model == ""
+
+
+def test_the_usage_counts_round_trip_and_older_entries_have_none() -> None:
+    counts = {"prompt_tokens": 12, "completion_tokens": 200, "total_tokens": 212}
+    entry = dataclasses.replace(sample_stream(), usage=counts)
+    assert decode_entry(encode_entry(entry)).usage == counts
+    assert decode_entry(encode_entry(sample_stream())).usage is None
+
+
+@pytest.mark.parametrize(
+    "usage", [b"not json", b"[1]", b'{"prompt_tokens":-1}', b'{"a":true}', b'{"a":1.5}']
+)
+def test_usage_that_is_not_an_object_of_counts_is_corrupt(usage: bytes) -> None:
+    flags = 4  # USAGE
+    payload = (
+        struct.pack(">HBddH", 200, flags, 1.0, 2.0, 0)
+        + struct.pack(">H", len(usage))
+        + usage
+        + struct.pack(">H", 0)
+        + struct.pack(">I", 0)
+    )
+    with pytest.raises(CorruptEntry, match="usage"):
+        decode_entry(with_checksum(payload))
+
+
+def test_usage_that_is_not_counts_is_refused_at_encoding() -> None:
+    entry = dataclasses.replace(sample_stream(), usage={"prompt_tokens": True})
+    with pytest.raises(ValueError, match="usage"):
+        encode_entry(entry)
 
 
 def test_body_size_adds_up_the_chunks() -> None:

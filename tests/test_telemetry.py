@@ -11,21 +11,29 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
+import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from platform import python_version
 
 import h11
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tproxy import __version__
 from tproxy.config import (
     CacheSettings,
     LogSettings,
     PayloadLogSettings,
+    RouteSettings,
     ServerSettings,
     Settings,
     TelemetrySettings,
+    UpstreamSettings,
 )
 from tproxy.core.cachekey import tenant_namespace
 from tproxy.core.entry import StoredEntry
@@ -52,11 +60,11 @@ from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import (
     ACCESS_FIELDS,
     CLOUDEVENTS_BATCH,
-    METRICS_CONTENT_TYPE,
     ExchangeRecord,
     JsonLogFormatter,
     Payload,
     PayloadCapture,
+    ProcessMetrics,
     Telemetry,
     cache_label,
     encode_payload_event,
@@ -79,8 +87,8 @@ def make_settings(
         server=ServerSettings(),
         cache=CacheSettings(enabled=False),
         log=LogSettings(),
-        upstreams=(),
-        routes=(),
+        upstreams=(UpstreamSettings("local", "http://127.0.0.1:8000"),),
+        routes=(RouteSettings(("local",), name="chat"),),
         source="test",
         telemetry=TelemetrySettings(access_log=access_log, flush_timeout=flush_timeout),
         payload_log=PayloadLogSettings(**payload),  # type: ignore[arg-type]
@@ -103,6 +111,7 @@ def exchange_after(*steps: tuple[float, Fact], **fields: object) -> Exchange:
 
 def record_of(exchange: Exchange, **overrides: object) -> ExchangeRecord:
     arguments: dict[str, object] = {
+        "route": "chat",
         "bytes_in": 42,
         "usage": None,
         "cache_outcome": None,
@@ -424,6 +433,33 @@ async def test_the_payload_file_is_rotated_by_size_and_keeps_the_newest_files(
     assert all(numbers)
 
 
+@pytest.fixture
+def usual_umask() -> Iterator[None]:
+    """The umask most systems give a process (022): files would be readable by everyone."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.usefixtures("usual_umask")
+async def test_payload_files_and_their_directory_are_for_the_owner_only(tmp_path: Path) -> None:
+    """The payload log holds prompts and answers: private like the store, whatever the umask."""
+    path = tmp_path / "logs" / "payload.jsonl"
+    settings = make_settings(access_log=False, enabled=True, file=path, max_bytes=1000, keep=2)
+    payload = Payload(b'{"prompt":"' + b"p" * 600 + b'"}', None, body=b'{"ok":true}')
+    async with open_telemetry(settings, inflight=None, store=None, store_writer=None) as t:
+        for _ in range(2):
+            t.exchange_finished(record_of(TERMINAL_CASES["completed"]), payload)
+            await t.flush()
+    assert sorted(file.name for file in path.parent.iterdir()) == [
+        "payload.jsonl",
+        "payload.jsonl.1",
+    ]
+    for file in path.parent.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
 async def test_a_file_sink_that_cannot_write_drops_and_counts_then_recovers(
     tmp_path: Path,
 ) -> None:
@@ -672,10 +708,14 @@ def samples(telemetry: Telemetry) -> Samples:
     }
 
 
-def value(
-    found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
+def value(found: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = labels.items()
+    return sum(
+        sample
+        for (sample_name, sample_labels), sample in found.items()
+        if sample_name == name and wanted <= sample_labels
+    )
 
 
 @pytest.fixture
@@ -756,12 +796,100 @@ def test_every_metric_is_documented(store: LmdbStore) -> None:
     text = telemetry.metrics_text().decode()
     names = {family.name for family in text_string_to_metric_families(text)}
     assert len(names) >= 20
-    for name in names - {name for name in names if name.endswith("_created")}:
+    for name in names:
         assert f"`{name}" in documented, name
 
 
-def test_the_metrics_content_type_is_the_prometheus_text_format() -> None:
-    assert METRICS_CONTENT_TYPE.startswith(b"text/plain; version=0.0.4")
+def test_there_are_no_created_series_and_other_registries_keep_theirs() -> None:
+    telemetry = Telemetry(make_settings())
+    telemetry.exchange_finished(record_of(TERMINAL_CASES["completed"]))
+    text = telemetry.metrics_text().decode()
+    assert "tproxy_request_duration_seconds_count" in text
+    assert "_created" not in text
+    elsewhere = CollectorRegistry()
+    Counter("other_events", "Events of another library.", registry=elsewhere).inc()
+    assert b"other_events_created" in generate_latest(elsewhere)
+
+
+def test_the_build_is_one_info_series() -> None:
+    found = samples(Telemetry(make_settings()))
+    build = {labels for name, labels in found if name == "tproxy_build_info"}
+    assert build == {frozenset({"version": __version__, "python": python_version()}.items())}
+    assert value(found, "tproxy_build_info") == 1
+
+
+def test_process_metrics_are_reported_where_proc_shows_only_processes(tmp_path: Path) -> None:
+    """Under the unit's ProcSubset=pid, /proc holds the processes' directories and no /proc/stat:
+    prometheus-client's own collector then reports nothing."""
+    (tmp_path / "self").symlink_to(f"/proc/{os.getpid()}")
+    registry = CollectorRegistry()
+    ProcessMetrics(proc=str(tmp_path), registry=registry)
+    found = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    assert found["process_open_fds"] >= 3
+    assert found["process_max_fds"] >= found["process_open_fds"]
+    assert found["process_resident_memory_bytes"] > 1 << 20
+    assert found["process_cpu_seconds_total"] > 0
+    started = found["process_start_time_seconds"]
+    assert time.time() - 24 * 3600 < started <= time.time()
+
+
+def test_process_metrics_are_on_every_telemetry_registry() -> None:
+    found = samples(Telemetry(make_settings()))
+    for name in ("process_open_fds", "process_resident_memory_bytes", "process_cpu_seconds_total"):
+        assert value(found, name) > 0, name
+
+
+def test_route_and_upstream_labels_hold_configured_names_only() -> None:
+    telemetry = Telemetry(make_settings())
+    completed = record_of(TERMINAL_CASES["completed"])
+    telemetry.exchange_finished(completed)
+    telemetry.exchange_finished(dataclasses.replace(completed, route="not-configured"))
+    telemetry.exchange_finished(record_of(TERMINAL_CASES["rejected"], route=None))
+    failed = dataclasses.replace(record_of(TERMINAL_CASES["completed"]), status=503)
+    telemetry.exchange_finished(failed)
+    found = samples(telemetry)
+    requests = "tproxy_requests_total"
+    assert value(found, requests, state="completed", route="chat", upstream="local") == 2
+    assert value(found, requests, state="completed", route="other", upstream="local") == 1
+    assert value(found, requests, state="rejected", route="none", upstream="none") == 1
+    duration = "tproxy_request_duration_seconds_count"
+    assert value(found, duration, source="upstream", route="chat", upstream="local") == 2
+    errors = "tproxy_upstream_errors_total"
+    assert value(found, errors, kind="http_5xx", route="chat", upstream="local") == 1
+    routes = {dict(labels).get("route") for name, labels in found if name == requests}
+    assert routes == {"chat", "other", "none"}
+
+
+def test_tokens_are_spent_once_per_upstream_answer_and_saved_by_hits_and_followers() -> None:
+    telemetry = Telemetry(make_settings())
+    usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    leader = dataclasses.replace(
+        record_of(TERMINAL_CASES["completed"], usage=usage),
+        cache_status="tproxy; fwd=miss",
+        model="m1",
+    )
+    follower = dataclasses.replace(leader, cache_status="tproxy; fwd=miss; collapsed")
+    early_leaver = dataclasses.replace(
+        record_of(TERMINAL_CASES["client_gone"], usage=usage, collapsed=True), model="m1"
+    )
+    hit = dataclasses.replace(
+        record_of(TERMINAL_CASES["replayed"], usage=usage),
+        cache_status="tproxy; hit; ttl=60",
+        model="m1",
+    )
+    for record in (leader, follower, follower, early_leaver, hit):
+        telemetry.exchange_finished(record)
+    found = samples(telemetry)
+    assert value(found, "tproxy_tokens_total", model="m1", kind="prompt") == 3
+    assert value(found, "tproxy_tokens_total", model="m1", kind="completion") == 5
+    saved = "tproxy_tokens_saved_total"
+    assert value(found, saved, model="m1", kind="completion", cache="collapsed") == 10
+    assert value(found, saved, model="m1", kind="prompt", cache="hit") == 3
+    assert value(found, saved, model="m1", kind="completion", cache="hit") == 5
 
 
 def test_a_closed_store_leaves_the_cache_metrics_out(tmp_path: Path) -> None:

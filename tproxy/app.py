@@ -115,6 +115,8 @@ class ProxyApp:
     ) -> None:
         report: CacheReport | None = None
         capture: PayloadCapture | None = None
+        route_name: str | None = None
+        replayed: StoredEntry | None = None
         bytes_in = 0
         try:
             try:
@@ -126,6 +128,7 @@ class ProxyApp:
             except _ClientLeftError:
                 exchange.handle(ClientGone(), trio.current_time())
                 return
+            route_name = route.name
             bytes_in = len(request.body)
             capture = self._telemetry.capture(request.body)
             exchange.tenant = tenant_namespace(request.headers, shared=False)
@@ -133,6 +136,7 @@ class ProxyApp:
             exchange.model = lookup.model or model
             exchange.cache_status = lookup.cache_status
             if lookup.entry is not None:
+                replayed = lookup.entry
                 exchange.handle(CacheHit(lookup.age), trio.current_time())
                 await replay(send, lookup.entry, request_id, lookup.age, lookup.cache_status)
                 exchange.note_delivered(lookup.entry.body_size)
@@ -160,8 +164,15 @@ class ProxyApp:
         finally:
             record = ExchangeRecord.from_exchange(
                 exchange,
+                route=route_name,
                 bytes_in=bytes_in,
-                usage=report.usage if report is not None else None,
+                usage=(
+                    replayed.usage
+                    if replayed is not None
+                    else report.usage
+                    if report is not None
+                    else None
+                ),
                 cache_outcome=report.reason if report is not None and report.attempted else None,
                 collapsed=exchange.collapsed,
                 now_unix=time.time(),

@@ -45,7 +45,7 @@ from trio_util import AsyncValue
 
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
-from tproxy.core.assemble import UsageTracker
+from tproxy.core.assemble import UsageTracker, normalise_usage
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
@@ -835,6 +835,7 @@ def _entry_if_complete(
         created_at=now,
         expires_at=now + plan.ttl if math.isfinite(plan.ttl) else math.inf,
         model=plan.model,
+        usage=normalise_usage(report.usage),
     )
 
 

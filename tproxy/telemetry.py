@@ -23,7 +23,9 @@ it assembles them (:mod:`tproxy.core.assemble`). Memory ceiling of the payload l
 ``queue_size`` × (2 × ``max_record_bytes``) plus one batch being written.
 
 Metrics live on a :class:`prometheus_client.CollectorRegistry` of this instance (no global
-state). Counters move in :meth:`Telemetry.exchange_finished`; what other parts own (in-flight
+state), exposed without ``_created`` series, with the process's own figures (``process_*``) and
+``tproxy_build_info``. Counters move in :meth:`Telemetry.exchange_finished`; labels that name a
+route or an upstream take names from the configuration only. What other parts own (in-flight
 exchanges, the store, the store writer, the sinks' own counts) is read when ``/metrics`` is
 scraped, by a custom collector. docs/telemetry.md lists every log field and metric.
 """
@@ -34,8 +36,10 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import random
 import ssl
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -48,7 +52,14 @@ from urllib.parse import urlsplit
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from trio_util import AsyncValue
 
@@ -85,8 +96,12 @@ _MAX_REASON_CHARS = 300
 _MAX_LABEL_CHARS = 128
 _MAX_MODEL_LABELS = 64
 _MAX_OUTCOME_LABELS = 16
+_SAVING_CACHE_LABELS = frozenset({"hit", "collapsed"})
 _TIMEOUT_PHASES = frozenset({"connect", "first_byte", "idle", "total"})
 _KNOWN_FWD = frozenset({"miss", "stale", "request", "bypass", "uri-miss", "vary-miss", "method"})
+_PRIVATE_FILE = 0o600
+_PRIVATE_DIRECTORY = 0o700
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 _TENANT_DOMAIN = b"tproxy/log-tenant\x00"
 _TENANT_HEX_DIGITS = 12
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -118,6 +133,7 @@ class ExchangeRecord:
     client: str | None
     method: str
     path: str  # without the query string, which may carry a key
+    route: str | None  # the route's name from the configuration; None before one was chosen
     upstream: str | None
     model: str | None
     status: int | None
@@ -142,6 +158,7 @@ class ExchangeRecord:
         cls,
         exchange: Exchange,
         *,
+        route: str | None,
         bytes_in: int,
         usage: Mapping[str, object] | None,
         cache_outcome: str | None,
@@ -150,7 +167,9 @@ class ExchangeRecord:
     ) -> ExchangeRecord:
         """The record of ``exchange``, which should be finished.
 
-        ``usage`` is the upstream's ``usage`` object; only its top-level counts are kept.
+        ``route`` is the name of the route that took the request (None: refused before one was
+        chosen). ``usage`` is the answer's ``usage`` object (for a cache hit, the stored
+        answer's); only its top-level counts are kept.
         ``cache_outcome`` is ``"stored"`` or the reason the answer was not stored (None: caching
         was not attempted). ``now_unix`` is ``time.time()``.
         """
@@ -164,6 +183,7 @@ class ExchangeRecord:
             client=exchange.client,
             method=exchange.method,
             path=exchange.path.partition("?")[0],
+            route=route,
             upstream=exchange.upstream,
             model=exchange.model,
             status=exchange.status,
@@ -554,7 +574,7 @@ class _FileSink(_Sink):
     def _write(self, batch: list[_Item]) -> None:
         """Serialise and append ``batch`` (in a worker thread); raises OSError."""
         lines = [_json_line(record, payload) for record, payload in batch if payload is not None]
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=_PRIVATE_DIRECTORY, parents=True, exist_ok=True)
         try:
             size = self._path.stat().st_size
         except FileNotFoundError:
@@ -563,7 +583,10 @@ class _FileSink(_Sink):
             if number:
                 self._rotate()
             if segment:
-                with self._path.open("ab") as handle:
+                # Created for the owner only, as the store is: the records hold prompts. A
+                # rotated file is this one renamed, so it keeps the mode.
+                descriptor = os.open(self._path, _APPEND_FLAGS, _PRIVATE_FILE)
+                with open(descriptor, "ab") as handle:
                     handle.write(b"".join(segment))
 
     def _rotate(self) -> None:
@@ -740,6 +763,48 @@ class _Labels:
         return value
 
 
+class _ConfiguredNames:
+    """Route or upstream names as label values: only names from the configuration, so the label
+    stays bounded; "none" where there is no name, "other" for one the configuration lacks."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._names = frozenset(names)
+
+    def __call__(self, name: str | None) -> str:
+        if name is None:
+            return "none"
+        return name if name in self._names else "other"
+
+
+class _WithoutCreated:
+    """A registry's metrics without the ``_created`` series prometheus-client adds to counters
+    and histograms (a start time for each of their series: as many series again for counters,
+    and dashboards do not use them). For this registry only: the library's own switch is global
+    to the process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self._registry.collect():
+            created = f"{metric.name}_created"
+            # Every collect() builds its families afresh: changing them here is safe.
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric
+
+
+class ProcessMetrics(ProcessCollector):
+    """prometheus-client's ``process_*`` metrics, also where /proc shows only processes.
+
+    The library reads the boot time from /proc/stat and reports nothing at all without it; the
+    unit's ``ProcSubset=pid`` hides that file. The kernel computes that ``btime`` as the time now
+    less the time since boot, and so does this, from clocks that need no file.
+    """
+
+    def _boot_time(self) -> float:
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class _ScrapeCollector:
     """Reads, at scrape time, what other parts of the server own."""
 
@@ -869,31 +934,40 @@ class Telemetry:
         ]
         self._models = _Labels(_MAX_MODEL_LABELS)
         self._outcomes = _Labels(_MAX_OUTCOME_LABELS)
+        self._routes = _ConfiguredNames(route.name for route in settings.routes)
+        self._upstreams = _ConfiguredNames(upstream.name for upstream in settings.upstreams)
         self.registry = CollectorRegistry()
+        self._exposed = _WithoutCreated(self.registry)
+        ProcessMetrics(registry=self.registry)
+        Info(
+            "tproxy_build",
+            "The tproxy version and the Python that runs it.",
+            registry=self.registry,
+        ).info({"version": __version__, "python": platform.python_version()})
         self._requests = Counter(
             "tproxy_requests",
-            "Requests finished, by terminal state and cache status.",
-            ["state", "cache"],
+            "Requests finished, by terminal state, cache status, route and upstream.",
+            ["state", "cache", "route", "upstream"],
             registry=self.registry,
         )
         self._ttfb = Histogram(
             "tproxy_time_to_first_byte_seconds",
             "Time from the request to the first byte of the answer's body.",
-            ["source"],
+            ["source", "route", "upstream"],
             buckets=_TTFB_BUCKETS,
             registry=self.registry,
         )
         self._duration = Histogram(
             "tproxy_request_duration_seconds",
             "Time from the request to its terminal state.",
-            ["source"],
+            ["source", "route", "upstream"],
             buckets=_DURATION_BUCKETS,
             registry=self.registry,
         )
         self._upstream_errors = Counter(
             "tproxy_upstream_errors",
-            "Exchanges the upstream failed, by kind.",
-            ["kind"],
+            "Exchanges the upstream failed, by kind, route and upstream.",
+            ["kind", "route", "upstream"],
             registry=self.registry,
         )
         self._followers = Counter(
@@ -911,6 +985,13 @@ class Telemetry:
             "tproxy_tokens",
             "Tokens the upstreams reported in usage, by model and kind.",
             ["model", "kind"],
+            registry=self.registry,
+        )
+        self._saved_tokens = Counter(
+            "tproxy_tokens_saved",
+            "Tokens of answers served without an upstream call (cache hits, coalesced followers),"
+            " from the answers' usage, by model, kind and cache status.",
+            ["model", "kind", "cache"],
             registry=self.registry,
         )
         self.registry.register(_ScrapeCollector(inflight, store, store_writer, self._sinks))
@@ -945,7 +1026,7 @@ class Telemetry:
 
     def metrics_text(self) -> bytes:
         """The metrics in the Prometheus text format (:data:`METRICS_CONTENT_TYPE`)."""
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
 
     def statistics(self) -> dict[str, SinkStatistics]:
         """Each sink's counts, by sink name (``access``, ``file``, ``http``)."""
@@ -970,23 +1051,38 @@ class Telemetry:
 
     def _count(self, record: ExchangeRecord) -> None:
         cache = cache_label(record.cache_status, record.collapsed)
-        self._requests.labels(state=record.state, cache=cache).inc()
+        route = self._routes(record.route)
+        upstream = self._upstreams(record.upstream)
+        self._requests.labels(state=record.state, cache=cache, route=route, upstream=upstream).inc()
         source = "cache" if cache == "hit" else "upstream" if record.upstream else "proxy"
         if record.ttfb is not None:
-            self._ttfb.labels(source=source).observe(record.ttfb)
+            self._ttfb.labels(source, route, upstream).observe(record.ttfb)
         if record.duration is not None:
-            self._duration.labels(source=source).observe(record.duration)
+            self._duration.labels(source, route, upstream).observe(record.duration)
         kind = upstream_error_kind(record)
         if kind is not None:
-            self._upstream_errors.labels(kind=kind).inc()
+            self._upstream_errors.labels(kind=kind, route=route, upstream=upstream).inc()
         if record.collapsed:
             self._followers.inc()
         if record.usage is not None:
-            model = self._models(record.model)
-            for kind, member in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-                count = record.usage.get(member)
-                if count:
-                    self._tokens.labels(model=model, kind=kind).inc(count)
+            self._count_tokens(record, cache)
+
+    def _count_tokens(self, record: ExchangeRecord, cache: str) -> None:
+        """The upstream spent the tokens of the answer it produced once; a hit or a follower was
+        served that answer again without an upstream call: its tokens are what was saved."""
+        assert record.usage is not None
+        saved = cache in _SAVING_CACHE_LABELS
+        if saved and record.state != State.COMPLETED.value:
+            return  # a client that left early was not served the whole answer
+        model = self._models(record.model)
+        for kind, member in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+            count = record.usage.get(member)
+            if not count:
+                continue
+            if saved:
+                self._saved_tokens.labels(model=model, kind=kind, cache=cache).inc(count)
+            else:
+                self._tokens.labels(model=model, kind=kind).inc(count)
 
 
 def upstream_error_kind(record: ExchangeRecord) -> str | None:
