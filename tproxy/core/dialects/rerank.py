@@ -1,0 +1,32 @@
+"""Rerank endpoints (``/v1/rerank``, ``/rerank``: llama.cpp, vLLM, TEI, Jina, Cohere's shape).
+
+JSON only: a whole answer is stored when its status is 200 and it is a JSON object without an
+``error`` member. Usage: ``usage.prompt_tokens`` (or ``usage.total_tokens``, all input) when the
+server reports it.
+"""
+
+from __future__ import annotations
+
+from tproxy.core.dialects.base import Dialect, JsonVerdict, judge_json_object, member, usage_counts
+
+__all__ = ["RERANK", "rerank_usage"]
+
+
+def rerank_usage(document: dict[str, object]) -> dict[str, int] | None:
+    usage = document.get("usage")
+    prompt = member(usage, "prompt_tokens")
+    return usage_counts(prompt if prompt is not None else member(usage, "total_tokens"), None)
+
+
+def judge_rerank_json(status: int, body: bytes) -> JsonVerdict:
+    outcome, reason, usage, _document = judge_json_object(status, body, rerank_usage)
+    return outcome, reason, usage
+
+
+RERANK = Dialect(
+    name="rerank",
+    paths=("/v1/rerank", "/rerank"),
+    framing=None,
+    completion=None,
+    judge_json=judge_rerank_json,
+)
