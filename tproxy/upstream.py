@@ -146,7 +146,9 @@ class UpstreamPool:
         try:
             yield UpstreamResponse(
                 status=response.status_code,
-                headers=list(response.headers.raw),
+                # Lower-case names whatever case the upstream wrote (llama.cpp and Ollama write
+                # Title-Case): every header rule downstream compares lower-case names.
+                headers=[(name.lower(), value) for name, value in response.headers.raw],
                 _response=response,
                 _idle_scope=idle_scope,
             )
