@@ -340,6 +340,41 @@ def test_the_assembled_answer_holds_the_text_the_stop_and_the_usage(
     assert answer.done
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        ("/v1/messages", fam.message_object(ASK), "end_turn"),
+        ("/v1/responses", fam.response_object(ASK, "completed", "one two three"), "completed"),
+        ("/api/chat", fam.ollama_whole(OLLAMA_ASK, "/api/chat"), "stop"),
+        ("/api/generate", fam.ollama_whole(OLLAMA_ASK, "/api/generate"), "stop"),
+        ("/completion", {"content": "one two three", "stop": True, "stop_type": "eos"}, "eos"),
+    ],
+)
+def test_the_assembled_answer_of_a_whole_body(path: str, body: object, reason: str) -> None:
+    answer = dialect_for(path).whole_answer(_body(body), 1 << 20)
+    assert answer.done
+    (choice,) = answer.choices
+    assert (choice.text, choice.finish_reason) == ("one two three", reason)
+
+
+def test_whole_tool_calls_are_assembled() -> None:
+    message = {
+        "type": "message",
+        "content": [{"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}],
+    }
+    (call,) = (
+        dialect_for("/v1/messages").whole_answer(_body(message), 1 << 20).choices[0].tool_calls
+    )
+    assert (call.id, call.name, call.arguments) == ("toolu_1", "f", '{"a": 1}')
+    response = {
+        "output": [{"type": "function_call", "call_id": "c1", "name": "g", "arguments": "{}"}]
+    }
+    (call,) = (
+        dialect_for("/v1/responses").whole_answer(_body(response), 1 << 20).choices[0].tool_calls
+    )
+    assert (call.id, call.name, call.arguments) == ("c1", "g", "{}")
+
+
 def test_anthropic_tool_use_blocks_are_assembled() -> None:
     block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
     events = [
@@ -364,7 +399,7 @@ def test_anthropic_tool_use_blocks_are_assembled() -> None:
             "content_block_delta",
         ),
     ]
-    assembler = dialect_for("/v1/messages").assembler(1 << 20)  # type: ignore[misc]
+    assembler = dialect_for("/v1/messages").assembler(1 << 20)
     for data, name in events:
         assembler.feed(ServerSentEvent(json.dumps(data), name))
     (call,) = assembler.result().choices[0].tool_calls

@@ -21,6 +21,9 @@ import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_generators
 from tests.familyupstreams import FamilyUpstream
+from tproxy.core.dialects import dialect_for
+from tproxy.core.entry import StoredEntry
+from tproxy.telemetry import PayloadCapture
 
 WORDS = "one two three"
 STREAMS = [
@@ -298,6 +301,36 @@ async def test_the_ollama_client_raises_on_an_error_line_and_nothing_is_stored(
         text = "".join([part.response async for part in parts])
     assert text == WORDS
     assert family.calls["/api/generate"] == 2
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+async def test_the_payload_log_assembles_each_familys_answer_live_and_replayed(
+    proxy: RunningProxy, path: str, body: dict[str, object]
+) -> None:
+    dialect = dialect_for(path)
+    live = await post(proxy, path, body)
+    capture = PayloadCapture(b"{}", raw_events=False, max_bytes=1 << 20, dialect=dialect)
+    decoder = dialect.decoder(list(live.headers.raw), 1 << 20)
+    assert decoder is not None
+    for frame in decoder.feed(live.content) + decoder.close():
+        if frame.event is not None:
+            capture.observe_event(frame.event)
+    entry = StoredEntry(
+        status=200,
+        headers=((b"content-type", MEDIA[path]),),
+        chunks=(live.content,),
+        offsets=(0.0,),
+        streamed=True,
+        created_at=0.0,
+        expires_at=1.0,
+        model=None,
+    )
+    replayed = PayloadCapture(b"{}", raw_events=False, max_bytes=1 << 20, dialect=dialect)
+    replayed.observe_entry(entry)
+    for payload in (capture.finish(), replayed.finish()):
+        assert payload.answer is not None
+        assert payload.answer.choices[0].text == WORDS
+        assert payload.answer.done
 
 
 async def test_a_stored_stream_reports_its_usage_in_one_shape(

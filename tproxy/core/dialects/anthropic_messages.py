@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 
+from tproxy.core.assemble import DEFAULT_MAX_CHARS
 from tproxy.core.completion import StreamOutcome
 from tproxy.core.dialects.base import (
     Dialect,
@@ -110,7 +111,7 @@ class MessagesAssembler(TextAssembler):
 
     __slots__ = ("_counts",)
 
-    def __init__(self, max_chars: int = 1 << 20) -> None:
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS) -> None:
         super().__init__(max_chars)
         self._counts = _Counts()
 
@@ -161,5 +162,6 @@ ANTHROPIC_MESSAGES = Dialect(
     completion=MessagesCompletion,
     judge_json=judge_messages_json,
     assembler=MessagesAssembler,
+    whole_answer=MessagesAssembler.whole,
     credential_headers=(b"x-api-key", b"authorization"),
 )

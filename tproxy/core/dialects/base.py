@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from tproxy.core.assemble import Answer, Choice, ToolCall
+from tproxy.core.assemble import (
+    DEFAULT_MAX_CHARS,
+    Answer,
+    Choice,
+    StreamAssembler,
+    ToolCall,
+    assemble_json,
+)
 from tproxy.core.completion import StreamOutcome, error_message, parse_json
 from tproxy.core.ndjson import Line, NDJSONDecoder
 from tproxy.core.sse import Frame, ServerSentEvent, SSEDecoder
@@ -48,7 +55,7 @@ __all__ = [
 
 JsonVerdict = tuple[StreamOutcome, str, dict[str, int] | None]
 _MAX_REASON_CHARS = 200
-_MAX_TEXT_CHARS = 1 << 20
+_MAX_TEXT_CHARS = DEFAULT_MAX_CHARS
 
 
 class Framing(Enum):
@@ -135,7 +142,9 @@ class Dialect:
 
     ``framing`` is None for a family answered only as JSON (embeddings, rerank, any path a user
     adds that no family claims). ``stream_by_default`` is true for a family whose requests stream
-    unless they say ``"stream": false`` (Ollama).
+    unless they say ``"stream": false`` (Ollama). ``assembler`` and ``whole_answer`` build the
+    payload log's answer of a stream and of a whole body, given a character budget; OpenAI chat's
+    are the default.
     """
 
     name: str
@@ -143,7 +152,8 @@ class Dialect:
     framing: Framing | None
     completion: Callable[[], Completion] | None
     judge_json: Callable[[int, bytes], JsonVerdict]
-    assembler: Callable[[int], Assembler] | None = None
+    assembler: Callable[[int], Assembler] = StreamAssembler
+    whole_answer: Callable[[bytes, int], Answer] = assemble_json
     stream_by_default: bool = False
     credential_headers: tuple[bytes, ...] = (b"authorization",)
 
@@ -338,13 +348,15 @@ class TextAssembler:
         elif event.event == "error" and self._error is None:
             self._error = "error event"
 
-    def take_whole(self, body: bytes) -> Answer:
+    @classmethod
+    def whole(cls, body: bytes, max_chars: int = _MAX_TEXT_CHARS) -> Answer:
         """The answer of a whole (non-streamed) JSON body."""
+        assembler = cls(max_chars)
         payload = parse_json(body)
         if isinstance(payload, dict):
-            self._take_whole(payload)
-            self._done = True
-        return self.result()
+            assembler._take_whole(payload)
+            assembler._done = True
+        return assembler.result()
 
     def result(self) -> Answer:
         calls = tuple(

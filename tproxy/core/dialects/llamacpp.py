@@ -77,4 +77,5 @@ LLAMACPP_COMPLETION = Dialect(
     completion=LlamaCppCompletion,
     judge_json=judge_llamacpp_json,
     assembler=LlamaCppAssembler,
+    whole_answer=LlamaCppAssembler.whole,
 )

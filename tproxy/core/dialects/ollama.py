@@ -88,6 +88,7 @@ OLLAMA = Dialect(
     completion=OllamaCompletion,
     judge_json=judge_ollama_json,
     assembler=OllamaAssembler,
+    whole_answer=OllamaAssembler.whole,
     stream_by_default=True,
 )
 

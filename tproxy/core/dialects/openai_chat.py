@@ -11,7 +11,7 @@ Usage is the upstream's own ``usage`` (already in the one shape), plus ``cached_
 
 from __future__ import annotations
 
-from tproxy.core.assemble import StreamAssembler, normalise_usage
+from tproxy.core.assemble import normalise_usage
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.dialects.base import Dialect, Framing, JsonVerdict, member
 from tproxy.core.sse import ServerSentEvent
@@ -62,6 +62,5 @@ OPENAI_CHAT = Dialect(
     framing=Framing.SSE,
     completion=ChatCompletion,
     judge_json=judge_chat_json,
-    assembler=StreamAssembler,
     credential_headers=(b"authorization", b"api-key"),
 )

@@ -148,5 +148,6 @@ OPENAI_RESPONSES = Dialect(
     completion=ResponsesCompletion,
     judge_json=judge_responses_json,
     assembler=ResponsesAssembler,
+    whole_answer=ResponsesAssembler.whole,
     credential_headers=(b"authorization", b"api-key"),
 )
