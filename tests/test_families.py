@@ -154,6 +154,31 @@ async def test_a_path_of_no_known_family_is_cached_only_as_json(
     assert family.calls["/v1/messages-beta"] == 3
 
 
+async def test_an_answer_stored_for_one_key_never_reaches_another_whichever_header_carries_it(
+    proxy: RunningProxy, family: FamilyUpstream
+) -> None:
+    body: dict[str, object] = {
+        "model": "c",
+        "max_tokens": 9,
+        "messages": [{"role": "user", "content": WORDS}],
+    }
+    keys = [
+        {"x-api-key": "sk-ant-a"},
+        {"x-api-key": "sk-ant-b"},
+        {"x-goog-api-key": "g-a"},
+        {"x-goog-api-key": "g-b"},
+        {"api-key": "azure-a"},
+        {},
+    ]
+    for key in keys:
+        answer = await post(proxy, "/v1/messages", body, **key)
+        assert answer.headers["cache-status"] == "tproxy; fwd=miss", key
+    for key in keys:
+        answer = await post(proxy, "/v1/messages", body, **key)
+        assert answer.headers["cache-status"].startswith("tproxy; hit"), key
+    assert family.calls["/v1/messages"] == len(keys)
+
+
 async def test_title_case_response_headers_change_nothing(
     proxy: RunningProxy, family: FamilyUpstream
 ) -> None:
