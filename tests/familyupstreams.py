@@ -23,13 +23,11 @@ one streamed piece per word. Tests steer it with request headers the proxy forwa
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
 
 import h11
 import trio
 
-from tests.fakeupstream import SeenRequest, words_of
+from tests.fakeupstream import FakeUpstream, SeenRequest, words_of
 
 SSE = b"text/event-stream"
 NDJSON = b"application/x-ndjson"
@@ -287,63 +285,9 @@ def rerank_answer(payload: dict) -> dict:  # type: ignore[type-arg]
 # --- the server ---------------------------------------------------------------------------------
 
 
-@dataclass
-class FamilyUpstream:
-    """Serve with :meth:`serve` in a nursery; ``calls`` counts requests by path."""
-
-    port: int = 0
-    calls: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
-
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                request = await self._read_request(stream, connection)
-                if request is None:
-                    return
-                await self._answer(stream, connection, request)
-                if connection.our_state is not h11.DONE:
-                    return
-                connection.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            return
-        finally:
-            await stream.aclose()
-
-    async def _read_request(
-        self, stream: trio.SocketStream, connection: h11.Connection
-    ) -> SeenRequest | None:
-        head: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                connection.receive_data(data)
-                if not data and head is None:
-                    return None
-            elif isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                headers = {n.decode().lower(): v.decode("latin-1") for n, v in head.headers}
-                seen = SeenRequest(head.method.decode(), head.target.decode(), headers, bytes(body))
-                self.calls[seen.target.split("?")[0]] += 1
-                return seen
-            else:
-                return None
+class FamilyUpstream(FakeUpstream):
+    """Serve with :meth:`serve` in a nursery; ``calls`` counts requests by target. Speaks every
+    family instead of OpenAI chat; the connection handling is :class:`FakeUpstream`'s."""
 
     async def _answer(
         self, stream: trio.SocketStream, connection: h11.Connection, request: SeenRequest

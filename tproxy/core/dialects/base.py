@@ -48,6 +48,7 @@ __all__ = [
     "JsonVerdict",
     "NDJSONFrames",
     "TextAssembler",
+    "json_judge",
     "judge_json_object",
     "media_type",
     "usage_counts",
@@ -220,6 +221,18 @@ def judge_json_object(
     if document.get("error") is not None:
         return StreamOutcome.ERROR, "error in body" + _colon(error_text(document)), counts, None
     return StreamOutcome.COMPLETE, "JSON object", counts, document
+
+
+def json_judge(
+    usage: Callable[[dict[str, object]], dict[str, int] | None],
+) -> Callable[[int, bytes], JsonVerdict]:
+    """The whole-answer check of a family that checks nothing more than every family does."""
+
+    def judge(status: int, body: bytes) -> JsonVerdict:
+        outcome, reason, counts, _document = judge_json_object(status, body, usage)
+        return outcome, reason, counts
+
+    return judge
 
 
 def error_text(payload: object) -> str:

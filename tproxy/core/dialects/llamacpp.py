@@ -14,9 +14,8 @@ from tproxy.core.dialects.base import (
     Dialect,
     EndMarkerCompletion,
     Framing,
-    JsonVerdict,
     TextAssembler,
-    judge_json_object,
+    json_judge,
     usage_counts,
 )
 
@@ -46,11 +45,6 @@ class LlamaCppCompletion(EndMarkerCompletion):
             self._end("stop" + (f" ({reason[:40]})" if isinstance(reason, str) else ""))
 
 
-def judge_llamacpp_json(status: int, body: bytes) -> JsonVerdict:
-    outcome, reason, usage, _document = judge_json_object(status, body, llamacpp_usage)
-    return outcome, reason, usage
-
-
 class LlamaCppAssembler(TextAssembler):
     """The ``content`` pieces, the stop type and the counts."""
 
@@ -75,7 +69,7 @@ LLAMACPP_COMPLETION = Dialect(
     paths=("/completion",),
     framing=Framing.SSE,
     completion=LlamaCppCompletion,
-    judge_json=judge_llamacpp_json,
+    judge_json=json_judge(llamacpp_usage),
     assembler=LlamaCppAssembler,
     whole_answer=LlamaCppAssembler.whole,
 )

@@ -7,7 +7,7 @@ server reports it.
 
 from __future__ import annotations
 
-from tproxy.core.dialects.base import Dialect, JsonVerdict, judge_json_object, member, usage_counts
+from tproxy.core.dialects.base import Dialect, json_judge, member, usage_counts
 
 __all__ = ["RERANK", "rerank_usage"]
 
@@ -18,15 +18,10 @@ def rerank_usage(document: dict[str, object]) -> dict[str, int] | None:
     return usage_counts(prompt if prompt is not None else member(usage, "total_tokens"), None)
 
 
-def judge_rerank_json(status: int, body: bytes) -> JsonVerdict:
-    outcome, reason, usage, _document = judge_json_object(status, body, rerank_usage)
-    return outcome, reason, usage
-
-
 RERANK = Dialect(
     name="rerank",
     paths=("/v1/rerank", "/rerank"),
     framing=None,
     completion=None,
-    judge_json=judge_rerank_json,
+    judge_json=json_judge(rerank_usage),
 )
