@@ -239,6 +239,26 @@ def test_every_default_path_belongs_to_exactly_one_family() -> None:
     assert dialect_for("/v1/unknown") is JSON_ONLY
 
 
+@pytest.mark.parametrize(
+    ("path", "family"),
+    [
+        ("/openai/deployments/gpt-4o/chat/completions", "openai-chat"),
+        ("/ollama/api/chat", "ollama"),
+        ("/ollama/api/embeddings", "ollama-embeddings"),
+        ("/anthropic/v1/messages", "anthropic-messages"),
+        ("/gateway/v1/responses", "openai-responses"),
+        ("/llama/completion", "llamacpp-completion"),
+        ("/jina/v1/rerank", "rerank"),
+        ("/v1/messages-beta", "json"),
+        ("/v2/generate", "json"),
+    ],
+)
+def test_a_path_a_user_adds_belongs_to_the_family_whose_ending_it_has(
+    path: str, family: str
+) -> None:
+    assert dialect_for(path).name == family
+
+
 def test_every_familys_credential_headers_make_the_tenant() -> None:
     for dialect in DIALECTS:
         assert set(dialect.credential_headers) <= set(CREDENTIAL_HEADERS)

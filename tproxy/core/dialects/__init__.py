@@ -6,9 +6,11 @@ embeddings), llama.cpp's native ``/completion``, rerank. Adding a family is addi
 listing its dialect in :data:`DIALECTS`. The families' paths, in this order, are the default
 ``cache.paths``.
 
-A path no family claims (a user may add any path to ``cache.paths``) gets :data:`JSON_ONLY`: its
-answers are cached only when they are one whole JSON object (status 200, no ``error``); a
-streamed answer there is passed through and never stored, since nothing says how it ends.
+A path a user adds to ``cache.paths`` belongs to the family whose path ending it has, the longest
+first (``/openai/deployments/NAME/chat/completions`` is OpenAI chat, ``/ollama/api/chat`` is
+Ollama). A path no family claims gets :data:`JSON_ONLY`: its answers are cached only when they are
+one whole JSON object (status 200, no ``error``); a streamed answer there is passed through and
+never stored, since nothing says how it ends.
 
 :data:`CREDENTIAL_HEADERS` are every request header that carries a client's credential for one
 of the families (and Gemini's ``x-goog-api-key``): the cache's tenant is derived from all of them
@@ -51,6 +53,7 @@ DIALECTS: tuple[Dialect, ...] = (
 JSON_ONLY = Dialect(
     name="json",
     paths=(),
+    endings=(),
     framing=None,
     completion=None,
     judge_json=judge_chat_json,
@@ -67,8 +70,21 @@ CREDENTIAL_HEADERS: tuple[bytes, ...] = (
 )
 
 _BY_PATH = MappingProxyType({path: dialect for dialect in DIALECTS for path in dialect.paths})
+_BY_ENDING = tuple(
+    sorted(
+        ((ending, dialect) for dialect in DIALECTS for ending in dialect.endings),
+        key=lambda pair: -len(pair[0]),
+    )
+)
 
 
 def dialect_for(path: str) -> Dialect:
-    """The dialect of a request path (without its query), :data:`JSON_ONLY` when none claims it."""
-    return _BY_PATH.get(path, JSON_ONLY)
+    """The dialect of a request path (without its query): the family that lists it, else the one
+    whose ending it has (the longest), else :data:`JSON_ONLY`."""
+    exact = _BY_PATH.get(path)
+    if exact is not None:
+        return exact
+    for ending, dialect in _BY_ENDING:
+        if path.endswith(ending):
+            return dialect
+    return JSON_ONLY

@@ -158,6 +158,7 @@ class MessagesAssembler(TextAssembler):
 ANTHROPIC_MESSAGES = Dialect(
     name="anthropic-messages",
     paths=("/v1/messages",),
+    endings=("/messages",),
     framing=Framing.SSE,
     completion=MessagesCompletion,
     judge_json=judge_messages_json,

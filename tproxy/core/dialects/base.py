@@ -143,13 +143,16 @@ class Dialect:
 
     ``framing`` is None for a family answered only as JSON (embeddings, rerank, any path a user
     adds that no family claims). ``stream_by_default`` is true for a family whose requests stream
-    unless they say ``"stream": false`` (Ollama). ``assembler`` and ``whole_answer`` build the
+    unless they say ``"stream": false`` (Ollama). ``endings`` are the path endings that name the
+    family under any prefix (Azure's ``/openai/deployments/NAME/chat/completions``, Open WebUI's
+    ``/ollama/api/chat``), for paths a user adds. ``assembler`` and ``whole_answer`` build the
     payload log's answer of a stream and of a whole body, given a character budget; OpenAI chat's
     are the default.
     """
 
     name: str
     paths: tuple[str, ...]
+    endings: tuple[str, ...]
     framing: Framing | None
     completion: Callable[[], Completion] | None
     judge_json: Callable[[int, bytes], JsonVerdict]

@@ -67,6 +67,7 @@ class LlamaCppAssembler(TextAssembler):
 LLAMACPP_COMPLETION = Dialect(
     name="llamacpp-completion",
     paths=("/completion",),
+    endings=("/completion",),
     framing=Framing.SSE,
     completion=LlamaCppCompletion,
     judge_json=json_judge(llamacpp_usage),

@@ -84,6 +84,7 @@ class OllamaAssembler(TextAssembler):
 OLLAMA = Dialect(
     name="ollama",
     paths=("/api/chat", "/api/generate"),
+    endings=("/api/chat", "/api/generate"),
     framing=Framing.NDJSON,
     completion=OllamaCompletion,
     judge_json=judge_ollama_json,
@@ -95,6 +96,7 @@ OLLAMA = Dialect(
 OLLAMA_EMBEDDINGS = Dialect(
     name="ollama-embeddings",
     paths=("/api/embed", "/api/embeddings"),
+    endings=("/api/embed", "/api/embeddings"),
     framing=None,
     completion=None,
     judge_json=judge_ollama_json,

@@ -59,6 +59,7 @@ def judge_chat_json(status: int, body: bytes) -> JsonVerdict:
 OPENAI_CHAT = Dialect(
     name="openai-chat",
     paths=("/v1/chat/completions", "/v1/completions", "/v1/embeddings"),
+    endings=("/chat/completions", "/completions", "/embeddings"),
     framing=Framing.SSE,
     completion=ChatCompletion,
     judge_json=judge_chat_json,

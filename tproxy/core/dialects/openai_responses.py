@@ -144,6 +144,7 @@ class ResponsesAssembler(TextAssembler):
 OPENAI_RESPONSES = Dialect(
     name="openai-responses",
     paths=("/v1/responses",),
+    endings=("/responses",),
     framing=Framing.SSE,
     completion=ResponsesCompletion,
     judge_json=judge_responses_json,

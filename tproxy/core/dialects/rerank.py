@@ -21,6 +21,7 @@ def rerank_usage(document: dict[str, object]) -> dict[str, int] | None:
 RERANK = Dialect(
     name="rerank",
     paths=("/v1/rerank", "/rerank"),
+    endings=("/rerank",),
     framing=None,
     completion=None,
     judge_json=json_judge(rerank_usage),
