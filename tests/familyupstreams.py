@@ -17,7 +17,8 @@ one streamed piece per word. Tests steer it with request headers the proxy forwa
 
 - ``x-fake-cut``: end the body cleanly right before the end marker;
 - ``x-fake-error``: report an error in band mid-stream (Anthropic ``overloaded_error``, Responses
-  ``response.failed``, an Ollama ``{"error": ...}`` line, a llama.cpp ``error`` member).
+  ``response.failed``, an Ollama ``{"error": ...}`` line, a llama.cpp ``error`` member);
+- ``x-fake-delay``: seconds between two writes (a paced stream, as a model generates it).
 """
 
 from __future__ import annotations
@@ -335,6 +336,9 @@ class FamilyUpstream(FakeUpstream):
         if media == JSON:
             headers.append((b"Content-Length", str(len(parts[0])).encode()))
         await stream.send_all(connection.send(h11.Response(status_code=200, headers=headers)))
-        for part in parts:
+        delay = float(request.headers.get("x-fake-delay", "0"))
+        for index, part in enumerate(parts):
+            if delay and index:
+                await trio.sleep(delay)
             await stream.send_all(connection.send(h11.Data(data=part)))
         await stream.send_all(connection.send(h11.EndOfMessage()))

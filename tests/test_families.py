@@ -11,6 +11,7 @@ answer with an error in band are never stored. The official SDKs (``openai``, ``
 from __future__ import annotations
 
 import json
+from contextlib import aclosing
 
 import anthropic
 import httpx2
@@ -126,6 +127,24 @@ async def test_a_stream_cut_before_its_end_or_with_an_error_in_band_is_never_sto
     assert again.headers["cache-status"] == "tproxy; fwd=miss"
     assert again.content != faulty.content
     assert family.calls[path] == 2
+
+
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+async def test_a_follower_joining_mid_stream_gets_the_whole_answer_from_one_upstream_call(
+    proxy: RunningProxy, family: FamilyUpstream, path: str, body: dict[str, object]
+) -> None:
+    knobs = {"x-fake-delay": "0.1"}
+    async with (
+        httpx2.AsyncClient(base_url=proxy.url, timeout=20) as http,
+        http.stream("POST", path, json=body, headers=knobs) as leader,
+        aclosing(leader.aiter_raw()) as chunks,
+    ):
+        first = await anext(chunks)
+        follower = await http.post(path, json=body, headers=knobs)
+        rest = b"".join([chunk async for chunk in chunks])
+    assert follower.headers["cache-status"] == "tproxy; fwd=miss; collapsed"
+    assert follower.content == first + rest
+    assert family.calls[path] == 1
 
 
 async def test_a_path_of_no_known_family_is_cached_only_as_json(
