@@ -9,7 +9,8 @@ One real HTTP/1.1 (h11) server on a real socket answers:
 - ``/api/chat`` and ``/api/generate`` (Ollama): NDJSON lines ending with ``"done": true``, unless
   the request says ``"stream": false``; ``/api/embed`` as JSON;
 - ``/completion`` (llama.cpp native): unnamed SSE events, the last with ``"stop": true``;
-- ``/v1/rerank``: a JSON list of scores.
+- ``/v1/rerank``: a JSON list of scores;
+- OpenAI chat, completions and embeddings, as :class:`~tests.fakeupstream.FakeUpstream` does.
 
 Header names are written Title-Case, as llama.cpp's cpp-httplib and Ollama's Go server write
 them (``Content-Type``). The answer repeats the words of the request's last message (or prompt),
@@ -287,14 +288,17 @@ def rerank_answer(payload: dict) -> dict:  # type: ignore[type-arg]
 
 
 class FamilyUpstream(FakeUpstream):
-    """Serve with :meth:`serve` in a nursery; ``calls`` counts requests by target. Speaks every
-    family instead of OpenAI chat; the connection handling is :class:`FakeUpstream`'s."""
+    """Serve with :meth:`serve` in a nursery; ``calls`` counts requests by target. OpenAI chat,
+    completions and embeddings, and the connection handling, are :class:`FakeUpstream`'s."""
 
     async def _answer(
         self, stream: trio.SocketStream, connection: h11.Connection, request: SeenRequest
     ) -> None:
-        payload = json.loads(request.body) if request.body else {}
         path = request.target.split("?")[0]
+        if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            await super()._answer(stream, connection, request)
+            return
+        payload = json.loads(request.body) if request.body else {}
         knobs = {"cut": "x-fake-cut" in request.headers, "error": "x-fake-error" in request.headers}
         streamed = payload.get("stream") is True
         parts: list[bytes]

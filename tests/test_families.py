@@ -234,6 +234,27 @@ async def test_the_openai_sdk_streams_responses_live_and_from_the_cache(
 
 
 @tolerate_sdk_generators
+async def test_the_openai_sdk_streams_chat_live_and_from_the_cache_beside_the_other_families(
+    proxy: RunningProxy, family: FamilyUpstream
+) -> None:
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
+
+    async def ask() -> str:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": WORDS}], stream=True
+        )
+        async with stream:
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+        await proxy.flush()
+        return text
+
+    async with client:
+        assert await ask() == WORDS
+        assert await ask() == WORDS
+    assert family.calls["/v1/chat/completions"] == 1
+
+
+@tolerate_sdk_generators
 async def test_the_openai_sdk_reads_a_whole_response_from_the_cache(
     proxy: RunningProxy, family: FamilyUpstream
 ) -> None:
