@@ -393,6 +393,23 @@ async def test_the_payload_log_assembles_each_familys_answer_live_and_replayed(
         assert payload.answer.done
 
 
+@pytest.mark.parametrize(("path", "body"), STREAMS)
+async def test_an_uncached_stream_reports_its_usage_in_one_shape(
+    start_proxy: StartProxy,
+    family: FamilyUpstream,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: dict[str, object],
+) -> None:
+    caplog.set_level("INFO", logger="tproxy.access")
+    proxy = await start_proxy("[cache]\nenabled = false\n", upstream_url=family.url)
+    await post(proxy, path, body)
+    (line,) = access_lines(caplog)
+    assert line["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6} | (
+        {"cached_tokens": 0} if path in ("/v1/responses", "/completion") else {}
+    )
+
+
 async def test_a_stored_stream_reports_its_usage_in_one_shape(
     proxy: RunningProxy, family: FamilyUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -45,10 +45,9 @@ from trio_util import AsyncValue
 
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
-from tproxy.core.assemble import UsageTracker
 from tproxy.core.completion import StreamOutcome
 from tproxy.core.dialects import Dialect, dialect_for
-from tproxy.core.dialects.base import Completion, Decoder
+from tproxy.core.dialects.base import Completion, Decoder, UsageWatch
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
     RequestRejected,
@@ -236,9 +235,12 @@ class _LiveFlight:
     history_bytes: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
-    usage: UsageTracker = field(default_factory=UsageTracker)
+    usage: UsageWatch = field(init=False)  # the request's API family reads it
     ended: bool = False
     settled: trio.Event = field(default_factory=trio.Event)  # the cache outcome is known
+
+    def __post_init__(self) -> None:
+        self.usage = _dialect_of(self.request).usage_watch()
 
     @property
     def shared(self) -> bool:
