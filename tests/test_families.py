@@ -22,6 +22,7 @@ import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_generators
 from tests.familyupstreams import FamilyUpstream
+from tproxy.core.clientauth import hash_key
 from tproxy.core.dialects import dialect_for
 from tproxy.core.entry import StoredEntry
 from tproxy.telemetry import PayloadCapture
@@ -191,6 +192,28 @@ async def test_an_answer_stored_for_one_key_never_reaches_another_whichever_head
         answer = await post(proxy, "/v1/messages", body, **key)
         assert answer.headers["cache-status"].startswith("tproxy; hit"), key
     assert family.calls["/v1/messages"] == len(keys)
+
+
+@pytest.mark.parametrize("header", ["x-api-key", "x-goog-api-key"])
+async def test_a_client_key_in_any_credential_header_is_checked_and_never_passed_upstream(
+    start_proxy: StartProxy, family: FamilyUpstream, header: str
+) -> None:
+    proxy = await start_proxy(
+        f'[auth]\nclient_keys = ["{hash_key("sk-good")}"]\n', upstream_url=family.url
+    )
+    body: dict[str, object] = {
+        "model": "c",
+        "max_tokens": 9,
+        "messages": [{"role": "user", "content": WORDS}],
+    }
+    refused = await post(
+        proxy, "/v1/messages", body, authorization="Bearer sk-good", **{header: "wrong"}
+    )
+    assert refused.status_code == 401
+    served = await post(proxy, "/v1/messages", body, **{header: "sk-good"})
+    assert served.status_code == 200
+    (seen,) = family.requests
+    assert header not in seen.headers
 
 
 async def test_title_case_response_headers_change_nothing(
