@@ -12,7 +12,6 @@ from tproxy.core.assemble import (
     Answer,
     StreamAssembler,
     ToolCall,
-    UsageTracker,
     assemble_events,
     assemble_json,
     json_usage,
@@ -208,18 +207,6 @@ def test_usage_keeps_only_its_top_level_counts() -> None:
     assert normalise_usage({"cost": 0.5}) is None
     assert normalise_usage(None) is None
     assert normalise_usage({f"k{i}": i for i in range(100)}) == {f"k{i}": i for i in range(16)}
-
-
-def test_the_usage_tracker_keeps_the_last_usage_reported() -> None:
-    tracker = UsageTracker()
-    tracker.observe(chunk(choices=[], usage=None))
-    assert tracker.usage is None
-    tracker.observe(chunk(usage={"prompt_tokens": 1}))
-    tracker.observe(delta(content="no usage here"))
-    tracker.observe(chunk(usage={"prompt_tokens": 1, "completion_tokens": 9}))
-    tracker.observe(ServerSentEvent('"usage" but not json'))
-    assert tracker.usage == {"prompt_tokens": 1, "completion_tokens": 9}
-    assert tracker.model == "m"
 
 
 def test_json_usage_reads_a_non_streamed_answer() -> None:

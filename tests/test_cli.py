@@ -78,6 +78,22 @@ def test_check_config_accepts_the_example_file(capsys: pytest.CaptureFixture[str
     assert captured.err == ""
 
 
+def test_check_config_says_a_path_of_no_known_family_is_cached_only_as_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tproxy.toml"
+    config.write_text(
+        '[cache]\npaths = ["/v1/messages", "/v2/generate"]\n\n'
+        '[upstreams.local]\nurl = "http://127.0.0.1:8000"\n'
+    )
+    assert main(["check-config", str(config)]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{config}: ok"
+    assert len(lines) == 2
+    assert "/v2/generate" in lines[1]
+    assert "only as whole JSON" in lines[1]
+
+
 def test_check_config_reports_every_problem_on_stderr_and_exits_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

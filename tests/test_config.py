@@ -89,7 +89,20 @@ def test_the_defaults_are_the_documented_values() -> None:
         8 << 20,
         1 << 30,
     )
-    assert cache.paths == ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+    assert cache.paths == (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+        "/completion",
+        "/v1/rerank",
+        "/rerank",
+    )
     assert cache.ignore_fields == ("user",)
     assert cache.max_line_bytes == 1 << 20
     assert (log.level, log.format) == ("info", "auto")

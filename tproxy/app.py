@@ -24,6 +24,7 @@ from tproxy.core.cachekey import (
     tenant_namespace,
 )
 from tproxy.core.clientauth import ClientKeys
+from tproxy.core.dialects import dialect_for
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import (
@@ -130,7 +131,9 @@ class ProxyApp:
                 return
             route_name = route.name
             bytes_in = len(request.body)
-            capture = self._telemetry.capture(request.body)
+            capture = self._telemetry.capture(
+                request.body, dialect_for(request.target.partition("?")[0])
+            )
             exchange.tenant = tenant_namespace(request.headers, shared=False)
             lookup = self._look_up(request, route, model)
             exchange.model = lookup.model or model

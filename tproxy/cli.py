@@ -22,6 +22,7 @@ from tproxy.config import (
     Overrides,
     check_config,
     default_cache_dir,
+    json_only_paths,
     load_settings,
 )
 from tproxy.core.errors import ConfigError, TproxyError
@@ -177,6 +178,11 @@ def _check_config(path: Path) -> int:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
     print(f"{path}: ok")
+    for unknown in json_only_paths(load_settings(path).cache):
+        print(
+            f"note: cache.paths: {unknown} belongs to no known API family; its answers are"
+            " cached only as whole JSON bodies, never as streams (see docs/families.md)"
+        )
     return EXIT_OK
 
 

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import platformdirs
 
 from tproxy.core.clientauth import HASH_PREFIX, parse_key_hash
+from tproxy.core.dialects import DEFAULT_PATHS, JSON_ONLY, dialect_for
 from tproxy.core.errors import ConfigError
 from tproxy.core.headers import HOP_BY_HOP
 
@@ -100,7 +101,7 @@ class CacheSettings:
     default_ttl: float = 86400.0
     max_entry_bytes: int = 8 * 1024 * 1024
     max_total_bytes: int = 1024 * 1024 * 1024
-    paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+    paths: tuple[str, ...] = DEFAULT_PATHS
     ignore_fields: tuple[str, ...] = ("user",)
     shared: bool = False
     max_line_bytes: int = 1024 * 1024
@@ -1043,6 +1044,12 @@ def _apply_flag(
     except _BadValueError as invalid:
         for _suffix, reason in invalid.reasons:
             problems.flag(flag, reason)
+
+
+def json_only_paths(cache: CacheSettings) -> list[str]:
+    """The ``cache.paths`` no API family claims: their answers are cached only as whole JSON
+    bodies, since nothing says how a stream there ends (``check-config`` says so)."""
+    return [path for path in cache.paths if dialect_for(path) is JSON_ONLY]
 
 
 def check_config(path: Path) -> list[str]:

@@ -45,8 +45,10 @@ from trio_util import AsyncValue
 
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
-from tproxy.core.assemble import UsageTracker, normalise_usage
-from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
+from tproxy.core.assemble import normalise_usage
+from tproxy.core.completion import StreamOutcome
+from tproxy.core.dialects import Dialect, dialect_for
+from tproxy.core.dialects.base import Completion, Decoder, UsageWatch
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
     RequestRejected,
@@ -71,11 +73,10 @@ from tproxy.core.flight import Flight, FlightRegistry, FlightState, Policy, Verd
 from tproxy.core.headers import (
     Header,
     client_response_headers,
-    header_value,
     upstream_request_headers,
 )
 from tproxy.core.replies import error_body, rejection_for
-from tproxy.core.sse import Frame, SSEDecoder
+from tproxy.core.sse import Frame
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import PayloadCapture, Telemetry
 from tproxy.upstream import UpstreamPool
@@ -171,6 +172,7 @@ _ClientItem = _Attempt | _Start | _Chunk | _Failure | _CleanEnd
 class _CacheStart:
     headers: list[Header]
     streamed: bool
+    dialect: Dialect
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +236,12 @@ class _LiveFlight:
     history_bytes: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
-    usage: UsageTracker = field(default_factory=UsageTracker)
+    usage: UsageWatch = field(init=False)  # the request's API family reads it
     ended: bool = False
     settled: trio.Event = field(default_factory=trio.Event)  # the cache outcome is known
+
+    def __post_init__(self) -> None:
+        self.usage = _dialect_of(self.request).usage_watch()
 
     @property
     def shared(self) -> bool:
@@ -309,14 +314,14 @@ class _LiveFlight:
 class _PayloadFeed:
     """Hands one client's answer to its payload capture: events for a stream, else bytes."""
 
-    def __init__(self, capture: PayloadCapture, max_line_bytes: int) -> None:
+    def __init__(self, capture: PayloadCapture, max_line_bytes: int, dialect: Dialect) -> None:
         self._capture = capture
         self._max_line_bytes = max_line_bytes
-        self._decoder: SSEDecoder | None = None
+        self._dialect = dialect
+        self._decoder: Decoder | None = None
 
     def start(self, headers: list[Header]) -> None:
-        if _is_event_stream(headers):
-            self._decoder = SSEDecoder(self._max_line_bytes)
+        self._decoder = self._dialect.decoder(headers, self._max_line_bytes)
 
     def feed(self, data: bytes) -> None:
         if self._decoder is None:
@@ -347,9 +352,9 @@ def _take_queued_chunks(
     return parts, None
 
 
-def _is_event_stream(headers: list[Header]) -> bool:
-    content_type = header_value(headers, b"content-type") or b""
-    return content_type.split(b";")[0].strip().lower() == b"text/event-stream"
+def _dialect_of(request: ProxyRequest) -> Dialect:
+    """The API family of a request, by its path."""
+    return dialect_for(request.target.partition("?")[0])
 
 
 def _compact(history: list[_ClientItem]) -> list[_ClientItem]:
@@ -592,14 +597,15 @@ class Exchanger:
         """Forward every chunk to the clients at once; offer it to the cache writer after."""
         started = trio.current_time()
         await flight.publish(_Start(status, headers))
-        streamed = _is_event_stream(headers)
-        decoder = SSEDecoder(self.max_line_bytes) if streamed else None
+        dialect = _dialect_of(flight.request)
+        decoder = dialect.decoder(headers, self.max_line_bytes)
+        streamed = decoder is not None
         cache = to_cache
         cache_limit = flight.plan.max_entry_bytes if flight.plan is not None else 0
         cached_bytes = 0
         if cache is not None:
             if status == 200:
-                cache = _offer(cache, _CacheStart(headers, streamed))
+                cache = _offer(cache, _CacheStart(headers, streamed, dialect))
             else:
                 _abandon(cache, f"status {status}")
                 cache = None
@@ -651,7 +657,11 @@ class Exchanger:
         and that is the end of a finished answer, not a client leaving.
         """
         started = False
-        payload = _PayloadFeed(capture, self.max_line_bytes) if capture is not None else None
+        payload = (
+            _PayloadFeed(capture, self.max_line_bytes, _dialect_of(request))
+            if capture is not None
+            else None
+        )
         async with subscriber.receive_channel as items:
             pending: _ClientItem | None = None
             while True:
@@ -784,10 +794,12 @@ async def _collect(
     chunks: list[bytes] = []
     offsets: list[float] = []
     size = 0
-    completion = StreamCompletion()
+    completion: Completion | None = None
     async for item in items:
         if isinstance(item, _CacheStart):
             start = item
+            if item.streamed and item.dialect.completion is not None:
+                completion = item.dialect.completion()
         elif isinstance(item, _CacheAbandoned):
             return item.reason
         elif isinstance(item, _CacheChunk):
@@ -801,7 +813,7 @@ async def _collect(
             for frame in item.frames:
                 chunks.append(frame.raw)
                 offsets.append(item.offset)
-                if frame.event is not None:
+                if frame.event is not None and completion is not None:
                     completion.observe(frame.event)
         elif start is not None:
             return _entry_if_complete(plan, start, chunks, offsets, completion, report)
@@ -813,15 +825,15 @@ def _entry_if_complete(
     start: _CacheStart,
     chunks: list[bytes],
     offsets: list[float],
-    completion: StreamCompletion,
+    completion: Completion | None,
     report: CacheReport,
 ) -> StoredEntry | str:
-    if start.streamed:
+    if completion is not None:
         outcome, reason = completion.verdict(clean_end=True)
         report.usage = completion.usage
     else:
         body = b"".join(chunks)
-        outcome, reason, report.usage = json_answer_verdict(200, body)
+        outcome, reason, report.usage = start.dialect.judge_json(200, body)
         chunks, offsets = [body], [offsets[-1] if offsets else 0.0]
     if outcome is not StreamOutcome.COMPLETE:
         return reason

@@ -65,8 +65,10 @@ from trio_util import AsyncValue
 
 from tproxy import __version__
 from tproxy.config import LogSettings, PayloadLogSettings, Settings
-from tproxy.core.assemble import Answer, StreamAssembler, assemble_json, normalise_usage
+from tproxy.core.assemble import DEFAULT_MAX_CHARS, Answer, normalise_usage
 from tproxy.core.cachekey import ANONYMOUS, SHARED
+from tproxy.core.dialects import JSON_ONLY, Dialect
+from tproxy.core.dialects.base import Assembler
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import ConfigError, StoreError
 from tproxy.core.exchange import Exchange, State
@@ -296,15 +298,28 @@ class Payload:
 
 
 class PayloadCapture:
-    """Keeps what the payload log needs while an answer passes; sync, cheap, bounded."""
+    """Keeps what the payload log needs while an answer passes; sync, cheap, bounded. The
+    request's API family (``dialect``) puts its answer together."""
 
-    __slots__ = ("_assembler", "_body", "_events", "_left", "_raw", "_request", "_truncated")
+    __slots__ = (
+        "_assembler",
+        "_body",
+        "_dialect",
+        "_events",
+        "_left",
+        "_raw",
+        "_request",
+        "_truncated",
+    )
 
-    def __init__(self, request: bytes, *, raw_events: bool, max_bytes: int) -> None:
+    def __init__(
+        self, request: bytes, *, raw_events: bool, max_bytes: int, dialect: Dialect = JSON_ONLY
+    ) -> None:
         self._request = request[:max_bytes]
         self._truncated = len(request) > max_bytes
         self._raw = raw_events
-        self._assembler: StreamAssembler | None = None
+        self._dialect = dialect
+        self._assembler: Assembler | None = None
         self._events: list[ServerSentEvent] = []
         self._body: bytearray | None = None
         self._left = max_bytes
@@ -313,7 +328,7 @@ class PayloadCapture:
         """Take the next event of a streamed answer."""
         if not self._raw:
             if self._assembler is None:
-                self._assembler = StreamAssembler(self._left)
+                self._assembler = self._dialect.assembler(self._left)
             self._assembler.feed(event)
         elif len(event.data) <= self._left:
             self._events.append(event)
@@ -338,7 +353,7 @@ class PayloadCapture:
             for chunk in entry.chunks:
                 self.observe_body(chunk)
             return
-        decoder = SSEDecoder(max_line_bytes)
+        decoder = self._dialect.decoder(entry.headers, max_line_bytes) or SSEDecoder(max_line_bytes)
         frames = [frame for chunk in entry.chunks for frame in decoder.feed(chunk)]
         frames += decoder.close()
         for frame in frames:
@@ -354,7 +369,11 @@ class PayloadCapture:
         if self._raw:
             body = None if self._body is None else bytes(self._body)
             return Payload(self._request, None, tuple(self._events), body, self._truncated)
-        answer = None if self._body is None else assemble_json(bytes(self._body))
+        answer = (
+            None
+            if self._body is None
+            else self._dialect.whole_answer(bytes(self._body), DEFAULT_MAX_CHARS)
+        )
         return Payload(self._request, answer, truncated=self._truncated)
 
 
@@ -1001,7 +1020,7 @@ class Telemetry:
         """Whether the payload log is on: only then is a :class:`Payload` worth building."""
         return bool(self._payload_sinks)
 
-    def capture(self, request_body: bytes) -> PayloadCapture | None:
+    def capture(self, request_body: bytes, dialect: Dialect = JSON_ONLY) -> PayloadCapture | None:
         """A capture for one exchange's payload, or None when the payload log is off."""
         if not self._payload_sinks:
             return None
@@ -1009,6 +1028,7 @@ class Telemetry:
             request_body,
             raw_events=self._payload_settings.raw_events,
             max_bytes=self._payload_settings.max_record_bytes,
+            dialect=dialect,
         )
 
     def exchange_finished(self, record: ExchangeRecord, payload: Payload | None = None) -> None:

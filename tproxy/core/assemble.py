@@ -17,8 +17,8 @@ per choice are kept. ``usage`` is reduced to its top-level integer members (``pr
 ``completion_tokens``, ``total_tokens``, ...), so a log line stays small whatever the upstream
 sends.
 
-:class:`UsageTracker` is the cheap subset for the access log when no payload is kept: it parses
-only events whose data mentions ``"usage"``.
+The access log's usage of a stream nobody else reads is each API family's
+(:meth:`tproxy.core.dialects.base.Dialect.usage_watch`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ __all__ = [
     "Choice",
     "StreamAssembler",
     "ToolCall",
-    "UsageTracker",
     "assemble_events",
     "assemble_json",
     "json_usage",
@@ -308,30 +307,6 @@ def assemble_json(body: bytes, max_chars: int = DEFAULT_MAX_CHARS) -> Answer:
         events=0,
         truncated=answer.truncated,
     )
-
-
-class UsageTracker:
-    """The last ``usage`` and ``model`` of a stream, for the access log. Never raises.
-
-    Only events whose data mentions ``"usage"`` are parsed, so watching a stream costs a
-    substring search per event.
-    """
-
-    __slots__ = ("model", "usage")
-
-    def __init__(self) -> None:
-        self.usage: dict[str, int] | None = None
-        self.model: str | None = None
-
-    def observe(self, event: ServerSentEvent) -> None:
-        if '"usage"' not in event.data:
-            return
-        payload = parse_json(event.data)
-        if isinstance(payload, dict):
-            usage = normalise_usage(payload.get("usage"))
-            if usage is not None:
-                self.usage = usage
-                self.model = _short(payload.get("model")) or self.model
 
 
 def json_usage(body: bytes) -> dict[str, int] | None:

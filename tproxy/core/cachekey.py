@@ -20,8 +20,9 @@ UTF-8 JSON, NaN or Infinity (also a number that overflows to it), an object with
 
 Decisions:
 
-- ``stream`` stays in the key: a streamed answer (SSE frames) and a whole one are different
-  bytes. One entry serving both forms is later work.
+- ``stream`` stays in the key: a streamed answer (SSE or NDJSON frames) and a whole one are
+  different bytes; whether a request streams is its API family's rule (Ollama streams unless
+  ``"stream": false``). One entry serving both forms is later work.
 - Only fields that cannot change the answer may be ignored (the default is ``("user",)``, an
   end-user id for abuse monitoring), and only at the top level: a ``user`` inside a message is
   content.
@@ -32,9 +33,10 @@ Decisions:
 - Only POST and GET. A GET with an empty body is keyed with the canonical body ``b""`` (still only
   on a listed path); any other body must be JSON.
 - Tenants: the key covers a namespace derived from the client's credential (``authorization``,
-  ``api-key``, ``x-api-key``), so clients with different credentials never see each other's
-  answers. No credential gives ``"anonymous"``; ``shared`` puts every client in ``"shared"``. The
-  namespace is a truncated hash: the credential itself never reaches a key, a log or the store.
+  ``api-key``, ``x-api-key``, ``x-goog-api-key``: whichever header carries it), so clients with
+  different credentials never see each other's answers. No credential gives ``"anonymous"``;
+  ``shared`` puts every client in ``"shared"``. The namespace is a truncated hash: the credential
+  itself never reaches a key, a log or the store.
 - Request Cache-Control (RFC 9111 §5.2.1): ``no-store`` bypasses the cache entirely (no lookup,
   nothing stored); ``no-cache`` skips the lookup but stores the fresh answer; ``max-age`` and
   ``only-if-cached`` are passed on for the caller to apply to a found entry or a miss. ``Pragma``
@@ -52,11 +54,15 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tproxy.core.dialects import CREDENTIAL_HEADERS as DIALECT_CREDENTIAL_HEADERS
+from tproxy.core.dialects import dialect_for
+
 KEY_VERSION: int = 1
 
 MAX_DEPTH = 64
 CACHEABLE_METHODS = frozenset({"GET", "POST"})
-CREDENTIAL_HEADERS = (b"authorization", b"api-key", b"x-api-key")
+# Every header that carries a client's credential for one of the API families (see dialects).
+CREDENTIAL_HEADERS = DIALECT_CREDENTIAL_HEADERS
 ANONYMOUS = "anonymous"
 SHARED = "shared"
 CACHE_NAME = "tproxy"
@@ -153,8 +159,9 @@ def canonical_json(body: bytes, ignore_fields: Collection[str] = ()) -> bytes | 
 def tenant_namespace(headers: Iterable[tuple[bytes, bytes]], shared: bool) -> str:
     """The cache namespace of the client's credential, so tenants never share answers.
 
-    The credential is every non-empty ``authorization``, ``api-key`` and ``x-api-key`` value, in
-    that order, each with its header name (``Bearer A`` and ``api-key: A`` differ). Returns 32 hex
+    The credential is every non-empty value of the :data:`CREDENTIAL_HEADERS` (``authorization``,
+    ``api-key``, ``x-api-key``, ``x-goog-api-key``), in that order, each with its header name
+    (``Bearer A`` and ``api-key: A`` differ). Returns 32 hex
     digits of its sha256, ``"anonymous"`` without a credential, or ``"shared"`` when ``shared``.
     """
     if shared:
@@ -347,7 +354,7 @@ def decide(
         store=True,
         max_age=control.max_age,
         only_if_cached=control.only_if_cached,
-        streamed=members.get("stream") is True,
+        streamed=dialect_for(path).asks_for_stream(members),
         model=model if isinstance(model, str) else None,
     )
 

@@ -3,10 +3,11 @@
 Theory of operation: the operator configures the sha256 hashes of the keys clients may present,
 written ``sha256:<64 hex digits>``, never the keys themselves, so a leaked settings file grants
 nothing. :class:`ClientKeys` holds those digests. :meth:`ClientKeys.check` looks at a request's
-credential headers, the same three the cache key reads (``Authorization: Bearer <key>``,
-``api-key: <key>``, ``x-api-key: <key>``), hashes each key presented and compares the digest with
-every accepted one using :func:`hmac.compare_digest`, without stopping at the first match, so the
-time taken says nothing about which digest, or how much of one, matched.
+credential headers, the same ones the cache key reads (``Authorization: Bearer <key>``,
+``api-key: <key>``, ``x-api-key: <key>``, ``x-goog-api-key: <key>``), hashes each key
+presented and compares the digest with every accepted one using :func:`hmac.compare_digest`,
+without stopping at the first match, so the time taken says nothing about which digest, or how
+much of one, matched.
 
 A request passes when it presents at least one credential and every credential it presents is an
 accepted key: a second, unchecked credential could otherwise ride along to the upstream or into

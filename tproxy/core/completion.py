@@ -85,6 +85,11 @@ class StreamCompletion:
         if isinstance(choices, list) and choices:
             self._observe_choices(choices)
 
+    @property
+    def ended(self) -> bool:
+        """Whether an end marker arrived: ``[DONE]``, or a last finish with every choice done."""
+        return self._done or (self._last_finished and not self._open)
+
     def verdict(self, clean_end: bool) -> tuple[StreamOutcome, str]:
         """Judge the stream so far; ``clean_end`` says whether the HTTP body ended cleanly.
 

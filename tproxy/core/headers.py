@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from tproxy.core.dialects import CREDENTIAL_HEADERS
+
 Header = tuple[bytes, bytes]
 
 HOP_BY_HOP = frozenset(
@@ -86,14 +88,13 @@ def upstream_request_headers(
     client's credentials even without a replacement: when clients authenticate to the proxy,
     their key is the proxy's, not the upstream's.
     """
-    credential_names = {b"authorization", b"api-key", b"x-api-key"}
     extra_names = {name for name, _ in extra}
     forwarded_for: bytes | None = None
     result: list[Header] = []
     for name, value in end_to_end(client_headers):
         if name in _REQUEST_OWNED or name in extra_names:
             continue
-        if (authorization is not None or drop_credentials) and name in credential_names:
+        if (authorization is not None or drop_credentials) and name in CREDENTIAL_HEADERS:
             continue
         if name == b"x-forwarded-for":
             forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
