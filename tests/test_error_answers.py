@@ -40,7 +40,7 @@ async def ask(
 async def upstream_errors(proxy: RunningProxy, kind: str) -> float:
     async with httpx2.AsyncClient(base_url=proxy.admin_url, timeout=10) as http:
         text = (await http.get("/metrics")).text
-    found = re.search(rf'^tproxy_upstream_errors_total{{kind="{kind}"}} (\S+)$', text, re.M)
+    found = re.search(rf'^tproxy_upstream_errors_total{{kind="{kind}",[^}}]*}} (\S+)$', text, re.M)
     return 0.0 if found is None else float(found.group(1))
 
 
