@@ -28,7 +28,8 @@ LIBRARY_HOME = {
 # Lower layers first. A module may import from its own layer's peers only where listed lower.
 LAYERS = [
     {"core"},
-    {"asgi", "config", "notify", "tls"},
+    {"tls"},
+    {"asgi", "config", "notify"},
     {"store", "upstream", "routing", "inflight"},
     {"storewriter", "cache_commands"},
     {"telemetry"},

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trustme
 
+from tests.tlsfiles import write_ca, write_pair
 from tproxy.tls import (
     TLSFileError,
     check_ca_file,
@@ -25,16 +26,6 @@ from tproxy.tls import (
 )
 
 NOW = datetime.datetime.now(datetime.UTC)
-
-
-def write_pair(leaf: trustme.LeafCert, folder: Path, name: str = "server") -> tuple[Path, Path]:
-    """The leaf's certificate chain and its private key, the key readable by its owner only."""
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    for index, blob in enumerate(leaf.cert_chain_pems):
-        blob.write_to_path(str(cert), append=index > 0)
-    return cert, key
 
 
 def problems(cert: Path, key: Path, now: datetime.datetime = NOW) -> list[tuple[str, str]]:
@@ -101,8 +92,7 @@ def test_a_file_without_a_certificate_is_not_a_certificate(tmp_path: Path) -> No
 
 
 def test_a_ca_bundle_is_checked(tmp_path: Path) -> None:
-    bundle = tmp_path / "ca.pem"
-    trustme.CA().cert_pem.write_to_path(str(bundle))
+    bundle = write_ca(trustme.CA(), tmp_path / "ca.pem")
     assert check_ca_file(bundle, setting="upstreams.a.ca_file") == []
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
@@ -196,8 +186,7 @@ def context_for(
 async def test_a_private_ca_is_trusted_with_ca_file_and_refused_without(tmp_path: Path) -> None:
     ca = trustme.CA()
     cert, key = write_pair(ca.issue_cert("localhost"), tmp_path)
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
+    bundle = write_ca(ca, tmp_path / "ca.pem")
     failure, _ = await handshake(server_context(cert, key), context_for(ca_file=bundle))
     assert failure is None
     failure, _ = await handshake(server_context(cert, key), context_for())
@@ -209,8 +198,7 @@ async def test_a_client_certificate_is_presented_when_configured(tmp_path: Path)
     server_ca, client_ca = trustme.CA(), trustme.CA()
     cert, key = write_pair(server_ca.issue_cert("localhost"), tmp_path)
     client_cert, client_key = write_pair(client_ca.issue_cert("tproxy"), tmp_path, "client")
-    bundle = tmp_path / "ca.pem"
-    server_ca.cert_pem.write_to_path(str(bundle))
+    bundle = write_ca(server_ca, tmp_path / "ca.pem")
     requiring = server_context(cert, key, client_ca=client_ca)
     with_cert = context_for(ca_file=bundle, client_cert=client_cert, client_key=client_key)
     failure, _ = await handshake(requiring, with_cert)
@@ -236,8 +224,7 @@ async def test_a_reload_presents_the_new_certificate_to_new_handshakes(tmp_path:
     ca = trustme.CA()
     old_cert, old_key = write_pair(ca.issue_cert("localhost", common_name="old"), tmp_path, "old")
     new_cert, new_key = write_pair(ca.issue_cert("localhost", common_name="new"), tmp_path, "new")
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
+    bundle = write_ca(ca, tmp_path / "ca.pem")
     live = server_context(old_cert, old_key)
     client = context_for(ca_file=bundle)
     _, seen = await handshake(live, client)

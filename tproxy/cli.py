@@ -116,6 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"tproxy: {problem}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     from tproxy.server import run_until_signalled
 
     return _run(lambda: trio.run(run_until_signalled, settings), "tproxy cannot serve: %s")
@@ -169,11 +171,14 @@ def _demo(cache_dir: Path | None, token_delay: float | None) -> int:
 
 
 def _check_config(path: Path) -> int:
-    problems = check_config(path)
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
+    """Print every problem of the file (exit 2), or the warnings it earns and "ok"."""
+    checked = check_config(path)
+    for problem in checked.problems:
+        print(problem, file=sys.stderr)
+    if checked.problems:
         return EXIT_USAGE
+    for warning in checked.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok")
     return EXIT_OK
 
