@@ -10,9 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
+import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.tlsfiles import write_ca, write_pair
 from tproxy.config import (
     AdminSettings,
     AuthSettings,
@@ -161,6 +163,9 @@ max_header_bytes = 4096
 body_timeout = 5
 client_stall_timeout = 7
 reuse_port = true
+tls_cert = "tls/server.pem"
+tls_key = "tls/server.key"
+tls_client_ca = "tls/ca.pem"
 
 [cache]
 enabled = false
@@ -191,6 +196,11 @@ total_timeout = 4
 api_key_env = "MAIN_KEY"
 max_connections = 5
 http2 = true
+ca_file = "tls/ca.pem"
+client_cert = "tls/client.pem"
+client_key = "tls/client.key"
+tls_server_name = "model.internal"
+verify = false
 
 [upstreams.main.headers]
 X-Tenant = "blue"
@@ -207,7 +217,18 @@ ttl = 30
 """
 
 
-def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> None:
+@pytest.fixture
+def tls_files(in_tmp_path: Path) -> Path:
+    """The certificates and keys EVERY_KEY names, under ``tls/``."""
+    ca = trustme.CA()
+    folder = in_tmp_path / "tls"
+    write_pair(ca.issue_cert("localhost"), folder, "server")
+    write_pair(ca.issue_cert("tproxy"), folder, "client")
+    write_ca(ca, folder / "ca.pem")
+    return folder
+
+
+def test_every_key_of_the_file_is_read_into_the_settings(tls_files: Path) -> None:
     assert load(EVERY_KEY) == Settings(
         server=ServerSettings(
             listen="0.0.0.0:8000",
@@ -220,10 +241,13 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
             body_timeout=5.0,
             client_stall_timeout=7.0,
             reuse_port=True,
+            tls_cert=tls_files / "server.pem",
+            tls_key=tls_files / "server.key",
+            tls_client_ca=tls_files / "ca.pem",
         ),
         cache=CacheSettings(
             enabled=False,
-            dir=in_tmp_path / "store",
+            dir=tls_files.parent / "store",
             default_ttl=60.0,
             max_entry_bytes=100,
             max_total_bytes=1000,
@@ -249,6 +273,11 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
                 api_key_env="MAIN_KEY",
                 max_connections=5,
                 http2=True,
+                ca_file=tls_files / "ca.pem",
+                client_cert=tls_files / "client.pem",
+                client_key=tls_files / "client.key",
+                tls_server_name="model.internal",
+                verify=False,
             ),
         ),
         routes=(
@@ -263,6 +292,11 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
             ),
         ),
         source="x.toml",
+        warnings=(
+            "upstreams.main.verify = false: the upstream's certificate is not checked, so anyone"
+            " on the network path can read and change its answers (and the answers tproxy"
+            " caches)",
+        ),
     )
 
 
@@ -276,6 +310,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(in_tmp_path: Path) -> N
         ("routes", RouteSettings),
     ],
 )
+@pytest.mark.usefixtures("tls_files")
 def test_the_every_key_file_sets_each_field_to_a_value_other_than_its_default(
     section: str, cls: type[object]
 ) -> None:
@@ -339,7 +374,7 @@ def test_an_upstream_url_is_stored_in_lower_case_without_a_trailing_slash(
             "[server]\nzzz = 1\n",
             "x.toml: server.zzz: unknown key (known keys: listen, admin_listen, max_body_bytes,"
             " graceful_timeout, stream_buffer_chunks, keep_alive_timeout, max_header_bytes,"
-            " body_timeout, client_stall_timeout, reuse_port)",
+            " body_timeout, client_stall_timeout, reuse_port, tls_cert, tls_key, tls_client_ca)",
         ),
         ("[sever]\n", 'x.toml: sever: unknown key (did you mean "server"?)'),
         ("server = 1\n", "x.toml: server: expected a table, got 1"),
@@ -624,20 +659,20 @@ def test_invalid_toml_is_one_problem_with_the_line_and_column() -> None:
 
 
 def test_a_missing_file_is_one_clear_problem() -> None:
-    assert check_config(Path("absent.toml")) == [
+    assert check_config(Path("absent.toml")).problems == [
         "absent.toml: cannot read the file: No such file or directory"
     ]
 
 
 def test_a_file_that_is_not_utf8_is_one_clear_problem() -> None:
     Path("x.toml").write_bytes(b'[log]\nlevel = "\xff"\n')
-    assert check_config(Path("x.toml")) == [
+    assert check_config(Path("x.toml")).problems == [
         "x.toml: cannot read the file: not UTF-8 text (invalid byte at offset 15)"
     ]
 
 
 def test_check_config_returns_nothing_for_a_valid_file() -> None:
-    assert check_config(write(LOCAL)) == []
+    assert check_config(write(LOCAL)).problems == []
 
 
 # --- flags ------------------------------------------------------------------------------------
@@ -791,7 +826,7 @@ def test_parse_host_port_refuses_with_value_error_only(text: str) -> None:
 
 
 def test_the_example_file_is_valid() -> None:
-    assert check_config(EXAMPLE) == []
+    assert check_config(EXAMPLE).problems == []
 
 
 def test_the_example_file_has_two_upstreams_and_a_model_route() -> None:
@@ -852,6 +887,9 @@ def test_the_reference_documents_every_flag_and_the_settings_source() -> None:
 TELEMETRY_KEYS = """
 [admin]
 token_env = "ADMIN_TOKEN"
+tls_cert = "tls/server.pem"
+tls_key = "tls/server.key"
+tls_client_ca = "tls/ca.pem"
 
 [telemetry]
 access_log = false
@@ -896,9 +934,17 @@ def test_the_new_sections_default_to_no_token_an_access_log_and_no_payload_log()
 
 
 def test_every_key_of_the_new_sections_is_read(in_tmp_path: Path) -> None:
-    (in_tmp_path / "conf").mkdir()
+    ca = trustme.CA()
+    tls = in_tmp_path / "conf" / "tls"
+    write_pair(ca.issue_cert("localhost"), tls, "server")
+    write_ca(ca, tls / "ca.pem")
     loaded = load_settings(write(LOCAL + TELEMETRY_KEYS, "conf/x.toml"))
-    assert loaded.admin == AdminSettings(token_env="ADMIN_TOKEN")
+    assert loaded.admin == AdminSettings(
+        token_env="ADMIN_TOKEN",
+        tls_cert=tls / "server.pem",
+        tls_key=tls / "server.key",
+        tls_client_ca=tls / "ca.pem",
+    )
     assert loaded.telemetry == TelemetrySettings(access_log=False, queue_size=10, flush_timeout=1.0)
     assert loaded.payload_log == PayloadLogSettings(
         enabled=True,

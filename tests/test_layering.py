@@ -3,7 +3,8 @@
 - ``tproxy.core`` is sans-IO: it imports no Trio, httpx2, LMDB or Hypercorn, and nothing of
   tproxy outside ``tproxy.core``.
 - Each third-party I/O library has one home: httpx2 and httpcore2 only in ``upstream.py``, lmdb
-  only in ``store.py``, hypercorn only in ``server.py`` and ``serving.py``.
+  only in ``store.py``, hypercorn only in ``server.py`` and ``serving.py``, cryptography only in
+  ``tls.py``.
 - Data flows one way: a module imports only modules below it in ``LAYERS``.
 """
 
@@ -21,11 +22,13 @@ LIBRARY_HOME = {
     "httpcore2": {"upstream"},
     "lmdb": {"store"},
     "hypercorn": {"server", "serving"},
+    "cryptography": {"tls"},
 }
 
 # Lower layers first. A module may import from its own layer's peers only where listed lower.
 LAYERS = [
     {"core"},
+    {"tls"},
     {"asgi", "config", "notify"},
     {"store", "upstream", "routing", "inflight"},
     {"storewriter", "cache_commands"},

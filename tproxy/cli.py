@@ -22,7 +22,6 @@ from tproxy.config import (
     Overrides,
     check_config,
     default_cache_dir,
-    json_only_paths,
     load_settings,
 )
 from tproxy.core.errors import ConfigError, TproxyError
@@ -119,6 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"tproxy: {problem}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     from tproxy.server import run_until_signalled
 
     return _run(lambda: trio.run(run_until_signalled, settings), "tproxy cannot serve: %s")
@@ -172,17 +173,17 @@ def _demo(cache_dir: Path | None, token_delay: float | None) -> int:
 
 
 def _check_config(path: Path) -> int:
-    problems = check_config(path)
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
+    """Print every problem of the file (exit 2), or its warnings, "ok" and its notes."""
+    checked = check_config(path)
+    for problem in checked.problems:
+        print(problem, file=sys.stderr)
+    if checked.problems:
         return EXIT_USAGE
+    for warning in checked.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: ok")
-    for unknown in json_only_paths(load_settings(path).cache):
-        print(
-            f"note: cache.paths: {unknown} belongs to no known API family; its answers are"
-            " cached only as whole JSON bodies, never as streams (see docs/families.md)"
-        )
+    for note in checked.notes:
+        print(f"note: {note}")
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ clients are built, so ``check-config`` never needs secrets.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import ipaddress
 import json
@@ -37,6 +38,7 @@ from tproxy.core.clientauth import HASH_PREFIX, parse_key_hash
 from tproxy.core.dialects import DEFAULT_PATHS, JSON_ONLY, dialect_for
 from tproxy.core.errors import ConfigError
 from tproxy.core.headers import HOP_BY_HOP
+from tproxy.tls import check_ca_file, check_certificate_pair
 
 DEFAULTS_SOURCE = "<defaults>"
 DEFAULT_NAME = "default"
@@ -61,6 +63,11 @@ class UpstreamSettings:
     api_key_env: str | None = None
     max_connections: int = 512
     http2: bool = False
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    tls_server_name: str | None = None
+    verify: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,13 @@ class ServerSettings:
     body_timeout: float = 60.0
     client_stall_timeout: float = 60.0
     reuse_port: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def tls(self) -> ListenerTLS | None:
+        return ListenerTLS.of(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +136,32 @@ class LogSettings:
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    """The admin listener's access control."""
+    """The admin listener's access control, and its own certificate when it serves HTTPS."""
 
     token_env: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def tls(self) -> ListenerTLS | None:
+        return ListenerTLS.of(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """A listener's certificate and key, and the CA its clients' certificates must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None
+
+    @classmethod
+    def of(cls, cert: Path | None, key: Path | None, client_ca: Path | None) -> ListenerTLS | None:
+        """The listener's TLS settings, or None when it serves plain HTTP."""
+        if cert is None or key is None:
+            return None
+        return cls(cert, key, client_ca)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +223,8 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     payload_log: PayloadLogSettings = field(default_factory=PayloadLogSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    # Settings that are allowed but unsafe: shown by check-config and logged at start.
+    warnings: tuple[str, ...] = ()
 
     def upstream(self, name: str) -> UpstreamSettings:
         """The upstream called ``name``; raises KeyError when there is none."""
@@ -635,7 +674,11 @@ _UPSTREAM: dict[str, _Checker] = {
     "api_key_env": _env_name,
     "max_connections": _size,
     "http2": _boolean,
+    "tls_server_name": _text,
+    "verify": _boolean,
 }
+_UPSTREAM_FILES = ("ca_file", "client_cert", "client_key")
+_LISTENER_FILES = ("tls_cert", "tls_key", "tls_client_ca")
 _ROUTE: dict[str, _Checker] = {
     "name": _name,
     "path_prefix": _path,
@@ -757,7 +800,7 @@ def _table(document: Mapping[str, object], name: str, problems: _Problems) -> di
 
 
 def _read_upstreams(
-    document: Mapping[str, object], problems: _Problems, url_from_flag: str | None
+    document: Mapping[str, object], base: Path, problems: _Problems, url_from_flag: str | None
 ) -> list[UpstreamSettings]:
     """The ``[upstreams.NAME]`` tables, in file order.
 
@@ -774,7 +817,8 @@ def _read_upstreams(
         if not isinstance(raw, dict):
             problems.at(where, f"expected a table, got {_show(raw)}")
             continue
-        values = _read_table(raw, where, _UPSTREAM, problems)
+        checkers = {**_UPSTREAM, **dict.fromkeys(_UPSTREAM_FILES, _file(base))}
+        values = _read_table(raw, where, checkers, problems)
         if "api_key_env" in values and any(
             header.lower() == "authorization" for header, _ in values.get("headers", ())
         ):
@@ -864,7 +908,7 @@ def _check_routes(routes: Sequence[_FileRoute], known: Sequence[str], problems: 
 
 
 def _upstreams_and_routes(
-    document: Mapping[str, Any], upstream_url: str | None, problems: _Problems
+    document: Mapping[str, Any], base: Path, upstream_url: str | None, problems: _Problems
 ) -> tuple[list[UpstreamSettings], list[RouteSettings]]:
     """The upstreams and routes to use: the file's, or those ``--upstream`` (``upstream_url``) sets.
 
@@ -874,12 +918,12 @@ def _upstreams_and_routes(
     flag was refused, its raw text stands in; the problem is already recorded.)
     """
     if upstream_url is not None:
-        file_upstreams = _read_upstreams(document, problems, upstream_url)
+        file_upstreams = _read_upstreams(document, base, problems, upstream_url)
         _read_routes(document, problems)
         kept = [upstream for upstream in file_upstreams if upstream.name == DEFAULT_NAME]
         upstreams = kept or [UpstreamSettings(DEFAULT_NAME, upstream_url)]
         return upstreams, [RouteSettings(upstreams=(DEFAULT_NAME,), name=DEFAULT_NAME)]
-    upstreams = _read_upstreams(document, problems, None)
+    upstreams = _read_upstreams(document, base, problems, None)
     file_routes = _read_routes(document, problems)
     tables = document.get("upstreams")
     if not tables:
@@ -930,13 +974,18 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         if name not in _SECTIONS:
             problems.at(_key(name), _unknown_key(name, _SECTIONS))
     base = path.parent if path is not None else Path.cwd()
-    server_values = _read_table(_table(document, "server", problems), "server", _SERVER, problems)
+    listener_files = dict.fromkeys(_LISTENER_FILES, _file(base))
+    server_values = _read_table(
+        _table(document, "server", problems), "server", {**_SERVER, **listener_files}, problems
+    )
     cache_checkers = {"dir": _directory(base), **_CACHE}
     cache_values = _read_table(
         _table(document, "cache", problems), "cache", cache_checkers, problems
     )
     log_values = _read_table(_table(document, "log", problems), "log", _LOG, problems)
-    admin_values = _read_table(_table(document, "admin", problems), "admin", _ADMIN, problems)
+    admin_values = _read_table(
+        _table(document, "admin", problems), "admin", {**_ADMIN, **listener_files}, problems
+    )
     telemetry_values = _read_table(
         _table(document, "telemetry", problems), "telemetry", _TELEMETRY, problems
     )
@@ -959,7 +1008,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     _apply_flag(cache_values, "dir", "--cache-dir", _directory(Path.cwd()), cache_dir, problems)
 
     upstream_url = None if overrides.upstream is None else flags.get("url", overrides.upstream)
-    upstreams, routes = _upstreams_and_routes(document, upstream_url, problems)
+    upstreams, routes = _upstreams_and_routes(document, base, upstream_url, problems)
 
     server = dataclasses.replace(ServerSettings(), **server_values)
     cache = dataclasses.replace(CacheSettings(), **cache_values)
@@ -980,6 +1029,10 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     payload_log = dataclasses.replace(PayloadLogSettings(), **payload_values)
     _check_admin_access(server, admin, overrides, problems)
     _check_payload_log(payload_log, problems)
+    now = datetime.datetime.now(datetime.UTC)
+    _check_listener_tls("server", server_values, now, problems)
+    _check_listener_tls("admin", admin_values, now, problems)
+    warnings = [_check_upstream_tls(upstream, now, problems) for upstream in upstreams]
     if problems.items:
         raise ConfigError(problems.items)
     return Settings(
@@ -993,6 +1046,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         telemetry=dataclasses.replace(TelemetrySettings(), **telemetry_values),
         payload_log=payload_log,
         auth=auth,
+        warnings=tuple(warning for warning in warnings if warning is not None),
     )
 
 
@@ -1052,14 +1106,93 @@ def json_only_paths(cache: CacheSettings) -> list[str]:
     return [path for path in cache.paths if dialect_for(path) is JSON_ONLY]
 
 
-def check_config(path: Path) -> list[str]:
-    """Every problem in the settings file at ``path``; an empty list when it is valid.
+def _check_listener_tls(
+    table: str, values: Mapping[str, Any], now: datetime.datetime, problems: _Problems
+) -> None:
+    """A listener's certificate needs its key (and the reverse); both must be usable now."""
+    cert, key, client_ca = (values.get(name) for name in _LISTENER_FILES)
+    if (cert is None) != (key is None):
+        missing = "tls_key" if key is None else "tls_cert"
+        problems.at(f"{table}.{missing}", "required: tls_cert and tls_key are set together")
+        return
+    if client_ca is not None and cert is None:
+        problems.at(f"{table}.tls_client_ca", "requires tls_cert and tls_key (HTTPS)")
+        return
+    if cert is not None:
+        found = check_certificate_pair(
+            cert,
+            values["tls_key"],
+            now=now,
+            cert_setting=f"{table}.tls_cert",
+            key_setting=f"{table}.tls_key",
+        )
+        if client_ca is not None:
+            found += check_ca_file(client_ca, setting=f"{table}.tls_client_ca")
+        for setting, reason in found:
+            problems.at(setting, reason)
+
+
+def _check_upstream_tls(
+    upstream: UpstreamSettings, now: datetime.datetime, problems: _Problems
+) -> str | None:
+    """Problems with an upstream's TLS settings; the warning ``verify = false`` earns, if set."""
+    where = _join("upstreams", upstream.name)
+    chosen = [
+        name
+        for name in (*_UPSTREAM_FILES, "tls_server_name")
+        if getattr(upstream, name) is not None
+    ] + ([] if upstream.verify else ["verify"])
+    if chosen and not upstream.url.startswith("https://"):
+        for name in chosen:
+            problems.at(f"{where}.{name}", f"applies to https:// upstreams only ({upstream.url})")
+        return None
+    if upstream.client_key is not None and upstream.client_cert is None:
+        problems.at(f"{where}.client_key", "requires client_cert")
+    found: list[tuple[str, str]] = []
+    if upstream.ca_file is not None:
+        found += check_ca_file(upstream.ca_file, setting=f"{where}.ca_file")
+    if upstream.client_cert is not None:
+        found += check_certificate_pair(
+            upstream.client_cert,
+            upstream.client_key or upstream.client_cert,
+            now=now,
+            cert_setting=f"{where}.client_cert",
+            key_setting=f"{where}.client_key" if upstream.client_key else f"{where}.client_cert",
+        )
+    for setting, reason in found:
+        problems.at(setting, reason)
+    if upstream.verify:
+        return None
+    return (
+        f"{where}.verify = false: the upstream's certificate is not checked, so anyone on the"
+        " network path can read and change its answers (and the answers tproxy caches)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigCheck:
+    """What ``check-config`` reports: the problems that stop the file being used, the warnings
+    its allowed but unsafe settings earn, and notes on how it will behave."""
+
+    problems: list[str]
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_config(path: Path) -> ConfigCheck:
+    """Every problem in the settings file at ``path`` (none when it is valid), its warnings,
+    and a note for each cached path no API family claims.
 
     The file is read as ``tproxy serve --config FILE`` with no other flag would read it, so a
     file that names no upstream is a problem.
     """
     try:
-        load_settings(path)
+        settings = load_settings(path)
     except ConfigError as error:
-        return list(error.problems)
-    return []
+        return ConfigCheck(list(error.problems))
+    notes = [
+        f"cache.paths: {unknown} belongs to no known API family; its answers are cached only as"
+        " whole JSON bodies, never as streams (see docs/families.md)"
+        for unknown in json_only_paths(settings.cache)
+    ]
+    return ConfigCheck([], list(settings.warnings), notes)

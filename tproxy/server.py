@@ -9,7 +9,8 @@ metrics can be read while streams finish.
 
 :func:`run_until_signalled` is the process around it: SIGTERM or SIGINT starts the drain, a
 second one cancels it at once (LMDB commits are atomic, so the store stays consistent either
-way), SIGHUP is refused with a log line (see docs/operations.md), and the service manager hears
+way), SIGHUP reloads TLS certificates and says that nothing else is reloaded (see
+docs/operations.md), and the service manager hears
 READY, STOPPING, STATUS and watchdog pings through :mod:`tproxy.notify`.
 """
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +32,7 @@ from hypercorn.typing import ASGIFramework
 from tproxy.admin import AdminApp, read_admin_token
 from tproxy.app import ProxyApp
 from tproxy.asgi import ASGIReceive, ASGISend, Scope
-from tproxy.config import Settings
+from tproxy.config import ListenerTLS, Settings
 from tproxy.core.clientauth import ClientKeys
 from tproxy.core.errors import StoreError, TproxyError
 from tproxy.inflight import Inflight
@@ -40,12 +42,16 @@ from tproxy.serving import SocketOptions, serve_asgi
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import open_telemetry
+from tproxy.tls import TLSFileError, reload_cert_chain
 from tproxy.upstream import open_upstream_pool
 
 log = logging.getLogger("tproxy")
 
 # Seconds between two STATUS= lines sent to the service manager.
 STATUS_INTERVAL = 5.0
+
+# Seconds a client gets to complete its TLS handshake (Hypercorn's default is a minute).
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 RELOAD_REFUSAL = (
     "SIGHUP: reload is not supported; restart the service to apply new settings "
@@ -94,9 +100,10 @@ class Listening:
     inflight: Inflight
     status: ServerStatus
     exchanger: Exchanger
+    certificates: tuple[Certificate, ...] = ()
 
 
-def _hypercorn_config(settings: Settings, bind: str) -> Config:
+def _hypercorn_config(settings: Settings, bind: str, tls: ListenerTLS | None) -> Config:
     config = Config()
     config.bind = [bind]
     config.graceful_timeout = settings.server.graceful_timeout
@@ -104,7 +111,50 @@ def _hypercorn_config(settings: Settings, bind: str) -> Config:
     config.h11_max_incomplete_size = settings.server.max_header_bytes
     config.accesslog = None
     config.errorlog = logging.getLogger("tproxy.hypercorn")
+    if tls is not None:
+        config.certfile = str(tls.cert)
+        config.keyfile = str(tls.key)
+        config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
+        if tls.client_ca is not None:
+            config.ca_certs = str(tls.client_ca)
+            config.verify_mode = ssl.CERT_REQUIRED
     return config
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """A listener's live TLS context and the files it was loaded from, for a reload."""
+
+    context: ssl.SSLContext
+    files: ListenerTLS
+
+    def reload(self) -> None:
+        """Load the files again into the live context; raises TLSFileError and keeps the old
+        certificate when they cannot be used."""
+        reload_cert_chain(self.context, self.files.cert, self.files.key)
+
+
+def _socket_options(
+    config: Config, stall_timeout: float, reuse_port: bool, tls: ListenerTLS | None
+) -> tuple[SocketOptions, list[Certificate]]:
+    """A listener's socket options with Hypercorn's TLS context, and that context to reload."""
+    context = config.create_ssl_context()
+    options = SocketOptions(stall_timeout, reuse_port, context)
+    if context is None or tls is None:
+        return options, []
+    return options, [Certificate(context, tls)]
+
+
+def reload_certificates(certificates: Sequence[Certificate]) -> None:
+    """SIGHUP with TLS: every listener presents its renewed certificate to new handshakes. Only
+    the certificates: other settings need a restart."""
+    for certificate in certificates:
+        try:
+            certificate.reload()
+        except TLSFileError as error:
+            log.error("SIGHUP: %s; still serving the certificate loaded before", error)
+        else:
+            log.info("SIGHUP: loaded %s for new connections", certificate.files.cert)
 
 
 @asynccontextmanager
@@ -159,21 +209,39 @@ async def serve_tproxy(
                 proxy_app = _CountingApp(
                     ProxyApp(settings, exchanger, store, inflight, telemetry, client_keys), status
                 )
+                server = settings.server
+                proxy_config = _hypercorn_config(settings, server.listen, server.tls)
+                proxy_options, certificates = _socket_options(
+                    proxy_config, server.client_stall_timeout, server.reuse_port, server.tls
+                )
                 status.proxy = await _start_listener(
                     servers,
                     partial(_serve_until, proxy_app, stop=stop, stopped=proxy_stopped),
-                    _hypercorn_config(settings, settings.server.listen),
-                    SocketOptions(settings.server.client_stall_timeout, settings.server.reuse_port),
+                    proxy_config,
+                    proxy_options,
+                )
+                admin_tls = settings.admin.tls
+                admin_config = _hypercorn_config(settings, server.admin_listen, admin_tls)
+                admin_options, admin_certificates = _socket_options(
+                    admin_config, server.client_stall_timeout, False, admin_tls
                 )
                 admin_binds = await _start_listener(
                     servers,
                     partial(serve_asgi, _asgi(admin_app), shutdown_trigger=proxy_stopped.wait),
-                    _hypercorn_config(settings, settings.server.admin_listen),
-                    SocketOptions(settings.server.client_stall_timeout),
+                    admin_config,
+                    admin_options,
                 )
                 log.info("tproxy listening on %s (admin %s)", status.proxy, admin_binds)
                 task_status.started(
-                    Listening(status.proxy, admin_binds, writer, inflight, status, exchanger)
+                    Listening(
+                        status.proxy,
+                        admin_binds,
+                        writer,
+                        inflight,
+                        status,
+                        exchanger,
+                        (*certificates, *admin_certificates),
+                    )
                 )
             if writer is not None:
                 writer.close()
@@ -251,11 +319,12 @@ async def run_until_signalled(settings: Settings) -> None:
     """Serve until SIGINT or SIGTERM, telling the service manager (if any) how it goes.
 
     The first signal drains (``server.graceful_timeout``), a second one cancels the drain at
-    once. SIGHUP is refused and logged rather than left to its default, which would kill the
-    process without a drain.
+    once. SIGHUP loads renewed TLS certificates; other settings are not reloaded, which is
+    logged, rather than left to SIGHUP's default, which would kill the process without a drain.
     """
     stop = trio.Event()
     graceful = settings.server.graceful_timeout
+    certificates: list[Certificate] = []
     async with open_notifier() as notifier:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -263,7 +332,9 @@ async def run_until_signalled(settings: Settings) -> None:
                 async def watch_signals() -> None:
                     async for signum in signals:
                         name = signal.Signals(signum).name
-                        if signum == signal.SIGHUP:
+                        if signum == signal.SIGHUP and certificates:
+                            reload_certificates(certificates)
+                        elif signum == signal.SIGHUP:
                             log.warning(RELOAD_REFUSAL, graceful)
                         elif not stop.is_set():
                             log.info(
@@ -282,6 +353,7 @@ async def run_until_signalled(settings: Settings) -> None:
 
                 nursery.start_soon(watch_signals)
                 listening: Listening = await nursery.start(run_server)
+                certificates.extend(listening.certificates)
                 await notifier.ready(listening.status.summary())
                 nursery.start_soon(notifier.serve_watchdog)
                 nursery.start_soon(_report_status, notifier, listening.status, stop)

@@ -17,14 +17,16 @@ The listening sockets are ours too, for the options set before ``bind`` and afte
 - ``SO_REUSEPORT`` when asked, so that several tproxy processes can share one address.
 
 What ``hypercorn.trio.serve`` does and this loop leaves out, because tproxy uses none of it: ASGI
-lifespan events (the server opens the app's resources), TLS, QUIC and Unix socket listeners,
-restarts after ``max_requests``, statsd.
+lifespan events (the server opens the app's resources), QUIC and Unix socket listeners,
+restarts after ``max_requests``, statsd. TLS is Hypercorn's: the context its configuration makes,
+on Trio's TLS streams, which Hypercorn's connection code already handles.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -129,10 +131,12 @@ def _reason_phrase(status: int) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class SocketOptions:
-    """What the listening sockets are asked for beyond Hypercorn's settings."""
+    """What the listening sockets are asked for beyond Hypercorn's settings; ``tls`` is the
+    server context (Hypercorn's, from its config) when the listener serves HTTPS."""
 
     stall_timeout: float
     reuse_port: bool = False
+    tls: ssl.SSLContext | None = None
 
 
 def _listening_socket(address: str, options: SocketOptions, backlog: int) -> socket.socket:
@@ -166,21 +170,29 @@ async def serve_asgi(
 ) -> None:
     """Serve ``app`` on ``config.bind`` until ``shutdown_trigger`` returns, then drain.
 
-    Reports the bound addresses (``http://host:port``) once listening. On shutdown it stops
-    accepting, lets kept-alive connections close after their current answer, and cancels what
-    still runs after ``config.graceful_timeout``. Raises OSError when an address cannot be bound.
+    Reports the bound addresses (``http://host:port``, ``https://`` with TLS) once listening. On
+    shutdown it stops accepting, lets kept-alive connections close after their current answer,
+    and cancels what still runs after ``config.graceful_timeout``. Raises OSError when an
+    address cannot be bound.
     """
-    listeners = []
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = []
     binds = []
+    scheme = "http" if options.tls is None else "https"
     try:
         for address in config.bind:
             sock = _listening_socket(address, options, config.backlog)
             listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-            binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            binds.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
     except BaseException:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
         raise
+    if options.tls is not None:
+        # Hypercorn's connection does the handshake (bounded by its ssl_handshake_timeout)
+        # and picks HTTP/2 or HTTP/1.1 by the protocol ALPN agreed.
+        listeners = [
+            trio.SSLListener(listener, options.tls, https_compatible=True) for listener in listeners
+        ]
     context = WorkerContext(max_requests=None)
     connection = partial(
         _PromptlyClosedConnection,

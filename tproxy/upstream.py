@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -45,6 +46,7 @@ from tproxy.core.errors import (
     UpstreamTimeout,
 )
 from tproxy.core.headers import Header, lowered_names
+from tproxy.tls import TLSFileError, upstream_context
 
 
 @dataclass(slots=True)
@@ -100,6 +102,7 @@ class _Upstream:
     client: httpx2.AsyncClient
     authorization: bytes | None
     extra_headers: tuple[Header, ...]
+    extensions: dict[str, object]  # httpcore2's per-request extensions: the TLS server name
 
 
 class UpstreamPool:
@@ -139,7 +142,11 @@ class UpstreamPool:
         upstream = self._upstreams[name]
         settings = upstream.settings
         request = upstream.client.build_request(
-            method, settings.url + target, headers=list(headers), content=body
+            method,
+            settings.url + target,
+            headers=list(headers),
+            content=body,
+            extensions=upstream.extensions,
         )
         first_byte_deadline = min(deadline, trio.current_time() + settings.first_byte_timeout)
         response: httpx2.Response | None = None
@@ -257,8 +264,7 @@ class _LeftoverGuardPool(httpcore2.AsyncConnectionPool):
 class _GuardedTransport(httpx2.AsyncHTTPTransport):
     """httpx2's transport over a :class:`_LeftoverGuardPool` with the same settings."""
 
-    def __init__(self, *, http2: bool, limits: httpx2.Limits) -> None:
-        ssl_context = httpx2.create_ssl_context(trust_env=False)  # loaded once, for both pools
+    def __init__(self, *, http2: bool, limits: httpx2.Limits, ssl_context: ssl.SSLContext) -> None:
         super().__init__(
             http1=True, http2=http2, limits=limits, trust_env=False, verify=ssl_context
         )
@@ -270,6 +276,26 @@ class _GuardedTransport(httpx2.AsyncHTTPTransport):
             http1=True,
             http2=http2,
         )
+
+
+def _system_roots() -> ssl.SSLContext:
+    """A new context trusting the system's CAs, as httpx2 makes it (ignoring SSL_CERT_FILE)."""
+    return httpx2.create_ssl_context(trust_env=False)
+
+
+def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
+    """The upstream's TLS context, loaded once for both pools; :class:`UpstreamError` when its
+    files cannot be used."""
+    try:
+        return upstream_context(
+            _system_roots,
+            ca_file=settings.ca_file,
+            client_cert=settings.client_cert,
+            client_key=settings.client_key,
+            verify=settings.verify,
+        )
+    except TLSFileError as error:
+        raise UpstreamError(f"upstream {settings.name}: {error}") from None
 
 
 def _authorization(settings: UpstreamSettings, environ: Mapping[str, str]) -> bytes | None:
@@ -308,8 +334,8 @@ async def open_upstream_pool(
     """Open one client per upstream; close them all on exit. Meanwhile the libraries' loggers
     are held at ``settings.log.libraries``.
 
-    Raises :class:`UpstreamError` when an upstream's API key variable is missing, so a
-    misconfigured service fails at start, not on the first request.
+    Raises :class:`UpstreamError` when an upstream's API key variable is missing or its TLS
+    files cannot be loaded, so a misconfigured service fails at start, not on the first request.
     """
     env = os.environ if environ is None else environ
     async with AsyncExitStack() as stack:
@@ -322,7 +348,9 @@ async def open_upstream_pool(
                 keepalive_expiry=30.0,
             )
             client = httpx2.AsyncClient(
-                transport=_GuardedTransport(http2=upstream.http2, limits=limits),
+                transport=_GuardedTransport(
+                    http2=upstream.http2, limits=limits, ssl_context=_ssl_context(upstream)
+                ),
                 timeout=httpx2.Timeout(
                     connect=upstream.connect_timeout, read=None, write=None, pool=None
                 ),
@@ -338,6 +366,11 @@ async def open_upstream_pool(
                     lowered_names(
                         (n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
                     )
+                ),
+                extensions=(
+                    {}
+                    if upstream.tls_server_name is None
+                    else {"sni_hostname": upstream.tls_server_name}
                 ),
             )
         yield UpstreamPool(upstreams)

@@ -1,0 +1,298 @@
+"""TLS both ways, end to end: clients reach tproxy over HTTPS (HTTP/1.1 and HTTP/2), and tproxy
+reaches upstreams behind a private CA, with a client certificate, by another name, or over
+HTTP/2.
+
+The CAs are made here (trustme). Upstreams are real TLS servers on loopback: the fake
+OpenAI-compatible upstream on Trio's TLS streams, and, for HTTP/2, Hypercorn itself serving a
+small streaming app. The client is the real `openai` SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+import trio
+import trustme
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from tests.conftest import StartProxy, tolerate_sdk_generators
+from tests.fakeupstream import FakeUpstream, stream_events
+from tests.tlsfiles import write_ca, write_pair
+from tproxy.config import Overrides, load_settings
+from tproxy.server import Listening, reload_certificates, serve_tproxy
+
+pytestmark = tolerate_sdk_generators
+
+NO_CACHE = "[cache]\nenabled = false\n"
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "over tls"}], "stream": True}
+
+
+@dataclass
+class TLSFakeUpstream(FakeUpstream):
+    """The fake upstream behind TLS, at ``https://127.0.0.1:PORT``."""
+
+    tls: ssl.SSLContext | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        assert self.tls is not None
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        secured = [trio.SSLListener(listener, self.tls) for listener in listeners]
+        await trio.serve_listeners(self._connection, secured)
+
+
+def server_context(cert: Path, key: Path, client_ca: trustme.CA | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        client_ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def start_tls_upstream(
+    nursery: trio.Nursery,
+    ca: trustme.CA,
+    folder: Path,
+    *,
+    identity: str = "127.0.0.1",
+    client_ca: trustme.CA | None = None,
+) -> TLSFakeUpstream:
+    cert, key = write_pair(ca.issue_cert(identity), folder / "upstream", "upstream")
+    upstream = TLSFakeUpstream(tls=server_context(cert, key, client_ca))
+    await nursery.start(upstream.serve)
+    return upstream
+
+
+def upstream_toml(url: str, settings: str, *, cache: bool = True) -> str:
+    """One upstream with these settings; ``cache=False`` for a second proxy in a test, which
+    must neither open the first one's store nor answer from it."""
+    return ("" if cache else NO_CACHE) + f'[upstreams.model]\nurl = "{url}"\n{settings}'
+
+
+async def post_twice(url: str, verify: ssl.SSLContext | bool = True) -> list[httpx2.Response]:
+    async with httpx2.AsyncClient(base_url=url, verify=verify, timeout=10) as client:
+        return [await client.post("/v1/chat/completions", json=CHAT) for _ in range(2)]
+
+
+# --- clients to tproxy over HTTPS ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "http2"])
+async def test_the_openai_sdk_streams_from_tproxy_over_https(
+    start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path, http2: bool
+) -> None:
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path / "listener")
+    proxy = await start_proxy(f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    assert proxy.url.startswith("https://")
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with httpx2.AsyncClient(verify=trusting, http2=http2, timeout=10) as http:
+        sdk = openai.AsyncOpenAI(
+            base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0, http_client=http
+        )
+        stream = await sdk.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "secret words"}], stream=True
+        )
+        async with stream:
+            pieces = [chunk.choices[0].delta.content or "" async for chunk in stream]
+        assert "".join(pieces) == "secret words"
+        models = await http.get(proxy.url + "/healthz-not-here")
+    assert models.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+
+
+async def test_a_client_without_a_certificate_is_refused_when_tls_client_ca_is_set(
+    start_proxy: StartProxy, upstream: FakeUpstream, ca: trustme.CA, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path / "listener")
+    clients = trustme.CA()
+    bundle = write_ca(clients, tmp_path / "clients.pem")
+    proxy = await start_proxy(
+        f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\ntls_client_ca = "{bundle}"\n'
+    )
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    with pytest.raises(httpx2.TransportError):
+        await post_twice(proxy.url, trusting)
+    clients.issue_cert("laptop").configure_cert(trusting)
+    first, second = await post_twice(proxy.url, trusting)
+    assert first.status_code == second.status_code == 200
+    assert second.content == first.content
+    assert upstream.calls["/v1/chat/completions"] == 1
+
+
+# --- tproxy to upstreams over TLS ------------------------------------------------------------
+
+
+async def test_an_upstream_signed_by_a_private_ca_works_with_ca_file_and_not_without(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    upstream = await start_tls_upstream(nursery, ca, tmp_path)
+    bundle = write_ca(ca, tmp_path / "company-ca.pem")
+    trusted = await start_proxy(
+        upstream_toml(upstream.url, f'ca_file = "{bundle}"\n'), upstream_flag=False
+    )
+    first, second = await post_twice(trusted.url)
+    assert first.status_code == 200
+    assert first.headers["cache-status"] == "tproxy; fwd=miss"
+    assert second.content == first.content
+    assert upstream.calls["/v1/chat/completions"] == 1
+
+    untrusted = await start_proxy(upstream_toml(upstream.url, "", cache=False), upstream_flag=False)
+    refused, _ = await post_twice(untrusted.url)
+    assert refused.status_code == 502
+    assert refused.json()["error"]["message"]
+    assert upstream.calls["/v1/chat/completions"] == 1
+
+
+async def test_tls_server_name_checks_the_certificate_of_an_upstream_named_by_address(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    upstream = await start_tls_upstream(nursery, ca, tmp_path, identity="model.internal")
+    bundle = write_ca(ca, tmp_path / "ca.pem")
+    named = await start_proxy(
+        upstream_toml(upstream.url, f'ca_file = "{bundle}"\ntls_server_name = "model.internal"\n'),
+        upstream_flag=False,
+    )
+    answered, _ = await post_twice(named.url)
+    assert answered.status_code == 200
+    unnamed = await start_proxy(
+        upstream_toml(upstream.url, f'ca_file = "{bundle}"\n', cache=False), upstream_flag=False
+    )
+    mismatched, _ = await post_twice(unnamed.url)
+    assert mismatched.status_code == 502
+
+
+async def test_an_upstream_that_requires_a_client_certificate(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    client_ca = trustme.CA()
+    upstream = await start_tls_upstream(nursery, ca, tmp_path, client_ca=client_ca)
+    bundle = write_ca(ca, tmp_path / "ca.pem")
+    cert, key = write_pair(client_ca.issue_cert("tproxy"), tmp_path / "client", "client")
+    without = await start_proxy(
+        upstream_toml(upstream.url, f'ca_file = "{bundle}"\n', cache=False), upstream_flag=False
+    )
+    refused, _ = await post_twice(without.url)
+    assert refused.status_code == 502
+    with_cert = await start_proxy(
+        upstream_toml(
+            upstream.url,
+            f'ca_file = "{bundle}"\nclient_cert = "{cert}"\nclient_key = "{key}"\n',
+        ),
+        upstream_flag=False,
+    )
+    first, second = await post_twice(with_cert.url)
+    assert first.status_code == 200
+    assert second.content == first.content
+    assert upstream.calls["/v1/chat/completions"] == 1
+
+
+@dataclass
+class HTTP2Upstream:
+    """A streaming chat upstream served by Hypercorn over TLS with HTTP/2 (ALPN)."""
+
+    versions: list[str]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.versions.append(scope["http_version"])
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for event in stream_events(json.loads(body)):
+            await send({"type": "http.response.body", "body": event + b"\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_an_http2_upstream_over_tls_streams_and_is_cached(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path / "h2", "upstream")
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.certfile, config.keyfile = str(cert), str(key)
+    config.accesslog = None
+    app = HTTP2Upstream([])
+    binds: list[str] = await nursery.start(serve, app, config)
+    url = binds[0]
+    bundle = write_ca(ca, tmp_path / "ca.pem")
+    proxy = await start_proxy(
+        upstream_toml(url, f'ca_file = "{bundle}"\nhttp2 = true\n'), upstream_flag=False
+    )
+    first, second = await post_twice(proxy.url)
+    assert app.versions == ["2"]
+    assert first.status_code == 200
+    assert first.headers["content-type"] == "text/event-stream"
+    assert b"data: [DONE]" in first.content
+    assert second.content == first.content
+
+
+# --- certificate rotation ----------------------------------------------------------------------
+
+
+async def test_reloading_certificates_presents_the_new_one_to_new_connections(
+    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path
+) -> None:
+    folder = tmp_path / "listener"
+    write_pair(ca.issue_cert("127.0.0.1", common_name="before"), folder)
+    config = tmp_path / "tproxy.toml"
+    config.write_text(
+        f'[server]\ntls_cert = "{folder / "server.pem"}"\ntls_key = "{folder / "server.key"}"\n'
+    )
+    settings = load_settings(
+        config,
+        Overrides(
+            listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            upstream="http://127.0.0.1:9",
+            cache_dir=tmp_path / "store",
+        ),
+    )
+    stop = trio.Event()
+    listening: Listening = await nursery.start(serve_tproxy, settings, stop)
+    port = int(listening.proxy[0].rsplit(":", 1)[1])
+
+    async def common_name() -> str:
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        stream = await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", port, ssl_context=trusting, https_compatible=True
+        )
+        await stream.do_handshake()
+        subject = stream.getpeercert()["subject"]
+        await stream.aclose()
+        return str(subject)
+
+    assert "before" in await common_name()
+    write_pair(ca.issue_cert("127.0.0.1", common_name="after"), folder)
+    reload_certificates(listening.certificates)
+    assert "after" in await common_name()
+    stop.set()
