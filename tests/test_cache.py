@@ -3,6 +3,7 @@ answer is never a wrong or a partial one."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_generators
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeUpstream, completion_answer
 
 CHAT = "/v1/chat/completions"
 
@@ -110,6 +111,33 @@ async def test_a_long_stream_from_a_fast_upstream_is_stored_and_its_line_says_so
         assert second.content == first.content
         assert upstream.calls[CHAT] == 1
     assert [line["cache"] for line in access_lines(caplog)] == ["stored", None]
+
+
+async def test_the_access_line_and_metrics_say_what_the_commit_did(
+    start_proxy: StartProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer within max_entry_bytes whose stored form is over max_total_bytes is refused by
+    the commit, not by the hand-over to the store writer: the line and the metrics said
+    "stored" and "written" all the same, and the next request missed."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    body = chat(" ".join(f"w{index}" for index in range(300)))
+    answer_bytes = len(json.dumps(completion_answer(body)).encode())
+    proxy = await start_proxy(
+        f"[cache]\nmax_entry_bytes = {answer_bytes}\nmax_total_bytes = {answer_bytes}\n"
+    )
+    await post(proxy, CHAT, json=body)
+    again = await post(proxy, CHAT, json=body)
+    await post(proxy, CHAT, json=chat("small"))
+    assert again.headers["cache-status"] == "tproxy; fwd=miss"
+    assert [line["cache"] for line in access_lines(caplog)] == [
+        "not stored: too_large",
+        "not stored: too_large",
+        "stored",
+    ]
+    async with httpx2.AsyncClient(base_url=proxy.admin_url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'tproxy_store_writer_entries_total{outcome="written"} 1.0' in metrics
+    assert 'tproxy_store_writer_entries_total{outcome="too_large"} 2.0' in metrics
 
 
 async def test_a_json_answer_is_stored_and_replayed(

@@ -76,6 +76,7 @@ from tproxy.core.headers import (
 )
 from tproxy.core.replies import error_body, rejection_for
 from tproxy.core.sse import Frame, SSEDecoder
+from tproxy.store import PutOutcome
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import PayloadCapture, Telemetry
 from tproxy.upstream import UpstreamPool
@@ -468,10 +469,6 @@ class Exchanger:
         book = flight.book
         try:
             await self._read_into(flight)
-            completed = book is not None and book.state is FlightState.COMPLETED
-            if completed and flight.report.stored and self.store_writer is not None:
-                # Joinable until the answer is in the store: no gap for a second call.
-                await self.store_writer.flush()
         finally:
             if book is not None:
                 if FlightState.BACKGROUND in book.history:
@@ -747,8 +744,16 @@ class Exchanger:
         if self.store_writer is None:
             report.reason = "no store"
             return
-        report.stored = self.store_writer.submit(plan.key, outcome)
-        report.reason = "stored" if report.stored else "store writer busy"
+        pending = self.store_writer.submit(plan.key, outcome)
+        if pending is None:
+            report.reason = "store writer busy"
+            return
+        # The flight stays joinable, and its clients' access lines wait (up to SETTLE_TIMEOUT),
+        # until the commit says what it did: "stored" is the commit's word, not the hand-over's.
+        report.reason = "commit pending"
+        written = await pending.wait()
+        report.stored = written is PutOutcome.WRITTEN
+        report.reason = "stored" if report.stored else f"not stored: {written.value}"
 
 
 @asynccontextmanager
