@@ -18,6 +18,7 @@ from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_
 from tests.fakeupstream import FakeUpstream, completion_answer
 
 CHAT = "/v1/chat/completions"
+JSON = {"content-type": "application/json"}
 
 
 def chat(content: str, *, stream: bool = False, **extra: object) -> dict[str, object]:
@@ -138,6 +139,45 @@ async def test_the_access_line_and_metrics_say_what_the_commit_did(
         metrics = (await http.get("/metrics")).text
     assert 'tproxy_store_writer_entries_total{outcome="written"} 1.0' in metrics
     assert 'tproxy_store_writer_entries_total{outcome="too_large"} 2.0' in metrics
+
+
+async def test_a_15_mb_body_does_not_hold_up_cache_hits_and_is_cached_by_its_bytes(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    """Issue 13, item 6: canonicalizing a big JSON body of many small objects took seconds of
+    CPU on the event loop (3.2 s for this one), and every cache hit meanwhile waited. Hits are
+    asked for one after another from the moment the big body is sent until the upstream has it,
+    the window in which the proxy keys it; none may wait for that canonicalization. (A hit still
+    running when the upstream gets the body is not counted: the fake upstream's own json.loads
+    runs on this loop too.)"""
+    await post(proxy, CHAT, json=chat("hello"))
+    padding = [{}] * 5_000_000
+    big = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "pad": padding}
+    big_body = json.dumps(big, separators=(",", ":")).encode()
+    assert len(big_body) <= 16 * 1024 * 1024  # under the default server.max_body_bytes
+    waits: list[float] = []
+    answers: list[httpx2.Response] = []
+
+    async def ask_big(http: httpx2.AsyncClient) -> None:
+        answers.append(await http.post(CHAT, content=big_body, headers=JSON))
+
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=30) as http:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_big, http)
+            while upstream.calls[CHAT] < 2:
+                started = trio.current_time()
+                hit = await http.post(CHAT, json=chat("hello"))
+                assert hit.headers["cache-status"].startswith("tproxy; hit")
+                if upstream.calls[CHAT] < 2:
+                    waits.append(trio.current_time() - started)
+        await proxy.flush()
+        again = await http.post(CHAT, content=big_body, headers=JSON)
+    assert waits
+    assert max(waits) < 1.0, sorted(waits)[-3:]
+    assert answers[0].json()["choices"][0]["message"]["content"] == "x"
+    assert again.headers["cache-status"].startswith("tproxy; hit")
+    assert again.content == answers[0].content
+    assert upstream.calls[CHAT] == 2
 
 
 async def test_a_json_answer_is_stored_and_replayed(
