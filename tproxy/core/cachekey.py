@@ -294,10 +294,10 @@ class CacheDecision:
     """What the cache may do with one request.
 
     ``key`` is set iff the verdict is CACHEABLE, and ``lookup``, ``store``, ``streamed`` and
-    ``model`` are only ever true or set then. ``streamed`` and ``model`` are read from a JSON object
-    body; a body keyed by its bytes (over ``CANONICAL_BODY_LIMIT``) is not read, and leaves them
-    False and None. ``max_age`` and ``only_if_cached`` report the
-    client's Cache-Control whatever the verdict.
+    ``model`` are only ever true or set then; the last two come from a JSON object body, and a
+    body keyed by its bytes (over ``CANONICAL_BODY_LIMIT``) is not read, so they stay False and
+    None. ``max_age`` and ``only_if_cached`` report the client's Cache-Control whatever the
+    verdict.
     """
 
     verdict: Verdict
