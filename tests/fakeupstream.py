@@ -13,6 +13,7 @@ and framing with request headers, which the proxy forwards:
 - ``x-fake-no-done``: end the stream after the finish_reason chunk, without ``data: [DONE]``
 - ``x-fake-error-event``: send an ``event: error`` instead of the last chunk
 - ``x-fake-byte-chunks``: write the stream one byte per socket write
+- ``x-fake-cache-control``: send this ``Cache-Control`` with a 200 answer, as servers write it
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class FakeUpstream:
             return
         else:
             body = json.dumps(completion_answer(payload)).encode()
-        await send(_json_head(200, body))
+        await send(_json_head(200, body, _cache_control(knobs)))
         await send(h11.Data(data=body))
         await send(h11.EndOfMessage())
 
@@ -151,7 +152,10 @@ class FakeUpstream:
         await send(
             h11.Response(
                 status_code=200,
-                headers=[(b"content-type", b"text/event-stream; charset=utf-8")],
+                headers=[
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    *_cache_control(knobs),
+                ],
             )
         )
         self.active_streams += 1
@@ -193,11 +197,22 @@ class FakeUpstream:
         self.disconnected.set()
 
 
-def _json_head(status: int, body: bytes) -> h11.Response:
+def _json_head(
+    status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> h11.Response:
     return h11.Response(
         status_code=status,
-        headers=[(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        headers=[
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            *extra,
+        ],
     )
+
+
+def _cache_control(knobs: dict[str, str]) -> tuple[tuple[bytes, bytes], ...]:
+    value = knobs.get("x-fake-cache-control")
+    return () if value is None else ((b"Cache-Control", value.encode("latin-1")),)
 
 
 def words_of(payload: dict) -> list[str]:  # type: ignore[type-arg]

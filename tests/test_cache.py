@@ -180,6 +180,46 @@ async def test_a_15_mb_body_does_not_hold_up_cache_hits_and_is_cached_by_its_byt
     assert upstream.calls[CHAT] == 2
 
 
+@pytest.mark.parametrize(
+    ("directive", "stream"),
+    [("no-store", False), ("no-store", True), ("private", False), ('private="Set-Cookie"', True)],
+)
+async def test_an_answer_the_upstream_says_not_to_store_is_not_stored(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    directive: str,
+    stream: bool,
+) -> None:
+    """RFC 9111: a shared cache must not store a response marked no-store or private (it was
+    stored and replayed to every later client)."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    proxy = await start_proxy()
+    knobs = {"x-fake-cache-control": f"max-age=0, {directive}"}
+    first = await post(proxy, CHAT, json=chat("x", stream=stream), headers=knobs)
+    second = await post(proxy, CHAT, json=chat("x", stream=stream), headers=knobs)
+    assert first.headers["cache-control"] == f"max-age=0, {directive}"
+    assert second.headers["cache-status"] == "tproxy; fwd=miss"
+    assert upstream.calls[CHAT] == 2
+    refusal = f"upstream Cache-Control: {directive.partition('=')[0]}"
+    assert [line["cache"] for line in access_lines(caplog)] == [refusal, refusal]
+
+
+async def test_a_route_may_store_what_its_upstream_says_not_to(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(
+        '[upstreams.local]\nurl = "{upstream}"\n'
+        '[[routes]]\nupstreams = ["local"]\nignore_upstream_no_store = true\n',
+        upstream_flag=False,
+    )
+    knobs = {"x-fake-cache-control": "no-store"}
+    await post(proxy, CHAT, json=chat("x"), headers=knobs)
+    hit = await post(proxy, CHAT, json=chat("x"), headers=knobs)
+    assert hit.headers["cache-status"].startswith("tproxy; hit")
+    assert upstream.calls[CHAT] == 1
+
+
 async def test_a_json_answer_is_stored_and_replayed(
     proxy: RunningProxy, upstream: FakeUpstream
 ) -> None:

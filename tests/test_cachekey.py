@@ -24,6 +24,7 @@ from tproxy.core.cachekey import (
     decide,
     format_cache_status,
     parse_cache_control,
+    response_store_refusal,
     tenant_namespace,
 )
 
@@ -463,6 +464,43 @@ def test_pragma_no_cache_is_not_cache_control() -> None:
 @given(st.lists(st.binary() | st.text(alphabet='max-age=no-cache,"\\ \t5').map(str.encode)))
 def test_parse_cache_control_never_raises(values: list[bytes]) -> None:
     assert isinstance(parse_cache_control(values), RequestCacheControl)
+
+
+# --- response Cache-Control ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "refusal"),
+    [
+        ([b"no-store"], "no-store"),
+        ([b"No-Store"], "no-store"),
+        ([b"private"], "private"),
+        ([b'private="Set-Cookie, X-Trace"'], "private"),
+        ([b"max-age=0", b"must-revalidate, no-store"], "no-store"),
+        ([b'no-cache="x, private"'], None),  # inside a quoted argument: not a directive
+        ([b"public, max-age=600"], None),
+        ([b"no-cache"], None),
+        ([b"s-maxage=0"], None),
+        ([], None),
+    ],
+)
+def test_a_shared_cache_refuses_what_the_upstream_marks_no_store_or_private(
+    lines: list[bytes], refusal: str | None
+) -> None:
+    headers = [(b"Cache-Control", line) for line in lines]
+    expected = None if refusal is None else f"upstream Cache-Control: {refusal}"
+    assert response_store_refusal([(b"Content-Type", b"application/json"), *headers]) == expected
+
+
+def test_no_store_in_another_header_is_not_cache_control() -> None:
+    assert response_store_refusal([(b"x-cache-control", b"no-store")]) is None
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary() | st.text(alphabet='no-store,private="\\ \t').map(str.encode)))
+def test_response_store_refusal_never_raises(values: list[bytes]) -> None:
+    refusal = response_store_refusal([(b"cache-control", value) for value in values])
+    assert refusal in (None, "upstream Cache-Control: no-store", "upstream Cache-Control: private")
 
 
 # --- verdicts and decisions -----------------------------------------------------------------

@@ -46,6 +46,7 @@ from trio_util import AsyncValue
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
 from tproxy.core.assemble import UsageTracker
+from tproxy.core.cachekey import response_store_refusal
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
@@ -119,6 +120,7 @@ class CachePlan:
     max_entry_bytes: int
     model: str | None
     shared: bool
+    ignore_upstream_no_store: bool = False  # the route stores what the upstream says not to
 
 
 @dataclass(slots=True)
@@ -792,6 +794,9 @@ async def _collect(
     completion = StreamCompletion()
     async for item in items:
         if isinstance(item, _CacheStart):
+            refusal = response_store_refusal(item.headers)
+            if refusal is not None and not plan.ignore_upstream_no_store:
+                return refusal
             start = item
         elif isinstance(item, _CacheAbandoned):
             return item.reason

@@ -46,6 +46,11 @@ Decisions:
   nothing stored); ``no-cache`` skips the lookup but stores the fresh answer; ``max-age`` and
   ``only-if-cached`` are passed on for the caller to apply to a found entry or a miss. ``Pragma``
   is deprecated by RFC 9111 and ignored.
+- Response Cache-Control (RFC 9111 §5.2.2): tproxy is a shared cache, so an answer whose
+  upstream says ``no-store`` or ``private`` is not stored (:func:`response_store_refusal`),
+  unless the route sets ``ignore_upstream_no_store`` for an upstream that says it of everything.
+  Other response directives (``max-age``, ``s-maxage``, ``no-cache``...) are not acted on: an
+  answer's lifetime is the route's ``ttl``.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,6 +254,18 @@ def _delta_seconds(argument: str | None) -> int | None:
     return min(int(argument), _MAX_DELTA_SECONDS)
 
 
+def _directives(values: Iterable[bytes]) -> Iterator[tuple[str, str | None]]:
+    """Each well-formed ``Cache-Control`` member: its lower-cased name and its argument."""
+    for value in values:
+        for member in _list_members(value.decode("latin-1")):
+            match = _DIRECTIVE.fullmatch(member)
+            if match is None:
+                continue
+            name, token, quoted = match.groups()
+            argument = token if quoted is None else _QUOTED_PAIR.sub(r"\1", quoted)
+            yield name.lower(), argument
+
+
 def parse_cache_control(values: Iterable[bytes]) -> RequestCacheControl:
     """The request directives found in the given ``Cache-Control`` header values.
 
@@ -259,23 +276,37 @@ def parse_cache_control(values: Iterable[bytes]) -> RequestCacheControl:
     """
     no_store = no_cache = only_if_cached = False
     max_age: int | None = None
-    for value in values:
-        for member in _list_members(value.decode("latin-1")):
-            match = _DIRECTIVE.fullmatch(member)
-            if match is None:
-                continue
-            name, token, quoted = match.groups()
-            argument = token if quoted is None else _QUOTED_PAIR.sub(r"\1", quoted)
-            match name.lower():
-                case "no-store":
-                    no_store = True
-                case "no-cache":
-                    no_cache = True
-                case "only-if-cached":
-                    only_if_cached = True
-                case "max-age" if max_age is None:
-                    max_age = _delta_seconds(argument)
+    for name, argument in _directives(values):
+        match name:
+            case "no-store":
+                no_store = True
+            case "no-cache":
+                no_cache = True
+            case "only-if-cached":
+                only_if_cached = True
+            case "max-age" if max_age is None:
+                max_age = _delta_seconds(argument)
     return RequestCacheControl(no_store, no_cache, only_if_cached, max_age)
+
+
+def response_store_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a shared cache must not store this response (RFC 9111 §3, §5.2.2.3 and §5.2.2.7),
+    or None when it may.
+
+    ``no-store`` and ``private`` refuse, also ``private="field-names"``: tproxy cannot store an
+    answer without some of its header fields, so the qualified form refuses as the bare one.
+    Names are matched whatever their case, in any number of ``Cache-Control`` lines. Never raises.
+    """
+    names = {
+        name
+        for name, _ in _directives(
+            value for header, value in headers if header.lower() == b"cache-control"
+        )
+    }
+    for refusing in ("no-store", "private"):
+        if refusing in names:
+            return f"upstream Cache-Control: {refusing}"
+    return None
 
 
 class Verdict(enum.Enum):
