@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx2
 import openai
@@ -16,6 +17,7 @@ import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_generators
 from tests.fakeupstream import FakeUpstream, completion_answer
+from tests.test_store import small_disk_at
 
 CHAT = "/v1/chat/completions"
 JSON = {"content-type": "application/json"}
@@ -218,6 +220,26 @@ async def test_a_route_may_store_what_its_upstream_says_not_to(
     hit = await post(proxy, CHAT, json=chat("x"), headers=knobs)
     assert hit.headers["cache-status"].startswith("tproxy; hit")
     assert upstream.calls[CHAT] == 1
+
+
+async def test_on_a_full_disk_the_access_line_says_the_answer_was_not_stored(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The store on a 2 MiB file system (a tmpfs: root only; tests/test_store.py covers the
+    same refusal without root, with RLIMIT_FSIZE): an answer larger than the disk is refused
+    by the commit, and the line and the metrics say so, not "stored"."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    with small_disk_at(tmp_path / "store"):  # where start_proxy keeps its store
+        proxy = await start_proxy()
+        await post(proxy, CHAT, json=chat("w " * 1_200_000))  # a 2.4 MB answer
+        await post(proxy, CHAT, json=chat("small"))
+        async with httpx2.AsyncClient(base_url=proxy.admin_url) as http:
+            metrics = (await http.get("/metrics")).text
+        proxy.stop.set()
+        await proxy.stopped.wait()
+    assert [line["cache"] for line in access_lines(caplog)] == ["not stored: disk_full", "stored"]
+    assert 'tproxy_store_writer_entries_total{outcome="disk_full"} 1.0' in metrics
+    assert 'tproxy_store_writer_entries_total{outcome="written"} 1.0' in metrics
 
 
 async def test_a_json_answer_is_stored_and_replayed(

@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -361,11 +362,11 @@ def test_reads_on_one_thread_survive_map_growth_by_a_writer_thread(
 # -- a full disk -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs, so a store can fill its file system; skipped where mounting is refused."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
+@contextmanager
+def small_disk_at(mount_point: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs at ``mount_point``, so a store can fill its file system; skips the test
+    where mounting is refused (it needs root)."""
+    mount_point.mkdir(exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     mounted = subprocess.run(
@@ -379,6 +380,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with small_disk_at(tmp_path / "disk") as mount_point:
+        yield mount_point
 
 
 def fill(directory: Path) -> Path:
