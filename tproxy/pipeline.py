@@ -750,12 +750,14 @@ class Exchanger:
         if pending is None:
             report.reason = "store writer busy"
             return
-        # The flight stays joinable, and its clients' access lines wait (up to SETTLE_TIMEOUT),
-        # until the commit says what it did: "stored" is the commit's word, not the hand-over's.
+        # The flight stays joinable, and its clients' access lines wait, until the commit says
+        # what it did: "stored" is the commit's word, not the hand-over's. A disk slower than
+        # SETTLE_TIMEOUT leaves the line saying so; the entry is still written.
         report.reason = "commit pending"
-        written = await pending.wait()
-        report.stored = written is PutOutcome.WRITTEN
-        report.reason = "stored" if report.stored else f"not stored: {written.value}"
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            written = await pending.wait()
+            report.stored = written is PutOutcome.WRITTEN
+            report.reason = "stored" if report.stored else f"not stored: {written.value}"
 
 
 @asynccontextmanager
