@@ -857,6 +857,7 @@ class LmdbStore:
     def _make_room(self, incoming: int, *, last_resort: bool, disk_full: bool) -> int:
         """After MapFullError: grow the map while under its bound, else evict the batch's size
         plus the oldest quarter (everything, as a last resort); returns how many entries went.
+        Eviction runs in growing transactions (:meth:`_evict_in_steps`).
 
         After a refusal by the file system (``disk_full``) only eviction helps, and an eighth is
         evicted: the pages it frees are reused instead of new ones at the end of the file, but
@@ -917,8 +918,8 @@ class LmdbStore:
             except (lmdb.MapFullError, _DiskFullError):
                 if count == 1:
                     log.warning(
-                        "cache store at %s: no room left even to remove one entry; answers"
-                        " are not stored until its file system has free space",
+                        "cache store at %s: no room left even to remove one entry; answers are"
+                        " not stored until its file system has free space (or its map grows)",
                         self._path,
                     )
                     break
