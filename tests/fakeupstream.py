@@ -21,6 +21,7 @@ Ollama (Go's net/http) write Title-Case (``Content-Type: text/event-stream``) an
 ``Date`` and ``Server``. ``header_case`` changes that for every answer; ``mixed``
 (``cOnTeNt-TyPe``) is a peer no test should be kinder to than to the others. h11 writes the
 ``Transfer-Encoding`` it adds in Title-Case whatever the choice.
+- ``x-fake-cache-control``: send this ``Cache-Control`` with a 200 answer, as servers write it
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ class FakeUpstream:
             return
         else:
             body = json.dumps(completion_answer(payload)).encode()
-        await send(_json_head(200, body, case))
+        await send(_json_head(200, body, case, _cache_control(knobs)))
         await send(h11.Data(data=body))
         await send(h11.EndOfMessage())
 
@@ -184,7 +185,8 @@ class FakeUpstream:
         events = stream_events(payload, done="x-fake-no-done" not in knobs)
         if "x-fake-error-event" in knobs:
             events[-1] = b"event: error\ndata: " + json.dumps({"error": "boom"}).encode()
-        await send(answer_head(200, case, {"content-type": b"text/event-stream; charset=utf-8"}))
+        content_type = {"content-type": b"text/event-stream; charset=utf-8"}
+        await send(answer_head(200, case, {**content_type, **_cache_control(knobs)}))
         self.active_streams += 1
         try:
             for index, event in enumerate(events):
@@ -224,10 +226,23 @@ class FakeUpstream:
         self.disconnected.set()
 
 
-def _json_head(status: int, body: bytes, case: str) -> h11.Response:
+def _json_head(
+    status: int, body: bytes, case: str, extra: dict[str, bytes] | None = None
+) -> h11.Response:
     return answer_head(
-        status, case, {"content-type": b"application/json", "content-length": b"%d" % len(body)}
+        status,
+        case,
+        {
+            "content-type": b"application/json",
+            "content-length": b"%d" % len(body),
+            **(extra or {}),
+        },
     )
+
+
+def _cache_control(knobs: dict[str, str]) -> dict[str, bytes]:
+    value = knobs.get("x-fake-cache-control")
+    return {} if value is None else {"cache-control": value.encode("latin-1")}
 
 
 def words_of(payload: dict) -> list[str]:  # type: ignore[type-arg]

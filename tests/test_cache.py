@@ -3,10 +3,12 @@ answer is never a wrong or a partial one."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx2
 import openai
@@ -14,9 +16,11 @@ import pytest
 import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines, tolerate_sdk_generators
-from tests.fakeupstream import FakeUpstream
+from tests.fakeupstream import FakeUpstream, completion_answer
+from tests.test_store import small_disk_at
 
 CHAT = "/v1/chat/completions"
+JSON = {"content-type": "application/json"}
 
 
 def chat(content: str, *, stream: bool = False, **extra: object) -> dict[str, object]:
@@ -110,6 +114,132 @@ async def test_a_long_stream_from_a_fast_upstream_is_stored_and_its_line_says_so
         assert second.content == first.content
         assert upstream.calls[CHAT] == 1
     assert [line["cache"] for line in access_lines(caplog)] == ["stored", None]
+
+
+async def test_the_access_line_and_metrics_say_what_the_commit_did(
+    start_proxy: StartProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer within max_entry_bytes whose stored form is over max_total_bytes is refused by
+    the commit, not by the hand-over to the store writer: the line and the metrics said
+    "stored" and "written" all the same, and the next request missed."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    body = chat(" ".join(f"w{index}" for index in range(300)))
+    answer_bytes = len(json.dumps(completion_answer(body)).encode())
+    proxy = await start_proxy(
+        f"[cache]\nmax_entry_bytes = {answer_bytes}\nmax_total_bytes = {answer_bytes}\n"
+    )
+    await post(proxy, CHAT, json=body)
+    again = await post(proxy, CHAT, json=body)
+    await post(proxy, CHAT, json=chat("small"))
+    assert again.headers["cache-status"] == "tproxy; fwd=miss"
+    assert [line["cache"] for line in access_lines(caplog)] == [
+        "not stored: too_large",
+        "not stored: too_large",
+        "stored",
+    ]
+    async with httpx2.AsyncClient(base_url=proxy.admin_url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'tproxy_store_writer_entries_total{outcome="written"} 1.0' in metrics
+    assert 'tproxy_store_writer_entries_total{outcome="too_large"} 2.0' in metrics
+
+
+async def test_a_15_mb_body_does_not_hold_up_cache_hits_and_is_cached_by_its_bytes(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    """Issue 13, item 6: canonicalizing a big JSON body of many small objects took seconds of
+    CPU on the event loop (3.2 s for this one), and every cache hit meanwhile waited. Hits are
+    asked for one after another from the moment the big body is sent until the upstream has it,
+    the window in which the proxy keys it; none may wait for that canonicalization. (A hit still
+    running when the upstream gets the body is not counted: the fake upstream's own json.loads
+    runs on this loop too.)"""
+    await post(proxy, CHAT, json=chat("hello"))
+    padding = [{}] * 5_000_000
+    big = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "pad": padding}
+    big_body = json.dumps(big, separators=(",", ":")).encode()
+    assert len(big_body) <= 16 * 1024 * 1024  # under the default server.max_body_bytes
+    waits: list[float] = []
+    answers: list[httpx2.Response] = []
+
+    async def ask_big(http: httpx2.AsyncClient) -> None:
+        answers.append(await http.post(CHAT, content=big_body, headers=JSON))
+
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=30) as http:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_big, http)
+            while upstream.calls[CHAT] < 2:
+                started = trio.current_time()
+                hit = await http.post(CHAT, json=chat("hello"))
+                assert hit.headers["cache-status"].startswith("tproxy; hit")
+                if upstream.calls[CHAT] < 2:
+                    waits.append(trio.current_time() - started)
+        await proxy.flush()
+        again = await http.post(CHAT, content=big_body, headers=JSON)
+    assert waits
+    assert max(waits) < 1.0, sorted(waits)[-3:]
+    assert answers[0].json()["choices"][0]["message"]["content"] == "x"
+    assert again.headers["cache-status"].startswith("tproxy; hit")
+    assert again.content == answers[0].content
+    assert upstream.calls[CHAT] == 2
+
+
+@pytest.mark.parametrize(
+    ("directive", "stream"),
+    [("no-store", False), ("no-store", True), ("private", False), ('private="Set-Cookie"', True)],
+)
+async def test_an_answer_the_upstream_says_not_to_store_is_not_stored(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    caplog: pytest.LogCaptureFixture,
+    directive: str,
+    stream: bool,
+) -> None:
+    """RFC 9111: a shared cache must not store a response marked no-store or private (it was
+    stored and replayed to every later client)."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    proxy = await start_proxy()
+    knobs = {"x-fake-cache-control": f"max-age=0, {directive}"}
+    first = await post(proxy, CHAT, json=chat("x", stream=stream), headers=knobs)
+    second = await post(proxy, CHAT, json=chat("x", stream=stream), headers=knobs)
+    assert first.headers["cache-control"] == f"max-age=0, {directive}"
+    assert second.headers["cache-status"] == "tproxy; fwd=miss"
+    assert upstream.calls[CHAT] == 2
+    refusal = f"upstream Cache-Control: {directive.partition('=')[0]}"
+    assert [line["cache"] for line in access_lines(caplog)] == [refusal, refusal]
+
+
+async def test_a_route_may_store_what_its_upstream_says_not_to(
+    start_proxy: StartProxy, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(
+        '[upstreams.local]\nurl = "{upstream}"\n'
+        '[[routes]]\nupstreams = ["local"]\nignore_upstream_no_store = true\n',
+        upstream_flag=False,
+    )
+    knobs = {"x-fake-cache-control": "no-store"}
+    await post(proxy, CHAT, json=chat("x"), headers=knobs)
+    hit = await post(proxy, CHAT, json=chat("x"), headers=knobs)
+    assert hit.headers["cache-status"].startswith("tproxy; hit")
+    assert upstream.calls[CHAT] == 1
+
+
+async def test_on_a_full_disk_the_access_line_says_the_answer_was_not_stored(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The store on a 2 MiB file system (a tmpfs: root only; tests/test_store.py covers the
+    same refusal without root, with RLIMIT_FSIZE): an answer larger than the disk is refused
+    by the commit, and the line and the metrics say so, not "stored"."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    with small_disk_at(tmp_path / "store"):  # where start_proxy keeps its store
+        proxy = await start_proxy()
+        await post(proxy, CHAT, json=chat("w " * 1_200_000))  # a 2.4 MB answer
+        await post(proxy, CHAT, json=chat("small"))
+        async with httpx2.AsyncClient(base_url=proxy.admin_url) as http:
+            metrics = (await http.get("/metrics")).text
+        proxy.stop.set()
+        await proxy.stopped.wait()
+    assert [line["cache"] for line in access_lines(caplog)] == ["not stored: disk_full", "stored"]
+    assert 'tproxy_store_writer_entries_total{outcome="disk_full"} 1.0' in metrics
+    assert 'tproxy_store_writer_entries_total{outcome="written"} 1.0' in metrics
 
 
 async def test_a_json_answer_is_stored_and_replayed(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tproxy.core import cachekey
 from tproxy.core.cachekey import (
+    CANONICAL_BODY_LIMIT,
     KEY_VERSION,
     CacheDecision,
     RequestCacheControl,
@@ -23,6 +24,7 @@ from tproxy.core.cachekey import (
     decide,
     format_cache_status,
     parse_cache_control,
+    response_store_refusal,
     tenant_namespace,
 )
 
@@ -464,6 +466,43 @@ def test_parse_cache_control_never_raises(values: list[bytes]) -> None:
     assert isinstance(parse_cache_control(values), RequestCacheControl)
 
 
+# --- response Cache-Control ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "refusal"),
+    [
+        ([b"no-store"], "no-store"),
+        ([b"No-Store"], "no-store"),
+        ([b"private"], "private"),
+        ([b'private="Set-Cookie, X-Trace"'], "private"),
+        ([b"max-age=0", b"must-revalidate, no-store"], "no-store"),
+        ([b'no-cache="x, private"'], None),  # inside a quoted argument: not a directive
+        ([b"public, max-age=600"], None),
+        ([b"no-cache"], None),
+        ([b"s-maxage=0"], None),
+        ([], None),
+    ],
+)
+def test_a_shared_cache_refuses_what_the_upstream_marks_no_store_or_private(
+    lines: list[bytes], refusal: str | None
+) -> None:
+    headers = [(b"Cache-Control", line) for line in lines]
+    expected = None if refusal is None else f"upstream Cache-Control: {refusal}"
+    assert response_store_refusal([(b"Content-Type", b"application/json"), *headers]) == expected
+
+
+def test_no_store_in_another_header_is_not_cache_control() -> None:
+    assert response_store_refusal([(b"x-cache-control", b"no-store")]) is None
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary() | st.text(alphabet='no-store,private="\\ \t').map(str.encode)))
+def test_response_store_refusal_never_raises(values: list[bytes]) -> None:
+    refusal = response_store_refusal([(b"cache-control", value) for value in values])
+    assert refusal in (None, "upstream Cache-Control: no-store", "upstream Cache-Control: private")
+
+
 # --- verdicts and decisions -----------------------------------------------------------------
 
 VERDICT_CASES: dict[Verdict, dict[str, Any]] = {
@@ -566,6 +605,41 @@ def test_a_model_in_ignore_fields_still_names_the_model() -> None:
     assert (
         decision.key
         == decide_for(body=body_of({**REQUEST, "model": "x"}), ignore_fields=("model",)).key
+    )
+
+
+def padded(spacing: str, *, user: str = "alice") -> bytes:
+    """One request over CANONICAL_BODY_LIMIT, written with the given spacing."""
+    request = {**REQUEST, "user": user, "padding": "x" * CANONICAL_BODY_LIMIT}
+    return json.dumps(request, separators=(",", spacing)).encode()
+
+
+def test_a_body_over_the_limit_is_keyed_by_its_bytes_and_never_parsed() -> None:
+    body = padded(":")
+    decision = decide_for(body=body)
+    assert decision.verdict is Verdict.CACHEABLE
+    assert decision.key == cache_key("POST", "local", CHAT, first_namespace(), body, raw_body=True)
+    assert decision.key == decide_for(body=padded(":")).key
+    # Written differently, or differing only in an ignored field: another key, never a wrong hit.
+    assert decision.key != decide_for(body=padded(": ")).key
+    assert decision.key != decide_for(body=padded(":", user="bob")).key
+    assert (decision.model, decision.streamed) == (None, False)  # not read from the bytes
+    # Bytes no JSON parser reads one way are still one request, byte for byte.
+    assert decide_for(body=body + b"{").verdict is Verdict.CACHEABLE
+
+
+def test_a_body_at_the_limit_is_still_canonicalized() -> None:
+    body = body_of(REQUEST)
+    at_limit = body[:-1] + b" " * (CANONICAL_BODY_LIMIT - len(body)) + b"}"
+    assert len(at_limit) == CANONICAL_BODY_LIMIT
+    assert decide_for(body=at_limit).key == decide_for(body=body).key
+
+
+def test_raw_and_canonical_bodies_never_share_a_key() -> None:
+    canonical = canonical_json(body_of(REQUEST))
+    assert canonical is not None
+    assert cache_key("POST", "r", CHAT, "ns", canonical) != cache_key(
+        "POST", "r", CHAT, "ns", canonical, raw_body=True
     )
 
 

@@ -214,6 +214,7 @@ upstreams = ["main"]
 retries = 0
 cache = false
 ttl = 30
+ignore_upstream_no_store = true
 """
 
 
@@ -289,6 +290,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(tls_files: Path) -> Non
                 cache=False,
                 ttl=30.0,
                 name="chat",
+                ignore_upstream_no_store=True,
             ),
         ),
         source="x.toml",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import math
 import mmap
@@ -19,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lmdb
@@ -360,11 +362,11 @@ def test_reads_on_one_thread_survive_map_growth_by_a_writer_thread(
 # -- a full disk -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs, so a store can fill its file system; skipped where mounting is refused."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
+@contextmanager
+def small_disk_at(mount_point: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs at ``mount_point``, so a store can fill its file system; skips the test
+    where mounting is refused (it needs root)."""
+    mount_point.mkdir(exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     mounted = subprocess.run(
@@ -378,6 +380,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with small_disk_at(tmp_path / "disk") as mount_point:
+        yield mount_point
 
 
 def fill(directory: Path) -> Path:
@@ -417,6 +425,84 @@ def test_a_full_disk_evicts_the_oldest_entries_and_storing_goes_on(
         assert store.verify(NOW).ok
     finally:
         store.close()
+
+
+# The data file may not grow past CAPPED_FILE_BYTES: a write beyond it fails with EFBIG, as a
+# full file system refuses the pages a commit appends, while pages inside the file are reused.
+# Unlike a tmpfs this needs no root, so it runs everywhere.
+CAPPED_FILE_BYTES = 2 * MIB
+CAPPED_FILE_WRITER = textwrap.dedent(
+    """
+    import json, math, resource, signal, sys, threading
+    from pathlib import Path
+    from tproxy.core.entry import StoredEntry
+    from tproxy.store import LmdbStore
+
+    path, limit, batches, batch_size = sys.argv[1], *map(int, sys.argv[2:])
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    def answer(key):
+        # A streamed answer as the proxy stores it: fifty frames of about 200 bytes.
+        events = [json.dumps({"key": key, "i": i, "pad": "x" * 160}) for i in range(50)]
+        frames = tuple(f"data: {event}\\n\\n".encode() for event in events)
+        return StoredEntry(200, ((b"content-type", b"text/event-stream"),), frames,
+                           tuple(0.01 * i for i in range(50)), True, 1.0, math.inf)
+
+    store = LmdbStore(Path(path), max_total_bytes=1 << 30, max_entry_bytes=1 << 20)
+    writing = True
+
+    def look_up():
+        # The proxy's lookups read while the writer commits: readers hold snapshots.
+        while writing:
+            store.get("absent", 1e6)
+
+    reader = threading.Thread(target=look_up)
+    reader.start()
+    for b in range(batches):
+        keys = [f"k{b}-{i}" for i in range(batch_size)]
+        result = store.put_many([(key, answer(key)) for key in keys], 1e6 + b)
+        print(json.dumps({"outcomes": [o.value for o in result.outcomes],
+                          "disk_full": result.disk_full, "evicted": result.evicted,
+                          "found": [store.get(key, 1e6 + b) == answer(key) for key in keys]}),
+              flush=True)
+    writing = False
+    reader.join()
+    print(json.dumps({"verify": list(store.verify(1e6).problems),
+                      "size": Path(path, "data.mdb").stat().st_size}), flush=True)
+    store.close()
+    """
+)
+
+
+def test_a_data_file_that_cannot_grow_evicts_the_oldest_and_storing_goes_on(
+    tmp_path: Path,
+) -> None:
+    # Batches of eight 10 KB streamed answers while another thread looks keys up, as in the
+    # proxy: 40 batches are ~3 MB, more than the file may hold. Evicting an eighth of the store
+    # in one transaction needed more new pages than the full file had free, which froze it.
+    finished = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CAPPED_FILE_WRITER,
+            str(tmp_path / "cache"),
+            str(CAPPED_FILE_BYTES),
+            "80",
+            "8",
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    *batches, final = [json.loads(line) for line in finished.stdout.splitlines()]
+    assert any(batch["disk_full"] for batch in batches), "the file never filled"
+    for batch in batches:
+        assert batch["outcomes"] == ["written"] * 8
+        assert all(batch["found"])
+    assert final == {"verify": [], "size": final["size"]}
+    assert final["size"] <= CAPPED_FILE_BYTES
 
 
 def test_a_batch_a_full_disk_cannot_hold_is_skipped_and_serving_goes_on(

@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 
 from tproxy.core.entry import StoredEntry
-from tproxy.store import LmdbStore
+from tproxy.store import LmdbStore, PutOutcome
 from tproxy.storewriter import StoreWriter
 
 
@@ -35,7 +35,7 @@ async def test_submitted_entries_are_written_in_batches(tmp_path: Path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             for index in range(20):
-                assert writer.submit(f"key{index}", entry(f"answer {index}"))
+                assert writer.submit(f"key{index}", entry(f"answer {index}")) is not None
             await nursery.start(writer.serve)
             await writer.flush()
             writer.close()
@@ -54,7 +54,7 @@ async def test_a_full_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) 
     writer = StoreWriter(store, capacity=2)
     try:
         accepted = [writer.submit(f"k{index}", entry("x")) for index in range(5)]
-        assert accepted == [True, True, False, False, False]
+        assert [pending is not None for pending in accepted] == [True, True, False, False, False]
         assert writer.statistics().dropped == 3
     finally:
         store.close()
@@ -72,5 +72,34 @@ async def test_closing_writes_the_last_partial_batch(tmp_path: Path) -> None:
             await writer.serve()
         assert writer.statistics().written == 5
         assert all(store.get(f"late{index}", time.time()) is not None for index in range(5))
+    finally:
+        store.close()
+
+
+async def test_each_entry_learns_what_the_commit_did_with_it(tmp_path: Path) -> None:
+    """A map too small for one entry: the commit refuses it, and neither its outcome nor the
+    statistics say "written" (they did when the hand-over was taken for the write)."""
+    store = LmdbStore(
+        tmp_path / "store",
+        max_total_bytes=1 << 20,
+        max_entry_bytes=1 << 20,
+        map_headroom=-(2 << 20),
+    )
+    writer = StoreWriter(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.serve)
+            huge = writer.submit("huge", entry("x" * 900_000))
+            small = writer.submit("small", entry("small"))
+            assert huge is not None
+            assert small is not None
+            assert await huge.wait() is PutOutcome.MAP_FULL
+            assert await small.wait() is PutOutcome.MAP_FULL  # one batch, one transaction
+            later = writer.submit("later", entry("later"))
+            assert later is not None
+            assert await later.wait() is PutOutcome.WRITTEN
+            writer.close()
+        stats = writer.statistics()
+        assert (stats.submitted, stats.written, stats.map_full, stats.failed) == (3, 1, 2, 0)
     finally:
         store.close()

@@ -301,6 +301,7 @@ def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -
         max_entry_bytes=cache.max_entry_bytes,
         model=decision.model,
         shared=cache.coalesce and decision.lookup,
+        ignore_upstream_no_store=route.ignore_upstream_no_store,
     )
 
 

@@ -81,6 +81,8 @@ class RouteSettings:
     cache: bool = True
     ttl: float | None = None
     name: str = ""
+    # Store answers even when the upstream's Cache-Control says no-store or private.
+    ignore_upstream_no_store: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,6 +689,7 @@ _ROUTE: dict[str, _Checker] = {
     "retries": _count,
     "cache": _boolean,
     "ttl": _seconds,
+    "ignore_upstream_no_store": _boolean,
 }
 _ADMIN: dict[str, _Checker] = {"token_env": _env_name}
 _AUTH_KEYS: dict[str, _Checker] = {"client_keys": _array(_key_hash)}

@@ -46,6 +46,7 @@ from trio_util import AsyncValue
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
 from tproxy.core.assemble import normalise_usage
+from tproxy.core.cachekey import response_store_refusal
 from tproxy.core.completion import StreamOutcome
 from tproxy.core.dialects import Dialect, dialect_for
 from tproxy.core.dialects.base import Completion, Decoder, UsageWatch
@@ -77,6 +78,7 @@ from tproxy.core.headers import (
 )
 from tproxy.core.replies import error_body, rejection_for
 from tproxy.core.sse import Frame
+from tproxy.store import PutOutcome
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import PayloadCapture, Telemetry
 from tproxy.upstream import UpstreamPool
@@ -119,6 +121,7 @@ class CachePlan:
     max_entry_bytes: int
     model: str | None
     shared: bool
+    ignore_upstream_no_store: bool = False  # the route stores what the upstream says not to
 
 
 @dataclass(slots=True)
@@ -473,10 +476,6 @@ class Exchanger:
         book = flight.book
         try:
             await self._read_into(flight)
-            completed = book is not None and book.state is FlightState.COMPLETED
-            if completed and flight.report.stored and self.store_writer is not None:
-                # Joinable until the answer is in the store: no gap for a second call.
-                await self.store_writer.flush()
         finally:
             if book is not None:
                 if FlightState.BACKGROUND in book.history:
@@ -757,8 +756,18 @@ class Exchanger:
         if self.store_writer is None:
             report.reason = "no store"
             return
-        report.stored = self.store_writer.submit(plan.key, outcome)
-        report.reason = "stored" if report.stored else "store writer busy"
+        pending = self.store_writer.submit(plan.key, outcome)
+        if pending is None:
+            report.reason = "store writer busy"
+            return
+        # The flight stays joinable, and its clients' access lines wait, until the commit says
+        # what it did: "stored" is the commit's word, not the hand-over's. A disk slower than
+        # SETTLE_TIMEOUT leaves the line saying so; the entry is still written.
+        report.reason = "commit pending"
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            written = await pending.wait()
+            report.stored = written is PutOutcome.WRITTEN
+            report.reason = "stored" if report.stored else f"not stored: {written.value}"
 
 
 @asynccontextmanager
@@ -797,6 +806,9 @@ async def _collect(
     completion: Completion | None = None
     async for item in items:
         if isinstance(item, _CacheStart):
+            refusal = response_store_refusal(item.headers)
+            if refusal is not None and not plan.ignore_upstream_no_store:
+                return refusal
             start = item
             if item.streamed and item.dialect.completion is not None:
                 completion = item.dialect.completion()

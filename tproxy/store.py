@@ -27,8 +27,10 @@ durability setting, the map sizing and the numbers measured for them.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
+import math
 import mmap
 import os
 import struct
@@ -36,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
@@ -75,6 +78,8 @@ _MAP_FULL_ATTEMPTS = 6
 # After the file system refused a commit: this many rounds of eviction, then the batch is skipped.
 # Fewer than for a full map, because a disk filled by someone else is not ours to empty.
 _DISK_FULL_EVICTIONS = 2
+# Transactions one round of eviction may take (each evicts twice as many entries as the last).
+_EVICTION_STEPS = 32
 
 # A commit the file system refused for lack of room. py-lmdb raises DiskError for ENOSPC but a
 # plain Error, with only the C library's message, for any other errno, and LMDB reports a write
@@ -94,15 +99,29 @@ _NOT_OURS = (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError)
 _T = TypeVar("_T")
 
 
+class PutOutcome(enum.Enum):
+    """What became of one entry handed to :meth:`CacheStore.put_many`; values are metric labels."""
+
+    WRITTEN = "written"  # committed: a later get finds it
+    TOO_LARGE = "too_large"  # over max_entry_bytes, the byte cap, or MAX_KEY_BYTES
+    MAP_FULL = "map_full"  # the map stayed full even after eviction
+    DISK_FULL = "disk_full"  # the file system refused the pages even after eviction
+    FAILED = "failed"  # the store failed otherwise (StoreError, reported by the caller)
+
+
 @dataclass(frozen=True, slots=True)
 class PutResult:
-    """What one :meth:`CacheStore.put_many` did with its batch."""
+    """What one :meth:`CacheStore.put_many` did with its batch.
+
+    ``outcomes`` has one member per item handed over, in the same order.
+    """
 
     stored: int
     skipped_too_large: int
     evicted: int
     skipped_no_room: int = 0  # the map or the disk stayed full even after eviction
     disk_full: int = 0  # commits the file system refused for lack of room; see docs/store.md
+    outcomes: tuple[PutOutcome, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,18 +601,22 @@ class LmdbStore:
         corrupt values are applied in the same transaction. Blocks; raises StoreError.
         """
         batch: list[tuple[bytes, bytes, StoredEntry]] = []
-        too_large = 0
+        fits: list[bool] = []
         for key, entry in items:
             key_bytes = key.encode()
             value = encode_entry(entry)
-            if (
-                entry.body_size > self._max_entry_bytes
-                or len(value) > self._max_total_bytes
-                or len(key_bytes) > MAX_KEY_BYTES
-            ):
-                too_large += 1
-            else:
+            fits.append(
+                entry.body_size <= self._max_entry_bytes
+                and len(value) <= self._max_total_bytes
+                and len(key_bytes) <= MAX_KEY_BYTES
+            )
+            if fits[-1]:
                 batch.append((key_bytes, value, entry))
+        too_large = len(items) - len(batch)
+
+        def outcomes(of_batch: PutOutcome) -> tuple[PutOutcome, ...]:
+            return tuple(of_batch if fit else PutOutcome.TOO_LARGE for fit in fits)
+
         incoming = sum(len(value) for _, value, _ in batch)
         with self._write_lock:
             touched, corrupt = self._take_pending()
@@ -622,11 +645,24 @@ class LmdbStore:
                         )
                     continue
                 self._evictions += evicted + made_room
-                return PutResult(stored, too_large, evicted + made_room, disk_full=disk_full)
+                return PutResult(
+                    stored,
+                    too_large,
+                    evicted + made_room,
+                    disk_full=disk_full,
+                    outcomes=outcomes(PutOutcome.WRITTEN),
+                )
             self._evictions += made_room
         where = "the file system stayed full" if disk_full else "cache store map stayed full"
         log.warning("%s; %d cache entries not stored", where, len(batch))
-        return PutResult(0, too_large, made_room, skipped_no_room=len(batch), disk_full=disk_full)
+        return PutResult(
+            0,
+            too_large,
+            made_room,
+            skipped_no_room=len(batch),
+            disk_full=disk_full,
+            outcomes=outcomes(PutOutcome.DISK_FULL if disk_full else PutOutcome.MAP_FULL),
+        )
 
     def flush_touches(self) -> int:
         """Write the pending hit notes (and corrupt-value removals) now; returns how many.
@@ -760,15 +796,18 @@ class LmdbStore:
         txn.put(_TOTAL_KEY, _U64.pack(total), db=self._meta)
         return len(batch), evicted
 
-    def _evict(self, txn: lmdb.Transaction[bytes], *, needed: int) -> tuple[int, int]:
-        """Remove least recently used entries until ``needed`` bytes are freed."""
+    def _evict(
+        self, txn: lmdb.Transaction[bytes], *, needed: int, most: float = math.inf
+    ) -> tuple[int, int]:
+        """Remove least recently used entries until ``needed`` bytes are freed, or ``most``
+        entries went; returns the bytes freed and the entries removed."""
         if needed <= 0:
             return 0, 0
         victims: list[bytes] = []
         with txn.cursor(db=self._lru) as cursor:
             planned = 0
             for lru_key, _ in cursor:
-                if planned >= needed:
+                if planned >= needed or len(victims) >= most:
                     break
                 key = bytes(lru_key[_STAMP.size :])
                 info = txn.get(key, db=self._info)
@@ -818,6 +857,7 @@ class LmdbStore:
     def _make_room(self, incoming: int, *, last_resort: bool, disk_full: bool) -> int:
         """After MapFullError: grow the map while under its bound, else evict the batch's size
         plus the oldest quarter (everything, as a last resort); returns how many entries went.
+        Eviction runs in growing transactions (:meth:`_evict_in_steps`).
 
         After a refusal by the file system (``disk_full``) only eviction helps, and an eighth is
         evicted: the pages it frees are reused instead of new ones at the end of the file, but
@@ -831,26 +871,66 @@ class LmdbStore:
             with self._remap_lock:
                 self._adopt_size(size)
             return 0
-
-        def clear(txn: lmdb.Transaction[bytes]) -> int:
-            total = _read_u64(txn, _TOTAL_KEY, self._meta)
-            if last_resort:
-                removed = txn.stat(self._entries)["entries"]
-                for db in (self._entries, self._info, self._lru):
-                    txn.drop(db, delete=False)
-                txn.put(_TOTAL_KEY, _U64.pack(0), db=self._meta)
-                return removed
-            share = total // 8 if disk_full else total // 4
-            freed, count = self._evict(txn, needed=max(incoming, 1) + share)
-            txn.put(_TOTAL_KEY, _U64.pack(total - freed), db=self._meta)
-            return count
-
         if not disk_full:
             log.info("cache store map full at its bound (%d bytes); evicting to make room", current)
-        try:
-            return self._write(clear)
-        except (lmdb.MapFullError, _DiskFullError):
-            return 0
+        if last_resort:
+            try:
+                return self._write(self._clear)
+            except (lmdb.MapFullError, _DiskFullError):
+                return 0
+        total = self._read(lambda txn: _read_u64(txn, _TOTAL_KEY, self._meta))
+        share = total // 8 if disk_full else total // 4
+        return self._evict_in_steps(max(incoming, 1) + share)
+
+    def _clear(self, txn: lmdb.Transaction[bytes]) -> int:
+        removed: int = txn.stat(self._entries)["entries"]
+        for db in (self._entries, self._info, self._lru):
+            txn.drop(db, delete=False)
+        txn.put(_TOTAL_KEY, _U64.pack(0), db=self._meta)
+        return removed
+
+    def _evict_and_count(
+        self, txn: lmdb.Transaction[bytes], *, needed: int, most: int
+    ) -> tuple[int, int]:
+        freed, count = self._evict(txn, needed=needed, most=most)
+        _add_total(txn, -freed, self._meta)
+        return freed, count
+
+    def _evict_in_steps(self, needed: int) -> int:
+        """Evict the least recently used entries until ``needed`` bytes went, in transactions
+        of 1, 2, 4... entries; returns how many went.
+
+        A transaction that removes many entries needs many new pages for its copies of the
+        B-tree pages it changes, and a full map or file has few to give: the pages a commit
+        frees are reusable only from the commit after next, and less while readers hold older
+        snapshots. One entry needs a handful, and each commit frees more pages than it used, so
+        the next step may take twice as many. A step refused for room is retried with half as
+        many entries; when even one entry cannot go, nothing more can be done here.
+        """
+        freed = evicted = 0
+        count = 1
+        for _ in range(_EVICTION_STEPS):
+            if freed >= needed:
+                break
+            step = partial(self._evict_and_count, needed=needed - freed, most=count)
+            try:
+                step_freed, step_count = self._write(step)
+            except (lmdb.MapFullError, _DiskFullError):
+                if count == 1:
+                    log.warning(
+                        "cache store at %s: no room left even to remove one entry; answers are"
+                        " not stored until its file system has free space (or its map grows)",
+                        self._path,
+                    )
+                    break
+                count //= 2
+                continue
+            if not step_count:
+                break
+            freed += step_freed
+            evicted += step_count
+            count *= 2
+        return evicted
 
     def _adopt_size(self, size: int) -> None:
         try:

@@ -4,13 +4,15 @@ Requests hand a complete entry over with :meth:`StoreWriter.submit`, which never
 queue is full the entry is dropped and counted, and the client is not slowed. The writer task takes
 whatever has queued up and commits it as one batch, in one write transaction, in a worker thread:
 an fsync is paid once per batch rather than once per entry, and the event loop never blocks on the
-disk.
+disk. Each entry's :class:`PendingWrite` then tells what the commit did with it (written, or
+skipped and why), so logs and metrics report the commit, not the hand-over.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -18,19 +20,57 @@ from trio_util import AsyncValue
 
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import StoreError
-from tproxy.store import CacheStore
+from tproxy.store import CacheStore, PutOutcome
 
 log = logging.getLogger("tproxy.store")
 
 
 @dataclass(frozen=True, slots=True)
 class StoreWriterStatistics:
+    """Entries by what became of them; every submitted entry ends in exactly one outcome."""
+
     submitted: int
     written: int
-    dropped: int
-    failed: int
+    dropped: int  # the queue was full: never submitted
+    failed: int  # the store raised
     batches: int
     evicted: int
+    too_large: int = 0
+    map_full: int = 0
+    disk_full: int = 0
+
+
+# The statistics counted per entry, in the order /metrics lists them.
+STORE_WRITER_OUTCOMES = (
+    "submitted",
+    "written",
+    "dropped",
+    "failed",
+    "too_large",
+    "map_full",
+    "disk_full",
+)
+
+
+class PendingWrite:
+    """One submitted entry: :meth:`wait` returns what its batch's commit did with it."""
+
+    def __init__(self) -> None:
+        self._settled = trio.Event()
+        self._outcome = PutOutcome.FAILED
+
+    def settle(self, outcome: PutOutcome) -> None:
+        """Record the commit's outcome (the writer calls this once)."""
+        self._outcome = outcome
+        self._settled.set()
+
+    async def wait(self) -> PutOutcome:
+        """Wait for the commit, then return its outcome for this entry."""
+        await self._settled.wait()
+        return self._outcome
+
+
+_Queued = tuple[str, StoredEntry, PendingWrite]
 
 
 class StoreWriter:
@@ -39,23 +79,24 @@ class StoreWriter:
     def __init__(self, store: CacheStore, *, capacity: int = 256, max_batch: int = 64) -> None:
         self._store = store
         self._max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[tuple[str, StoredEntry]](capacity)
+        self._send, self._receive = trio.open_memory_channel[_Queued](capacity)
         self._submitted = 0
         self._dropped = 0
-        self._failed = 0
+        self._outcomes: Counter[PutOutcome] = Counter()
         self._batches = 0
         self._evicted = 0
         self._handled = AsyncValue(0)
 
-    def submit(self, key: str, entry: StoredEntry) -> bool:
-        """Queue ``entry`` under ``key`` without waiting. False when it was dropped."""
+    def submit(self, key: str, entry: StoredEntry) -> PendingWrite | None:
+        """Queue ``entry`` under ``key`` without waiting. None when it was dropped."""
+        pending = PendingWrite()
         try:
-            self._send.send_nowait((key, entry))
+            self._send.send_nowait((key, entry, pending))
         except (trio.WouldBlock, trio.ClosedResourceError):
             self._dropped += 1
-            return False
+            return None
         self._submitted += 1
-        return True
+        return pending
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until :meth:`close` is called and the queue is drained."""
@@ -70,15 +111,20 @@ class StoreWriter:
                         break  # nothing more queued now, or ever: write what we have
                 await self._write(batch)
 
-    async def _write(self, batch: list[tuple[str, StoredEntry]]) -> None:
+    async def _write(self, batch: list[_Queued]) -> None:
+        items = [(key, entry) for key, entry, _ in batch]
         try:
             # Not abandoned on cancel: a transaction, once started, finishes on its thread.
-            result = await trio.to_thread.run_sync(self._store.put_many, batch, time.time())
+            result = await trio.to_thread.run_sync(self._store.put_many, items, time.time())
         except StoreError:
             log.exception("could not store %d cache entries", len(batch))
-            self._failed += len(batch)
+            outcomes = [PutOutcome.FAILED] * len(batch)
         else:
+            outcomes = list(result.outcomes)
             self._evicted += result.evicted
+        for (_, _, pending), outcome in zip(batch, outcomes, strict=True):
+            self._outcomes[outcome] += 1
+            pending.settle(outcome)
         self._batches += 1
         self._handled.value += len(batch)
 
@@ -87,17 +133,19 @@ class StoreWriter:
         self._send.close()
 
     async def flush(self) -> None:
-        """Wait until every entry submitted so far has been written (or has failed)."""
+        """Wait until every entry submitted so far has been committed or refused."""
         target = self._submitted
         await self._handled.wait_value(lambda handled: handled >= target)
 
     def statistics(self) -> StoreWriterStatistics:
-        handled = self._handled.value
         return StoreWriterStatistics(
             submitted=self._submitted,
-            written=handled - self._failed,
+            written=self._outcomes[PutOutcome.WRITTEN],
             dropped=self._dropped,
-            failed=self._failed,
+            failed=self._outcomes[PutOutcome.FAILED],
             batches=self._batches,
             evicted=self._evicted,
+            too_large=self._outcomes[PutOutcome.TOO_LARGE],
+            map_full=self._outcomes[PutOutcome.MAP_FULL],
+            disk_full=self._outcomes[PutOutcome.DISK_FULL],
         )

@@ -75,7 +75,7 @@ from tproxy.core.exchange import Exchange, State
 from tproxy.core.sse import ServerSentEvent, SSEDecoder
 from tproxy.inflight import Inflight
 from tproxy.store import CacheStore
-from tproxy.storewriter import StoreWriter
+from tproxy.storewriter import STORE_WRITER_OUTCOMES, StoreWriter
 
 access_log = logging.getLogger("tproxy.access")
 log = logging.getLogger("tproxy.telemetry")
@@ -893,7 +893,7 @@ class _ScrapeCollector:
             "Answers handed to the store writer, by outcome.",
             labels=["outcome"],
         )
-        for outcome in ("submitted", "written", "dropped", "failed"):
+        for outcome in STORE_WRITER_OUTCOMES:
             entries.add_metric([outcome], getattr(stats, outcome))
         yield entries
         yield CounterMetricFamily(

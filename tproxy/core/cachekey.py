@@ -10,6 +10,13 @@ the sha256 of a versioned tuple in which every field is length-prefixed::
 so two different tuples never give the same hashed bytes, and raising ``KEY_VERSION`` retires
 every stored entry at once.
 
+A body larger than ``CANONICAL_BODY_LIMIT`` (256 KiB) is keyed by its bytes as they came, in a
+tuple with one more field (``b"raw"``) so it never meets a canonical one: parsing and writing
+back JSON costs up to ~80 ns a byte (1.3 s for 16 MB of small objects, on the event loop) where
+sha256 costs ~1 ns. A byte-keyed request is never merged with another one, so it can never be
+given another request's answer; the same request written differently merely misses, and its
+``model`` and ``stream`` are not read (docs/store.md, "Keying large bodies").
+
 The canonical body is the JSON parsed and written again with keys sorted at every depth, no
 insignificant whitespace and UTF-8 text: one request written differently (key order, spacing,
 ``\\u00e9`` or ``é``, ``1.0`` or ``1.00``) has one key. Numbers are read as an upstream reads
@@ -41,6 +48,11 @@ Decisions:
   nothing stored); ``no-cache`` skips the lookup but stores the fresh answer; ``max-age`` and
   ``only-if-cached`` are passed on for the caller to apply to a found entry or a miss. ``Pragma``
   is deprecated by RFC 9111 and ignored.
+- Response Cache-Control (RFC 9111 §5.2.2): tproxy is a shared cache, so an answer whose
+  upstream says ``no-store`` or ``private`` is not stored (:func:`response_store_refusal`),
+  unless the route sets ``ignore_upstream_no_store`` for an upstream that says it of everything.
+  Other response directives (``max-age``, ``s-maxage``, ``no-cache``...) are not acted on: an
+  answer's lifetime is the route's ``ttl``.
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +72,7 @@ from tproxy.core.dialects import dialect_for
 KEY_VERSION: int = 1
 
 MAX_DEPTH = 64
+CANONICAL_BODY_LIMIT = 256 * 1024
 CACHEABLE_METHODS = frozenset({"GET", "POST"})
 # Every header that carries a client's credential for one of the API families (see dialects).
 CREDENTIAL_HEADERS = DIALECT_CREDENTIAL_HEADERS
@@ -128,7 +141,9 @@ def _parse_canonical(body: bytes, ignore_fields: Collection[str]) -> tuple[Any, 
         value = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_members)
     except (ValueError, RecursionError):
         return None
-    if not _within_depth(value):
+    # Each container opens with one of these bytes (never part of a multi-byte UTF-8 character),
+    # so a body with few of them nests no deeper than that: most requests skip the walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and not _within_depth(value):
         return None
     kept = value
     if ignore_fields and isinstance(value, dict):
@@ -180,12 +195,21 @@ def tenant_namespace(headers: Iterable[tuple[bytes, bytes]], shared: bool) -> st
     return digest[:_NAMESPACE_HEX_DIGITS]
 
 
-def cache_key(method: str, route: str, target: str, namespace: str, canonical_body: bytes) -> str:
+def cache_key(
+    method: str,
+    route: str,
+    target: str,
+    namespace: str,
+    canonical_body: bytes,
+    *,
+    raw_body: bool = False,
+) -> str:
     """The hex sha256 naming one cacheable request.
 
     ``target`` is the path plus ``?query`` when there is one. Every field is length-prefixed, so
     different tuples never give the same hashed bytes. Text is encoded with ``surrogatepass``,
-    which is one-to-one and never raises.
+    which is one-to-one and never raises. ``raw_body``: the body is keyed as it came, not in its
+    canonical form, and the tuple says so.
     """
     fields = (method.upper(), route, target, namespace)
     material = _length_prefixed(
@@ -193,6 +217,7 @@ def cache_key(method: str, route: str, target: str, namespace: str, canonical_bo
             _KEY_DOMAIN,
             str(KEY_VERSION).encode("ascii"),
             *(field.encode("utf-8", "surrogatepass") for field in fields),
+            *((b"raw",) if raw_body else ()),
             canonical_body,
         )
     )
@@ -238,6 +263,18 @@ def _delta_seconds(argument: str | None) -> int | None:
     return min(int(argument), _MAX_DELTA_SECONDS)
 
 
+def _directives(values: Iterable[bytes]) -> Iterator[tuple[str, str | None]]:
+    """Each well-formed ``Cache-Control`` member: its lower-cased name and its argument."""
+    for value in values:
+        for member in _list_members(value.decode("latin-1")):
+            match = _DIRECTIVE.fullmatch(member)
+            if match is None:
+                continue
+            name, token, quoted = match.groups()
+            argument = token if quoted is None else _QUOTED_PAIR.sub(r"\1", quoted)
+            yield name.lower(), argument
+
+
 def parse_cache_control(values: Iterable[bytes]) -> RequestCacheControl:
     """The request directives found in the given ``Cache-Control`` header values.
 
@@ -248,23 +285,37 @@ def parse_cache_control(values: Iterable[bytes]) -> RequestCacheControl:
     """
     no_store = no_cache = only_if_cached = False
     max_age: int | None = None
-    for value in values:
-        for member in _list_members(value.decode("latin-1")):
-            match = _DIRECTIVE.fullmatch(member)
-            if match is None:
-                continue
-            name, token, quoted = match.groups()
-            argument = token if quoted is None else _QUOTED_PAIR.sub(r"\1", quoted)
-            match name.lower():
-                case "no-store":
-                    no_store = True
-                case "no-cache":
-                    no_cache = True
-                case "only-if-cached":
-                    only_if_cached = True
-                case "max-age" if max_age is None:
-                    max_age = _delta_seconds(argument)
+    for name, argument in _directives(values):
+        match name:
+            case "no-store":
+                no_store = True
+            case "no-cache":
+                no_cache = True
+            case "only-if-cached":
+                only_if_cached = True
+            case "max-age" if max_age is None:
+                max_age = _delta_seconds(argument)
     return RequestCacheControl(no_store, no_cache, only_if_cached, max_age)
+
+
+def response_store_refusal(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a shared cache must not store this response (RFC 9111 §3, §5.2.2.3 and §5.2.2.7),
+    or None when it may.
+
+    ``no-store`` and ``private`` refuse, also ``private="field-names"``: tproxy cannot store an
+    answer without some of its header fields, so the qualified form refuses as the bare one.
+    Names are matched whatever their case, in any number of ``Cache-Control`` lines. Never raises.
+    """
+    names = {
+        name
+        for name, _ in _directives(
+            value for header, value in headers if header.lower() == b"cache-control"
+        )
+    }
+    for refusing in ("no-store", "private"):
+        if refusing in names:
+            return f"upstream Cache-Control: {refusing}"
+    return None
 
 
 class Verdict(enum.Enum):
@@ -283,8 +334,10 @@ class CacheDecision:
     """What the cache may do with one request.
 
     ``key`` is set iff the verdict is CACHEABLE, and ``lookup``, ``store``, ``streamed`` and
-    ``model`` are only ever true or set then. ``max_age`` and ``only_if_cached`` report the
-    client's Cache-Control whatever the verdict.
+    ``model`` are only ever true or set then; the last two come from a JSON object body, and a
+    body keyed by its bytes (over ``CANONICAL_BODY_LIMIT``) is not read, so they stay False and
+    None. ``max_age`` and ``only_if_cached`` report the client's Cache-Control whatever the
+    verdict.
     """
 
     verdict: Verdict
@@ -339,7 +392,10 @@ def decide(
         return _refused(Verdict.NO_STORE, control)
     value: Any = None
     canonical = b""
-    if method == "POST" or body:
+    raw_body = len(body) > CANONICAL_BODY_LIMIT
+    if raw_body:
+        canonical = body
+    elif method == "POST" or body:
         parsed = _parse_canonical(body, ignore_fields)
         if parsed is None:
             return _refused(Verdict.NOT_JSON, control)
@@ -349,7 +405,14 @@ def decide(
     target = f"{path}?{query}" if query else path
     return CacheDecision(
         verdict=Verdict.CACHEABLE,
-        key=cache_key(method, route, target, tenant_namespace(header_list, shared), canonical),
+        key=cache_key(
+            method,
+            route,
+            target,
+            tenant_namespace(header_list, shared),
+            canonical,
+            raw_body=raw_body,
+        ),
         lookup=not control.no_cache,
         store=True,
         max_age=control.max_age,
