@@ -45,7 +45,6 @@ from trio_util import AsyncValue
 
 from tproxy.asgi import ASGIReceive, ASGISend
 from tproxy.config import Settings
-from tproxy.core.assemble import UsageTracker
 from tproxy.core.completion import StreamCompletion, StreamOutcome, json_answer_verdict
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
@@ -56,8 +55,10 @@ from tproxy.core.errors import (
     UpstreamTimeout,
 )
 from tproxy.core.events import (
+    AnswerDelivered,
     ClientGone,
     FellBehind,
+    FollowerJoined,
     HeadersReceived,
     JoinedFlight,
     ResponseFinished,
@@ -86,8 +87,13 @@ REPLAYED_HEADERS = frozenset({b"content-type", b"content-language"})
 # Item bound of a shared flight's per-client channel (the byte bound is max_entry_bytes).
 SHARED_CHANNEL_ITEMS = 4096
 
-# Seconds a client of a shared flight, its answer complete, waits for the flight's cache outcome.
-SETTLE_TIMEOUT = 1.0
+# Seconds a flight whose answer is whole (end marker or Content-Length reached) may still spend
+# reading the upstream's end of body once its last client has left.
+END_TIMEOUT = 1.0
+
+# Seconds a client of a shared flight, its answer complete, waits for the flight's cache outcome:
+# longer than END_TIMEOUT, so the access line of a client that left after the end says "stored".
+SETTLE_TIMEOUT = 2.0
 
 # A client writer joins chunks already queued for it into one body message up to this size.
 JOIN_BYTES = 256 * 1024
@@ -127,6 +133,7 @@ class CacheReport:
     stored: bool = False
     reason: str = "not attempted"
     usage: Mapping[str, object] | None = None
+    entry: StoredEntry | None = None  # handed to the store writer, maybe not yet committed
 
     @property
     def attempted(self) -> bool:
@@ -150,6 +157,7 @@ class _Start:
 class _Chunk:
     data: bytes
     events: int
+    whole: bool = False  # with this chunk the client has the whole answer (end marker or length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +178,7 @@ _ClientItem = _Attempt | _Start | _Chunk | _Failure | _CleanEnd
 @dataclass(frozen=True, slots=True)
 class _CacheStart:
     headers: list[Header]
-    streamed: bool
+    completion: StreamCompletion | None  # the reader's, for an event stream; None for JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +197,17 @@ _CacheItem = _CacheStart | _CacheChunk | _CacheAbandoned | _CleanEnd
 
 
 class _Subscriber:
-    """One client's channel from a flight, and how far behind that client is."""
+    """One client's channel from a flight, and how far behind that client is.
+
+    A chunk counts as held from the moment it is queued until its client writer's ``send()`` of
+    it returned (:meth:`sent`): a writer stuck in a send to a client that does not read still
+    holds those bytes, so they count against ``max_lag_bytes`` too.
+    """
 
     def __init__(self, capacity: int, max_lag_bytes: float) -> None:
         self.send_channel, self.receive_channel = trio.open_memory_channel[_ClientItem](capacity)
         self._max_lag_bytes = max_lag_bytes
-        self._lag_bytes = 0
+        self.held_bytes = 0
         self.fell_behind = False
 
     def offer(self, item: _ClientItem) -> None:
@@ -202,11 +215,11 @@ class _Subscriber:
         if self.fell_behind:
             return
         size = len(item.data) if isinstance(item, _Chunk) else 0
-        if self._lag_bytes + size > self._max_lag_bytes or not self._send_nowait(item):
+        if self.held_bytes + size > self._max_lag_bytes or not self._send_nowait(item):
             self.fell_behind = True
             self.send_channel.close()
             return
-        self._lag_bytes += size
+        self.held_bytes += size
 
     def _send_nowait(self, item: _ClientItem) -> bool:
         try:
@@ -215,10 +228,9 @@ class _Subscriber:
             return False
         return True
 
-    def taken(self, item: _ClientItem) -> None:
-        """The client writer took ``item`` off the channel."""
-        if isinstance(item, _Chunk):
-            self._lag_bytes -= len(item.data)
+    def sent(self, size: int) -> None:
+        """The client writer's ``send()`` of ``size`` bytes it took off the channel returned."""
+        self.held_bytes -= size
 
 
 @dataclass(eq=False)
@@ -229,12 +241,13 @@ class _LiveFlight:
     plan: CachePlan | None
     book: Flight | None  # None for a private flight
     buffer_chunks: int
+    opener: Exchange | None = None  # the exchange of the request that opened a shared flight
     subscribers: list[_Subscriber] = field(default_factory=list)
     history: list[_ClientItem] = field(default_factory=list)
     history_bytes: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
-    usage: UsageTracker = field(default_factory=UsageTracker)
+    completion: StreamCompletion | None = None  # set once the answer is an event stream
     ended: bool = False
     settled: trio.Event = field(default_factory=trio.Event)  # the cache outcome is known
 
@@ -257,13 +270,30 @@ class _LiveFlight:
         return subscriber
 
     def observe(self, frames: list[Frame]) -> int:
-        """Note the usage the frames' events report; return how many events they hold."""
+        """Hand the frames' events to the completion; return how many events they hold."""
+        assert self.completion is not None
         events = 0
         for frame in frames:
             if frame.event is not None:
                 events += 1
-                self.usage.observe(frame.event)
+                self.completion.observe(frame.event)
         return events
+
+    def is_whole(self, received: int, length: int | None) -> bool:
+        """Whether a client has the whole answer once it has the ``received`` bytes read so far:
+        the family's end marker arrived, or the ``Content-Length`` is reached. The flight's book
+        hears it first: a client that leaves with its whole answer must not cancel the flight."""
+        whole = received == length or (
+            self.completion is not None and self.completion.end_marker_seen
+        )
+        if whole and self.book is not None:
+            self.book.answer_whole()
+        return whole
+
+    def read_end(self) -> None:
+        """The answer is whole and nobody waits for the rest: the upstream's end of body may
+        take ``END_TIMEOUT`` more, no longer."""
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + END_TIMEOUT)
 
     def unsubscribe(self, subscriber: _Subscriber) -> None:
         if subscriber in self.subscribers:
@@ -274,7 +304,10 @@ class _LiveFlight:
         waiting for any client of a shared one."""
         if not self.shared:
             for subscriber in list(self.subscribers):
-                await subscriber.send_channel.send(item)
+                try:
+                    await subscriber.send_channel.send(item)
+                except trio.BrokenResourceError:  # it left with its whole answer
+                    self.unsubscribe(subscriber)
             return
         self._remember(item)
         for subscriber in self.subscribers:
@@ -328,7 +361,7 @@ class _PayloadFeed:
 
 
 def _take_queued_chunks(
-    first: _Chunk, items: trio.MemoryReceiveChannel[_ClientItem], subscriber: _Subscriber
+    first: _Chunk, items: trio.MemoryReceiveChannel[_ClientItem]
 ) -> tuple[list[_Chunk], _ClientItem | None]:
     """``first`` and the chunks queued right behind it (up to ``JOIN_BYTES``), and the item
     that stopped the run if one was taken; never waits."""
@@ -339,12 +372,16 @@ def _take_queued_chunks(
             queued = items.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             break
-        subscriber.taken(queued)
         if not isinstance(queued, _Chunk):
             return parts, queued
         parts.append(queued)
         size += len(queued.data)
     return parts, None
+
+
+def _content_length(headers: list[Header]) -> int | None:
+    value = header_value(headers, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _is_event_stream(headers: list[Header]) -> bool:
@@ -360,7 +397,8 @@ def _compact(history: list[_ClientItem]) -> list[_ClientItem]:
     compact: list[_ClientItem] = list(attempts[-1:])
     compact.extend(item for item in history if isinstance(item, _Start))
     if chunks:
-        compact.append(_Chunk(b"".join(c.data for c in chunks), sum(c.events for c in chunks)))
+        data = b"".join(c.data for c in chunks)
+        compact.append(_Chunk(data, sum(c.events for c in chunks), any(c.whole for c in chunks)))
     compact.extend(item for item in history if isinstance(item, (_Failure, _CleanEnd)))
     return compact
 
@@ -407,27 +445,47 @@ class Exchanger:
         try:
             async with trio.open_nursery() as request_nursery:
                 watcher = trio.CancelScope()
+                writing = trio.CancelScope()
                 request_nursery.start_soon(
-                    self._watch_client, receive, exchange, watcher, request_nursery.cancel_scope
+                    self._watch_client,
+                    receive,
+                    exchange,
+                    flight,
+                    watcher,
+                    writing,
+                    request_nursery.cancel_scope,
                 )
                 if not flight.shared:
                     request_nursery.start_soon(self._fly, flight)
                 deadline = trio.current_time() + request.total_timeout + 1.0
-                with trio.CancelScope(deadline=deadline) as overall:
+                with trio.CancelScope(deadline=deadline) as overall, writing:
                     await self._write_client(
                         request, exchange, subscriber, send, status, watcher, capture
                     )
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
-                if flight.shared and exchange.state is State.COMPLETED:
-                    # The client has its whole answer; what became of storing it follows within
-                    # moments, and belongs in this request's access line.
-                    with trio.move_on_after(SETTLE_TIMEOUT):
-                        await flight.settled.wait()
         finally:
             self._leave(flight, subscriber)
+        if flight.shared and exchange.state is State.COMPLETED:
+            # The client has its whole answer; what became of storing it follows within
+            # moments, and belongs in this request's access line.
+            with trio.move_on_after(SETTLE_TIMEOUT):
+                await flight.settled.wait()
         return flight.report
+
+    async def landed_answer(self, key: str) -> StoredEntry | None:
+        """The answer of the flight for ``key`` that has completed and is on its way into the
+        store, or None: from the moment a flight completes until the store has its answer, a
+        request for it is a cache hit served from memory. Waits (at most ``SETTLE_TIMEOUT``)
+        only while a completed flight's answer is still being judged for the store."""
+        book = self.registry.flights.get(key)
+        if book is None or book.state is not FlightState.COMPLETED:
+            return None
+        flight = self.live[id(book)]
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            await flight.settled.wait()
+        return flight.report.entry
 
     def _flight_for(
         self,
@@ -442,13 +500,16 @@ class Exchanger:
             return _LiveFlight(request, plan, None, self.buffer_chunks), encoded
         book, is_new = self.registry.join(plan.key, self.policy)
         if is_new:
-            flight = _LiveFlight(request, plan, book, self.buffer_chunks)
+            flight = _LiveFlight(request, plan, book, self.buffer_chunks, opener=exchange)
             self.live[id(book)] = flight
             self.flying.value += 1
             self.background.start_soon(self._fly, flight)
             return flight, encoded
-        exchange.handle(JoinedFlight(), trio.current_time())
+        now = trio.current_time()
+        exchange.handle(JoinedFlight(), now)
         leader = self.live[id(book)]
+        if leader.opener is not None and not leader.opener.finished:
+            leader.opener.handle(FollowerJoined(), now)
         return leader, (cache_status + "; collapsed").encode() if cache_status else None
 
     def _leave(self, flight: _LiveFlight, subscriber: _Subscriber) -> None:
@@ -458,6 +519,8 @@ class Exchanger:
         verdict = self.registry.leave(flight.book)
         if verdict is Verdict.CANCEL:
             flight.scope.cancel()
+        elif verdict is Verdict.READ_END:
+            flight.read_end()
         elif verdict is Verdict.FINISH_IN_BACKGROUND:
             flight.scope.deadline = min(
                 flight.scope.deadline, trio.current_time() + self.finish_timeout
@@ -503,8 +566,8 @@ class Exchanger:
                         # the store write still running here.
                         self.registry.finish(flight.book, clean=True)
                     await flight.publish(final)
-            if flight.report.usage is None:
-                flight.report.usage = flight.usage.usage
+            if flight.report.usage is None and flight.completion is not None:
+                flight.report.usage = flight.completion.usage
         finally:
             flight.end(interrupted=final is None)
             flight.settled.set()
@@ -518,16 +581,30 @@ class Exchanger:
         self,
         receive: ASGIReceive,
         exchange: Exchange,
+        flight: _LiveFlight,
         watcher: trio.CancelScope,
+        writing: trio.CancelScope,
         request_scope: trio.CancelScope,
     ) -> None:
+        """Record the client's departure. Early, it cancels the request's work (a private
+        flight's upstream call with it); after the whole answer (the exchange completes), only
+        the writing stops, and a private flight reads the upstream's end, to store the answer."""
         with watcher:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    if watcher.cancel_called:
+                        # The writer stopped us before its last message, after this arrived:
+                        # the end of a finished answer (the writer records it), not a departure.
+                        return
                     if not exchange.finished:
                         exchange.handle(ClientGone(), trio.current_time())
-                    request_scope.cancel()
+                    if exchange.state is State.COMPLETED:
+                        writing.cancel()
+                        if not flight.shared:
+                            flight.read_end()
+                    else:
+                        request_scope.cancel()
                     return
 
     async def _read_upstream(
@@ -592,24 +669,29 @@ class Exchanger:
         """Forward every chunk to the clients at once; offer it to the cache writer after."""
         started = trio.current_time()
         await flight.publish(_Start(status, headers))
-        streamed = _is_event_stream(headers)
-        decoder = SSEDecoder(self.max_line_bytes) if streamed else None
+        decoder: SSEDecoder | None = None
+        if _is_event_stream(headers):
+            decoder = SSEDecoder(self.max_line_bytes)
+            flight.completion = StreamCompletion()
+        length = _content_length(headers)
+        received = 0
         cache = to_cache
         cache_limit = flight.plan.max_entry_bytes if flight.plan is not None else 0
         cached_bytes = 0
         if cache is not None:
             if status == 200:
-                cache = _offer(cache, _CacheStart(headers, streamed))
+                cache = _offer(cache, _CacheStart(headers, flight.completion))
             else:
                 _abandon(cache, f"status {status}")
                 cache = None
         async for data in chunks:
             frames: list[Frame] | None = None
             events = 0
+            received += len(data)
             if decoder is not None:
                 frames = decoder.feed(data)
                 events = flight.observe(frames)
-            await flight.publish(_Chunk(data, events))
+            await flight.publish(_Chunk(data, events, flight.is_whole(received, length)))
             if decoder is not None and decoder.failed is not None and cache is not None:
                 _abandon(cache, decoder.failed)
                 cache = None
@@ -626,7 +708,7 @@ class Exchanger:
             if frames:
                 events = flight.observe(frames)
                 if events:
-                    await flight.publish(_Chunk(b"", events))
+                    await flight.publish(_Chunk(b"", events, flight.is_whole(received, length)))
                 if cache is not None:
                     raw = b"".join(frame.raw for frame in frames)
                     offset = trio.current_time() - started
@@ -646,11 +728,15 @@ class Exchanger:
     ) -> None:
         """Hand the flight's items to one client, telling its exchange what happened.
 
-        The watcher is stopped before the last message: Hypercorn reports ``http.disconnect``
-        as soon as a response is complete, even while our final ``send()`` is still running,
-        and that is the end of a finished answer, not a client leaving.
+        The exchange hears that the answer is whole (``AnswerDelivered``) before the message
+        that completes it is sent, and the watcher is stopped before the last message: a client
+        may close as soon as it has those bytes (Hypercorn reports ``http.disconnect`` as soon as
+        a response is complete, even while our final ``send()`` is still running), and that is
+        the end of a finished answer, not a client leaving early. Once the watcher has ended the
+        exchange, this writer tells it nothing more.
         """
         started = False
+        delivered = False
         payload = _PayloadFeed(capture, self.max_line_bytes) if capture is not None else None
         async with subscriber.receive_channel as items:
             pending: _ClientItem | None = None
@@ -662,22 +748,24 @@ class Exchanger:
                         item = await items.receive()
                     except trio.EndOfChannel:
                         break
-                    subscriber.taken(item)
+                if exchange.finished:
+                    return
                 now = trio.current_time()
                 if isinstance(item, _Chunk | _CleanEnd):
                     # Bytes already queued behind this chunk go in the same message, and so does
                     # the end: each ASGI message costs Hypercorn a write; nothing waits for bytes
                     # not yet here.
                     parts, pending = (
-                        _take_queued_chunks(item, items, subscriber)
-                        if isinstance(item, _Chunk)
-                        else ([], item)
+                        _take_queued_chunks(item, items) if isinstance(item, _Chunk) else ([], item)
                     )
                     data = b"".join(part.data for part in parts)
                     for part in parts:
                         exchange.note_events(part.events)
                         if part.data:
                             exchange.note_upstream_chunk(len(part.data), now)
+                    if not delivered and any(part.whole for part in parts):
+                        exchange.handle(AnswerDelivered(), now)
+                        delivered = True
                     last = isinstance(pending, _CleanEnd)
                     if last:
                         exchange.handle(UpstreamEnded(), now)
@@ -686,11 +774,13 @@ class Exchanger:
                         await send(
                             {"type": "http.response.body", "body": data, "more_body": not last}
                         )
+                        subscriber.sent(len(data))
                         exchange.note_delivered(len(data))
                         if payload is not None and data:
                             payload.feed(data)
                     if last:
-                        exchange.handle(ResponseFinished(), trio.current_time())
+                        if not exchange.finished:
+                            exchange.handle(ResponseFinished(), trio.current_time())
                         return
                 elif isinstance(item, _Attempt):
                     exchange.handle(UpstreamRequested(item.upstream, item.attempt), now)
@@ -726,6 +816,8 @@ class Exchanger:
                     # After the start, return without the final body message: the client sees
                     # a truncated body, never a clean short one.
                     return
+        if exchange.finished:
+            return
         if subscriber.fell_behind:
             exchange.handle(FellBehind(), trio.current_time())
         else:
@@ -749,6 +841,7 @@ class Exchanger:
             return
         report.stored = self.store_writer.submit(plan.key, outcome)
         report.reason = "stored" if report.stored else "store writer busy"
+        report.entry = outcome if report.stored else None
 
 
 @asynccontextmanager
@@ -784,7 +877,6 @@ async def _collect(
     chunks: list[bytes] = []
     offsets: list[float] = []
     size = 0
-    completion = StreamCompletion()
     async for item in items:
         if isinstance(item, _CacheStart):
             start = item
@@ -801,10 +893,8 @@ async def _collect(
             for frame in item.frames:
                 chunks.append(frame.raw)
                 offsets.append(item.offset)
-                if frame.event is not None:
-                    completion.observe(frame.event)
         elif start is not None:
-            return _entry_if_complete(plan, start, chunks, offsets, completion, report)
+            return _entry_if_complete(plan, start, chunks, offsets, report)
     return "the answer did not end cleanly"
 
 
@@ -813,10 +903,12 @@ def _entry_if_complete(
     start: _CacheStart,
     chunks: list[bytes],
     offsets: list[float],
-    completion: StreamCompletion,
     report: CacheReport,
 ) -> StoredEntry | str:
-    if start.streamed:
+    """The entry to store, or why not. The reader has shown every event to ``start.completion``
+    by the time the clean end reaches the cache writer."""
+    completion = start.completion
+    if completion is not None:
         outcome, reason = completion.verdict(clean_end=True)
         report.usage = completion.usage
     else:
@@ -831,7 +923,7 @@ def _entry_if_complete(
         headers=tuple((n, v) for n, v in start.headers if n in REPLAYED_HEADERS),
         chunks=tuple(chunks),
         offsets=tuple(offsets),
-        streamed=start.streamed,
+        streamed=completion is not None,
         created_at=now,
         expires_at=now + plan.ttl if math.isfinite(plan.ttl) else math.inf,
         model=plan.model,

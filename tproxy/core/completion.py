@@ -85,6 +85,12 @@ class StreamCompletion:
         if isinstance(choices, list) and choices:
             self._observe_choices(choices)
 
+    @property
+    def end_marker_seen(self) -> bool:
+        """Whether the family's end marker (here ``data: [DONE]``) has arrived: from then on the
+        client has the whole answer, whatever the upstream's body still has to end."""
+        return self._done
+
     def verdict(self, clean_end: bool) -> tuple[StreamOutcome, str]:
         """Judge the stream so far; ``clean_end`` says whether the HTTP body ended cleanly.
 
