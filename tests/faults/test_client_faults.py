@@ -180,10 +180,12 @@ async def test_a_client_that_never_reads_holds_bounded_memory_and_others_are_ser
 async def test_a_client_that_never_reads_is_cut_off_by_the_total_timeout(
     start_proxy: StartProxy, start_scripted: StartScripted
 ) -> None:
+    """Only ``total_timeout`` can end this upstream call in time: the stalled client's own limit
+    (``client_stall_timeout``) is a minute away."""
     endless = EndlessUpstream()
     scripted = await start_scripted(endless.script)
     proxy = await start_proxy(
-        "[upstreams.default]\ntotal_timeout = 0.5\n[server]\nclient_stall_timeout = 0.5\n",
+        "[upstreams.default]\ntotal_timeout = 0.5\n[server]\nclient_stall_timeout = 60\n",
         upstream_url=scripted.url,
     )
     stalled = await stalled_client(proxy, raw_chat(chat("flood me"), {**FAULT, **NO_STORE}))
