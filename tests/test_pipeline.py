@@ -1,15 +1,19 @@
-"""The client writer's joining of queued chunks (the rest of the pipeline is tested end to end in
-test_proxy, test_cache and test_coalescing)."""
+"""The client writer's joining of queued chunks, and what a shared flight holds for its clients
+(the rest of the pipeline is tested end to end in test_proxy, test_cache and test_coalescing)."""
 
 from __future__ import annotations
 
 import trio
 
+from tproxy.core.flight import FlightRegistry, Policy
 from tproxy.pipeline import (
     JOIN_BYTES,
+    CachePlan,
+    ProxyRequest,
     _Chunk,
     _CleanEnd,
     _ClientItem,
+    _LiveFlight,
     _Start,
     _Subscriber,
     _take_queued_chunks,
@@ -42,3 +46,76 @@ async def test_a_run_stops_at_join_bytes_and_leaves_the_rest_queued() -> None:
     parts, stop = _take_queued_chunks(big, items)
     assert (len(parts), stop) == (2, None)
     assert items.receive_nowait() == big
+
+
+# --- what a shared flight holds for its clients ------------------------------------------------
+
+MAX_ENTRY = 1 << 20
+REQUEST = ProxyRequest(
+    request_id=b"r1",
+    method="POST",
+    target="/v1/chat/completions",
+    headers=[],
+    body=b"{}",
+    client_host=None,
+    scheme="http",
+    upstreams=("u",),
+    retries=0,
+    total_timeout=60.0,
+)
+
+
+def shared_flight() -> _LiveFlight:
+    plan = CachePlan(key="k", ttl=60.0, max_entry_bytes=MAX_ENTRY, model=None, shared=True)
+    book, _ = FlightRegistry(max_background=0).join("k", Policy.CANCEL)
+    return _LiveFlight(REQUEST, plan, book, buffer_chunks=8)
+
+
+def drain(items: trio.MemoryReceiveChannel[_ClientItem]) -> list[_ClientItem]:
+    taken: list[_ClientItem] = []
+    while True:
+        try:
+            taken.append(items.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return taken
+
+
+async def test_a_joiner_gets_the_flights_blocks_themselves_not_a_copy_of_its_own() -> None:
+    flight = shared_flight()
+    await flight.publish(_Start(200, []))
+    reads = [bytes([65 + n % 26]) * 40_000 for n in range(20)]  # 800 kB in 40 kB reads
+    for data in reads:
+        await flight.publish(_Chunk(data, 1))
+    first, second = flight.subscribe(), flight.subscribe()
+    chunks = [item for item in drain(first.receive_channel) if isinstance(item, _Chunk)]
+    again = [item for item in drain(second.receive_channel) if isinstance(item, _Chunk)]
+    assert b"".join(chunk.data for chunk in chunks) == b"".join(reads)
+    assert sum(chunk.events for chunk in chunks) == 20
+    # Every block but the open one is the flight's own object, shared by every joiner, and no
+    # block makes a body message much larger than JOIN_BYTES.
+    assert all(a.data is b.data for a, b in zip(chunks[:-1], again[:-1], strict=True))
+    assert max(len(chunk.data) for chunk in chunks) < JOIN_BYTES + 40_000
+    assert first.held_bytes == len(b"".join(reads))
+
+
+async def test_a_client_holds_what_its_writer_has_not_yet_sent() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    piece = _Chunk(b"x" * (MAX_ENTRY // 2), 0)
+    assert await flight.publish(piece) == []
+    assert drain(subscriber.receive_channel) == [piece]  # taken; its send() has not returned
+    assert await flight.publish(piece) == []
+    assert subscriber.held_bytes == MAX_ENTRY
+    # One more byte than max_entry_bytes, though the channel itself holds only half of it.
+    assert await flight.publish(_Chunk(b"y", 0)) == [subscriber]
+    assert subscriber.fell_behind
+    assert flight.subscribers == []
+
+
+async def test_the_history_never_passes_max_entry_bytes() -> None:
+    flight = shared_flight()
+    assert flight.book is not None
+    for _ in range(5):
+        await flight.publish(_Chunk(b"z" * (MAX_ENTRY // 4), 0))
+        assert flight.history.size <= MAX_ENTRY
+    assert not flight.book.joinable

@@ -20,12 +20,25 @@ channel's item bound) behind is cut off as ``fell_behind``, so one slow reader s
 upstream nor the other clients.
 
 Memory ceilings. Private flight: ``stream_buffer_chunks`` items × the largest upstream read
-(64 KiB). Shared flight: the history kept for joiners and the backlog of each client are the same
-``bytes`` objects, bounded by ``cache.max_entry_bytes``; a flight that outgrows it stops taking
-joiners and drops its history. The cache writer is fed with ``send_nowait`` on a channel bounded
-in bytes, not items: the reader stops feeding it (and the answer is not stored) once the answer
-passes ``max_entry_bytes``, so a cache writer that lags holds at most that, and never slows the
-client.
+(64 KiB). Shared flight, with M = ``cache.max_entry_bytes``:
+
+- each client holds at most M: what is queued for it *and* what its writer has taken but whose
+  ``send()`` has not returned (a writer stuck on a client that does not read still holds it).
+  Those are ``bytes`` objects shared with the history or with the other clients; its own copies
+  are one body message (at most ``JOIN_BYTES`` and one upstream read) and Hypercorn's framed
+  copy of it. A client past M is cut off and leaves the flight at once, so clients that cannot
+  be served never keep the upstream call going;
+- the history kept for joiners is at most M, in blocks of about ``JOIN_BYTES`` copied once per
+  flight: a joiner gets the blocks themselves, never a copy of the whole history (which was a
+  copy per joiner, and then one more in Hypercorn for a message that size). A flight whose answer
+  outgrows M stops taking joiners and drops its history;
+- the live chunks still queued for its slowest client: at most M;
+- the cache writer is fed with ``send_nowait`` on a channel bounded in bytes, not items: the
+  reader stops feeding it (and the answer is not stored) once the answer passes M, so a cache
+  writer that lags holds at most M, and never slows the client.
+
+So a shared flight holds at most 3 M, and each of its clients at most about 2 × ``JOIN_BYTES``
+of its own (bench/stalled_followers.py measures it).
 
 Each client's :class:`~tproxy.core.exchange.Exchange` is told the facts by its own client writer,
 from the items it receives; it is finished exactly once: completed, upstream failed or timed out,
@@ -209,6 +222,7 @@ class _Subscriber:
         self._max_lag_bytes = max_lag_bytes
         self.held_bytes = 0
         self.fell_behind = False
+        self.left = False  # it has left the flight's book
 
     def offer(self, item: _ClientItem) -> None:
         """Queue ``item`` without waiting; a client too far behind is cut off instead."""
@@ -233,6 +247,57 @@ class _Subscriber:
         self.held_bytes -= size
 
 
+class _History:
+    """What a shared flight produced so far, for a client that joins it: the last attempt, the
+    start, the body, and the end if there was one.
+
+    The body is kept in blocks of about ``JOIN_BYTES``, copied once per flight and shared by
+    every joiner: a joiner costs no copy of its own (but the open block's, at most
+    ``JOIN_BYTES``), and no body message larger than a block, which Hypercorn would copy again
+    to frame it.
+    """
+
+    def __init__(self) -> None:
+        self.attempt: _Attempt | None = None
+        self.start: _Start | None = None
+        self.blocks: list[_Chunk] = []
+        self.end: _Failure | _CleanEnd | None = None
+        self.size = 0
+        self._open = bytearray()
+        self._open_events = 0
+        self._open_whole = False
+
+    def add(self, item: _ClientItem) -> None:
+        if isinstance(item, _Attempt):
+            self.attempt = item
+        elif isinstance(item, _Start):
+            self.start = item
+        elif isinstance(item, _Chunk):
+            self.size += len(item.data)
+            self._open += item.data
+            self._open_events += item.events
+            self._open_whole = self._open_whole or item.whole
+            if len(self._open) >= JOIN_BYTES:
+                self.blocks.append(self._open_block())
+                self._open = bytearray()
+                self._open_events = 0
+                self._open_whole = False
+        else:
+            self.end = item
+
+    def items(self) -> list[_ClientItem]:
+        items: list[_ClientItem] = [item for item in (self.attempt, self.start) if item]
+        items.extend(self.blocks)
+        if self._open or self._open_events:
+            items.append(self._open_block())
+        if self.end is not None:
+            items.append(self.end)
+        return items
+
+    def _open_block(self) -> _Chunk:
+        return _Chunk(bytes(self._open), self._open_events, self._open_whole)
+
+
 @dataclass(eq=False)
 class _LiveFlight:
     """The I/O side of one flight: its clients' channels, its history, its cancel scope."""
@@ -243,8 +308,7 @@ class _LiveFlight:
     buffer_chunks: int
     opener: Exchange | None = None  # the exchange of the request that opened a shared flight
     subscribers: list[_Subscriber] = field(default_factory=list)
-    history: list[_ClientItem] = field(default_factory=list)
-    history_bytes: int = 0
+    history: _History = field(default_factory=lambda: _History())
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
     completion: StreamCompletion | None = None  # set once the answer is an event stream
@@ -256,12 +320,12 @@ class _LiveFlight:
         return self.book is not None
 
     def subscribe(self) -> _Subscriber:
-        """Attach a client: it first receives what the flight produced so far, compacted."""
+        """Attach a client: it first receives what the flight produced so far."""
         if self.plan is None or not self.shared:
             subscriber = _Subscriber(self.buffer_chunks, math.inf)
         else:
             subscriber = _Subscriber(SHARED_CHANNEL_ITEMS, self.plan.max_entry_bytes)
-        for item in _compact(self.history):
+        for item in self.history.items():
             subscriber.offer(item)
         if self.ended:
             subscriber.send_channel.close()
@@ -299,32 +363,36 @@ class _LiveFlight:
         if subscriber in self.subscribers:
             self.subscribers.remove(subscriber)
 
-    async def publish(self, item: _ClientItem) -> None:
+    async def publish(self, item: _ClientItem) -> list[_Subscriber]:
         """Hand ``item`` to every client: awaiting the only one of a private flight, never
-        waiting for any client of a shared one."""
+        waiting for any client of a shared one. Returns the clients this item cut off (they
+        fell behind): they are detached, and must leave the flight's book."""
         if not self.shared:
             for subscriber in list(self.subscribers):
                 try:
                     await subscriber.send_channel.send(item)
                 except trio.BrokenResourceError:  # it left with its whole answer
                     self.unsubscribe(subscriber)
-            return
+            return []
         self._remember(item)
         for subscriber in self.subscribers:
             subscriber.offer(item)
+        cut_off = [subscriber for subscriber in self.subscribers if subscriber.fell_behind]
+        for subscriber in cut_off:
+            self.subscribers.remove(subscriber)
+        return cut_off
 
     def _remember(self, item: _ClientItem) -> None:
         assert self.book is not None
         assert self.plan is not None
         if not self.book.joinable:
             return
-        if isinstance(item, _Chunk):
-            self.history_bytes += len(item.data)
-            if self.history_bytes > self.plan.max_entry_bytes:
-                self.book.close_to_joiners("answer larger than max_entry_bytes")
-                self.history.clear()
-                return
-        self.history.append(item)
+        size = len(item.data) if isinstance(item, _Chunk) else 0
+        if self.history.size + size > self.plan.max_entry_bytes:
+            self.book.close_to_joiners("answer larger than max_entry_bytes")
+            self.history = _History()
+            return
+        self.history.add(item)
 
     def end(self, *, interrupted: bool) -> None:
         """No more items: close every client's channel. An interrupted shared flight (cancelled
@@ -387,20 +455,6 @@ def _content_length(headers: list[Header]) -> int | None:
 def _is_event_stream(headers: list[Header]) -> bool:
     content_type = header_value(headers, b"content-type") or b""
     return content_type.split(b";")[0].strip().lower() == b"text/event-stream"
-
-
-def _compact(history: list[_ClientItem]) -> list[_ClientItem]:
-    """What a joiner needs of the history: the last attempt, the start, all bytes in one chunk,
-    and the end if there was one."""
-    attempts = [item for item in history if isinstance(item, _Attempt)]
-    chunks = [item for item in history if isinstance(item, _Chunk)]
-    compact: list[_ClientItem] = list(attempts[-1:])
-    compact.extend(item for item in history if isinstance(item, _Start))
-    if chunks:
-        data = b"".join(c.data for c in chunks)
-        compact.append(_Chunk(data, sum(c.events for c in chunks), any(c.whole for c in chunks)))
-    compact.extend(item for item in history if isinstance(item, (_Failure, _CleanEnd)))
-    return compact
 
 
 @dataclass(slots=True)
@@ -512,7 +566,17 @@ class Exchanger:
             leader.opener.handle(FollowerJoined(), now)
         return leader, (cache_status + "; collapsed").encode() if cache_status else None
 
+    async def _publish(self, flight: _LiveFlight, item: _ClientItem) -> None:
+        """Publish ``item``; a client it cut off leaves the flight at once: one that can no
+        longer be served must not keep the upstream call going (once none is left, the policy
+        decides), even while Hypercorn still holds its last write to a socket nobody reads."""
+        for subscriber in await flight.publish(item):
+            self._leave(flight, subscriber)
+
     def _leave(self, flight: _LiveFlight, subscriber: _Subscriber) -> None:
+        if subscriber.left:
+            return
+        subscriber.left = True
         flight.unsubscribe(subscriber)
         if flight.book is None:
             return
@@ -565,7 +629,7 @@ class Exchanger:
                         # has its whole answer and leaves is done, not gone, and must not cancel
                         # the store write still running here.
                         self.registry.finish(flight.book, clean=True)
-                    await flight.publish(final)
+                    await self._publish(flight, final)
             if flight.report.usage is None and flight.completion is not None:
                 flight.report.usage = flight.completion.usage
         finally:
@@ -627,7 +691,7 @@ class Exchanger:
         deadline = trio.current_time() + request.total_timeout
         for attempt in range(1, attempts + 1):
             name = candidates[(attempt - 1) % len(candidates)]
-            await flight.publish(_Attempt(name, attempt))
+            await self._publish(flight, _Attempt(name, attempt))
             headers = upstream_request_headers(
                 request.headers,
                 client_host=request.client_host,
@@ -668,7 +732,7 @@ class Exchanger:
     ) -> None:
         """Forward every chunk to the clients at once; offer it to the cache writer after."""
         started = trio.current_time()
-        await flight.publish(_Start(status, headers))
+        await self._publish(flight, _Start(status, headers))
         decoder: SSEDecoder | None = None
         if _is_event_stream(headers):
             decoder = SSEDecoder(self.max_line_bytes)
@@ -691,7 +755,7 @@ class Exchanger:
             if decoder is not None:
                 frames = decoder.feed(data)
                 events = flight.observe(frames)
-            await flight.publish(_Chunk(data, events, flight.is_whole(received, length)))
+            await self._publish(flight, _Chunk(data, events, flight.is_whole(received, length)))
             if decoder is not None and decoder.failed is not None and cache is not None:
                 _abandon(cache, decoder.failed)
                 cache = None
@@ -708,7 +772,8 @@ class Exchanger:
             if frames:
                 events = flight.observe(frames)
                 if events:
-                    await flight.publish(_Chunk(b"", events, flight.is_whole(received, length)))
+                    whole = flight.is_whole(received, length)
+                    await self._publish(flight, _Chunk(b"", events, whole))
                 if cache is not None:
                     raw = b"".join(frame.raw for frame in frames)
                     offset = trio.current_time() - started
