@@ -12,10 +12,12 @@ already finish in the background, in which case it is cancelled after all. Once 
 client leaving cancels nothing: the flight reads the upstream's end of body under a short deadline
 and the answer is stored, whatever the policy.
 
-A flight stays joinable after it completed, until its answer is in the store: a request that
-arrives in that gap joins the finished flight and gets the whole answer from memory, so a burst of
-identical requests costs exactly one upstream call. A failed or abandoned flight leaves the
-registry at once, so the next request tries the upstream afresh.
+A flight stays in the registry after it completed, until its answer is in the store: a request
+that arrives in that gap is served the answer on its way into the store, as a cache hit (the
+pipeline's ``landed_answer``), so a burst of identical requests costs exactly one upstream call. A
+completed flight stays joinable too, for the moments while its answer is judged for the store. A
+failed or abandoned flight leaves the registry at once, so the next request tries the upstream
+afresh.
 
 :class:`Flight` holds the states and a transition table like :mod:`tproxy.core.exchange`;
 :class:`FlightRegistry` maps keys to live flights and counts background completions. Neither
