@@ -56,7 +56,11 @@ async def _serve_connection(megabytes: int, stream: trio.SocketStream) -> None:
 def serve_upstream(port: int, megabytes: int) -> None:
     async def main() -> None:
         listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-        await trio.serve_listeners(lambda s: _serve_connection(megabytes, s), listeners)
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await _serve_connection(megabytes, stream)
+
+        await trio.serve_listeners(handler, listeners)
 
     trio.run(main)
 
