@@ -8,6 +8,7 @@ import trio
 from tproxy.core.flight import FlightRegistry, Policy
 from tproxy.pipeline import (
     JOIN_BYTES,
+    SHARED_CHANNEL_ITEMS,
     CachePlan,
     ProxyRequest,
     _Chunk,
@@ -80,22 +81,25 @@ def drain(items: trio.MemoryReceiveChannel[_ClientItem]) -> list[_ClientItem]:
             return taken
 
 
-async def test_a_joiner_gets_the_flights_blocks_themselves_not_a_copy_of_its_own() -> None:
+async def test_a_joiner_gets_the_chunks_the_flight_published_not_a_copy_of_its_own() -> None:
     flight = shared_flight()
     await flight.publish(_Start(200, []))
-    reads = [bytes([65 + n % 26]) * 40_000 for n in range(20)]  # 800 kB in 40 kB reads
-    for data in reads:
-        await flight.publish(_Chunk(data, 1))
-    first, second = flight.subscribe(), flight.subscribe()
-    chunks = [item for item in drain(first.receive_channel) if isinstance(item, _Chunk)]
-    again = [item for item in drain(second.receive_channel) if isinstance(item, _Chunk)]
-    assert b"".join(chunk.data for chunk in chunks) == b"".join(reads)
-    assert sum(chunk.events for chunk in chunks) == 20
-    # Every block but the open one is the flight's own object, shared by every joiner, and no
-    # block makes a body message much larger than JOIN_BYTES.
-    assert all(a.data is b.data for a, b in zip(chunks[:-1], again[:-1], strict=True))
-    assert max(len(chunk.data) for chunk in chunks) < JOIN_BYTES + 40_000
-    assert first.held_bytes == len(b"".join(reads))
+    reads = [_Chunk(bytes([65 + n % 26]) * 40_000, 1) for n in range(20)]  # 800 kB in 40 kB reads
+    for read in reads:
+        await flight.publish(read)
+    for joiner in (flight.subscribe(), flight.subscribe()):
+        chunks = [item for item in drain(joiner.receive_channel) if isinstance(item, _Chunk)]
+        assert all(got is published for got, published in zip(chunks, reads, strict=True))
+        assert joiner.held_bytes == 800_000
+
+
+async def test_a_joiner_of_a_history_of_many_small_reads_is_not_cut_off() -> None:
+    flight = shared_flight()
+    for _ in range(3 * SHARED_CHANNEL_ITEMS):  # more reads than a client's channel takes live
+        await flight.publish(_Chunk(b"data: x\n\n", 1))
+    joiner = flight.subscribe()
+    assert not joiner.fell_behind
+    assert len(drain(joiner.receive_channel)) == 3 * SHARED_CHANNEL_ITEMS
 
 
 async def test_a_client_holds_what_its_writer_has_not_yet_sent() -> None:

@@ -28,16 +28,15 @@ Memory ceilings. Private flight: ``stream_buffer_chunks`` items × the largest u
   are one body message (at most ``JOIN_BYTES`` and one upstream read) and Hypercorn's framed
   copy of it. A client past M is cut off and leaves the flight at once, so clients that cannot
   be served never keep the upstream call going;
-- the history kept for joiners is at most M, in blocks of about ``JOIN_BYTES`` copied once per
-  flight: a joiner gets the blocks themselves, never a copy of the whole history (which was a
-  copy per joiner, and then one more in Hypercorn for a message that size). A flight whose answer
-  outgrows M stops taking joiners and drops its history;
-- the live chunks still queued for its slowest client: at most M;
+- the history kept for joiners and the backlogs of its clients are the same ``bytes`` objects,
+  at most M: a joiner gets the history's chunks themselves, never a copy of the whole history
+  (which was a copy per joiner, and then one more in Hypercorn for a message that size). A
+  flight whose answer outgrows M stops taking joiners and drops its history;
 - the cache writer is fed with ``send_nowait`` on a channel bounded in bytes, not items: the
   reader stops feeding it (and the answer is not stored) once the answer passes M, so a cache
   writer that lags holds at most M, and never slows the client.
 
-So a shared flight holds at most 3 M, and each of its clients at most about 2 × ``JOIN_BYTES``
+So a shared flight holds at most 2 M, and each of its clients at most about 2 × ``JOIN_BYTES``
 of its own (bench/stalled_followers.py measures it).
 
 Each client's :class:`~tproxy.core.exchange.Exchange` is told the facts by its own client writer,
@@ -249,23 +248,20 @@ class _Subscriber:
 
 class _History:
     """What a shared flight produced so far, for a client that joins it: the last attempt, the
-    start, the body, and the end if there was one.
+    start, the body's chunks, and the end if there was one.
 
-    The body is kept in blocks of about ``JOIN_BYTES``, copied once per flight and shared by
-    every joiner: a joiner costs no copy of its own (but the open block's, at most
-    ``JOIN_BYTES``), and no body message larger than a block, which Hypercorn would copy again
-    to frame it.
+    The chunks are the very objects the flight published, which the queues of its clients hold
+    too: a joiner gets them, not a copy of its own (joining them all into one chunk cost a copy
+    of the whole history per joiner, and Hypercorn copied that one big message again to frame
+    it); its client writer joins them into messages of about ``JOIN_BYTES``, as it does live ones.
     """
 
     def __init__(self) -> None:
         self.attempt: _Attempt | None = None
         self.start: _Start | None = None
-        self.blocks: list[_Chunk] = []
+        self.chunks: list[_Chunk] = []
         self.end: _Failure | _CleanEnd | None = None
         self.size = 0
-        self._open = bytearray()
-        self._open_events = 0
-        self._open_whole = False
 
     def add(self, item: _ClientItem) -> None:
         if isinstance(item, _Attempt):
@@ -274,28 +270,16 @@ class _History:
             self.start = item
         elif isinstance(item, _Chunk):
             self.size += len(item.data)
-            self._open += item.data
-            self._open_events += item.events
-            self._open_whole = self._open_whole or item.whole
-            if len(self._open) >= JOIN_BYTES:
-                self.blocks.append(self._open_block())
-                self._open = bytearray()
-                self._open_events = 0
-                self._open_whole = False
+            self.chunks.append(item)
         else:
             self.end = item
 
     def items(self) -> list[_ClientItem]:
         items: list[_ClientItem] = [item for item in (self.attempt, self.start) if item]
-        items.extend(self.blocks)
-        if self._open or self._open_events:
-            items.append(self._open_block())
+        items.extend(self.chunks)
         if self.end is not None:
             items.append(self.end)
         return items
-
-    def _open_block(self) -> _Chunk:
-        return _Chunk(bytes(self._open), self._open_events, self._open_whole)
 
 
 @dataclass(eq=False)
@@ -321,11 +305,14 @@ class _LiveFlight:
 
     def subscribe(self) -> _Subscriber:
         """Attach a client: it first receives what the flight produced so far."""
+        history = self.history.items()
         if self.plan is None or not self.shared:
             subscriber = _Subscriber(self.buffer_chunks, math.inf)
         else:
-            subscriber = _Subscriber(SHARED_CHANNEL_ITEMS, self.plan.max_entry_bytes)
-        for item in self.history.items():
+            # Room for the history too: its items are the flight's own, not the joiner's.
+            capacity = SHARED_CHANNEL_ITEMS + len(history)
+            subscriber = _Subscriber(capacity, self.plan.max_entry_bytes)
+        for item in history:
             subscriber.offer(item)
         if self.ended:
             subscriber.send_channel.close()
