@@ -24,6 +24,7 @@ from tproxy.config import (
 )
 from tproxy.core.errors import ConfigError
 from tproxy.core.events import (
+    FollowerJoined,
     HeadersReceived,
     ResponseFinished,
     UpstreamEnded,
@@ -201,7 +202,9 @@ async def test_inflight_shows_a_live_exchange_and_not_after_it_leaves(
 ) -> None:
     inflight = Inflight()
     app = AdminApp(None, inflight=inflight)
-    exchange = streaming_exchange("live-1", model="m1", followers=2, tenant="a" * 32)
+    exchange = streaming_exchange("live-1", model="m1", tenant="a" * 32)
+    for _ in range(2):  # two identical requests joined the flight it opened
+        exchange.handle(FollowerJoined(), trio.current_time())
     with inflight.track(exchange):
         await trio.sleep(1.5)  # the autojump clock: the exchange is 1.5 s old
         document = (await request(app, "/inflight")).json()

@@ -118,6 +118,20 @@ def test_joining_a_background_flight_brings_it_back_to_running() -> None:
     assert registry.leave(flight) is Verdict.FINISH_IN_BACKGROUND
 
 
+@pytest.mark.parametrize("policy", list(Policy))
+def test_once_the_answer_is_whole_the_last_client_leaving_cancels_nothing(policy: Policy) -> None:
+    registry = FlightRegistry(max_background=0)
+    flight, _ = registry.join(KEY, policy)
+    registry.join(KEY, policy)
+    flight.answer_whole()  # data: [DONE] arrived; the upstream's end of body has not
+    assert registry.leave(flight) is Verdict.CONTINUE
+    assert registry.leave(flight) is Verdict.READ_END
+    assert (flight.state, flight.clients, registry.background()) == (FlightState.RUNNING, 0, 0)
+    assert registry.flights == {KEY: flight}
+    registry.finish(flight, clean=True)
+    assert flight.state is FlightState.COMPLETED
+
+
 def test_a_flight_keeps_the_policy_it_was_opened_with() -> None:
     registry = FlightRegistry(max_background=1)
     flight, _ = registry.join(KEY, Policy.FINISH)
@@ -298,6 +312,7 @@ class ModelFlight:
     clients: int = 1
     joins: int = 1
     joinable: bool = True
+    whole: bool = False
     path: list[FlightState] = field(default_factory=list)
 
     def move(self, state: FlightState) -> None:
@@ -394,6 +409,8 @@ class RegistryAgainstAModel(RuleBasedStateMachine):
         flight.clients -= 1
         if flight.clients > 0 or flight.state is not FlightState.RUNNING:
             assert verdict is Verdict.CONTINUE
+        elif flight.whole:
+            assert verdict is Verdict.READ_END
         elif (
             flight.policy is Policy.FINISH
             and self.model_background() < self.registry.max_background
@@ -439,6 +456,14 @@ class RegistryAgainstAModel(RuleBasedStateMachine):
         index = data.draw(st.integers(min_value=0, max_value=len(self.model) - 1))
         self.real[index].close_to_joiners("too large to replay")
         self.model[index].joinable = False
+
+    @precondition(lambda self: self.reading())
+    @rule(data=st.data())
+    def answer_whole(self, data: st.DataObject) -> None:
+        """The answer's end marker arrived (its upstream body has not ended yet)."""
+        index = data.draw(st.sampled_from(self.reading()))
+        self.real[index].answer_whole()
+        self.model[index].whole = True
 
     @precondition(lambda self: self.completed())
     @rule(data=st.data())

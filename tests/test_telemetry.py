@@ -42,6 +42,7 @@ from tproxy.core.events import (
     CacheHit,
     ClientGone,
     Fact,
+    FollowerJoined,
     HeadersReceived,
     InternalError,
     Rejected,
@@ -758,7 +759,8 @@ async def test_metrics_parse_and_counters_move_as_exchanges_finish(store: LmdbSt
     telemetry.exchange_finished(follower)
     telemetry.note_background_completion("stored")
     store.get("absent", 0.0)
-    live = exchange_after(ASKED, STREAMING, followers=2)
+    joined = (0.3, FollowerJoined())
+    live = exchange_after(ASKED, STREAMING, joined, joined)  # two requests joined its flight
     with inflight.track(live):
         after = samples(telemetry)
 

@@ -135,7 +135,7 @@ class ProxyApp:
                 request.body, dialect_for(request.target.partition("?")[0])
             )
             exchange.tenant = tenant_namespace(request.headers, shared=False)
-            lookup = self._look_up(request, route, model)
+            lookup = await self._look_up(request, route, model)
             exchange.model = lookup.model or model
             exchange.cache_status = lookup.cache_status
             if lookup.entry is not None:
@@ -255,7 +255,9 @@ class ProxyApp:
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    def _look_up(self, request: ProxyRequest, route: RouteSettings, model: str | None) -> _Lookup:
+    async def _look_up(
+        self, request: ProxyRequest, route: RouteSettings, model: str | None
+    ) -> _Lookup:
         cache = self._settings.cache
         path, _, query = request.target.partition("?")
         decision = decide(
@@ -278,7 +280,10 @@ class ProxyApp:
         fwd = "request" if not decision.lookup else "miss"
         if decision.lookup and self._store is not None:
             now = time.time()
-            entry = self._store.get(decision.key, now)
+            # An answer whose flight completed is a hit before the store has committed it.
+            entry = self._store.get(decision.key, now) or await self._exchanger.landed_answer(
+                decision.key
+            )
             if entry is not None:
                 age = max(0.0, now - entry.created_at)
                 if decision.max_age is None or age <= decision.max_age:

@@ -20,12 +20,24 @@ channel's item bound) behind is cut off as ``fell_behind``, so one slow reader s
 upstream nor the other clients.
 
 Memory ceilings. Private flight: ``stream_buffer_chunks`` items × the largest upstream read
-(64 KiB). Shared flight: the history kept for joiners and the backlog of each client are the same
-``bytes`` objects, bounded by ``cache.max_entry_bytes``; a flight that outgrows it stops taking
-joiners and drops its history. The cache writer is fed with ``send_nowait`` on a channel bounded
-in bytes, not items: the reader stops feeding it (and the answer is not stored) once the answer
-passes ``max_entry_bytes``, so a cache writer that lags holds at most that, and never slows the
-client.
+(64 KiB). Shared flight, with M = ``cache.max_entry_bytes``:
+
+- each client holds at most M: what is queued for it *and* what its writer has taken but whose
+  ``send()`` has not returned (a writer stuck on a client that does not read still holds it).
+  Those are ``bytes`` objects shared with the history or with the other clients; its own copies
+  are one body message (at most ``JOIN_BYTES`` and one upstream read) and Hypercorn's framed
+  copy of it. A client past M is cut off and leaves the flight at once, so clients that cannot
+  be served never keep the upstream call going;
+- the history kept for joiners and the backlogs of its clients are the same ``bytes`` objects,
+  at most M: a joiner gets the history's chunks themselves, never a copy of the whole history
+  (which was a copy per joiner, and then one more in Hypercorn for a message that size). A
+  flight whose answer outgrows M stops taking joiners and drops its history;
+- the cache writer is fed with ``send_nowait`` on a channel bounded in bytes, not items: the
+  reader stops feeding it (and the answer is not stored) once the answer passes M, so a cache
+  writer that lags holds at most M, and never slows the client.
+
+So a shared flight holds at most 2 M, and each of its clients at most about 2 × ``JOIN_BYTES``
+of its own (bench/stalled_followers.py measures it).
 
 Each client's :class:`~tproxy.core.exchange.Exchange` is told the facts by its own client writer,
 from the items it receives; it is finished exactly once: completed, upstream failed or timed out,
@@ -49,7 +61,7 @@ from tproxy.core.assemble import normalise_usage
 from tproxy.core.cachekey import response_store_refusal
 from tproxy.core.completion import StreamOutcome
 from tproxy.core.dialects import Dialect, dialect_for
-from tproxy.core.dialects.base import Completion, Decoder, UsageWatch
+from tproxy.core.dialects.base import Completion, Decoder
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import (
     RequestRejected,
@@ -59,8 +71,10 @@ from tproxy.core.errors import (
     UpstreamTimeout,
 )
 from tproxy.core.events import (
+    AnswerDelivered,
     ClientGone,
     FellBehind,
+    FollowerJoined,
     HeadersReceived,
     JoinedFlight,
     ResponseFinished,
@@ -74,6 +88,7 @@ from tproxy.core.flight import Flight, FlightRegistry, FlightState, Policy, Verd
 from tproxy.core.headers import (
     Header,
     client_response_headers,
+    header_value,
     upstream_request_headers,
 )
 from tproxy.core.replies import error_body, rejection_for
@@ -89,8 +104,13 @@ REPLAYED_HEADERS = frozenset({b"content-type", b"content-language"})
 # Item bound of a shared flight's per-client channel (the byte bound is max_entry_bytes).
 SHARED_CHANNEL_ITEMS = 4096
 
-# Seconds a client of a shared flight, its answer complete, waits for the flight's cache outcome.
-SETTLE_TIMEOUT = 1.0
+# Seconds a flight whose answer is whole (end marker or Content-Length reached) may still spend
+# reading the upstream's end of body once its last client has left.
+END_TIMEOUT = 1.0
+
+# Seconds a client of a shared flight, its answer complete, waits for the flight's cache outcome:
+# longer than END_TIMEOUT, so the access line of a client that left after the end says "stored".
+SETTLE_TIMEOUT = 2.0
 
 # A client writer joins chunks already queued for it into one body message up to this size.
 JOIN_BYTES = 256 * 1024
@@ -131,6 +151,7 @@ class CacheReport:
     stored: bool = False
     reason: str = "not attempted"
     usage: Mapping[str, object] | None = None
+    entry: StoredEntry | None = None  # handed to the store writer, maybe not yet committed
 
     @property
     def attempted(self) -> bool:
@@ -154,6 +175,7 @@ class _Start:
 class _Chunk:
     data: bytes
     events: int
+    whole: bool = False  # with this chunk the client has the whole answer (end marker or length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +196,8 @@ _ClientItem = _Attempt | _Start | _Chunk | _Failure | _CleanEnd
 @dataclass(frozen=True, slots=True)
 class _CacheStart:
     headers: list[Header]
-    streamed: bool
-    dialect: Dialect
+    completion: Completion | None  # the reader's, for a stream in the family's framing
+    dialect: Dialect  # judges a whole JSON answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,24 +216,30 @@ _CacheItem = _CacheStart | _CacheChunk | _CacheAbandoned | _CleanEnd
 
 
 class _Subscriber:
-    """One client's channel from a flight, and how far behind that client is."""
+    """One client's channel from a flight, and how far behind that client is.
+
+    A chunk counts as held from the moment it is queued until its client writer's ``send()`` of
+    it returned (:meth:`sent`): a writer stuck in a send to a client that does not read still
+    holds those bytes, so they count against ``max_lag_bytes`` too.
+    """
 
     def __init__(self, capacity: int, max_lag_bytes: float) -> None:
         self.send_channel, self.receive_channel = trio.open_memory_channel[_ClientItem](capacity)
         self._max_lag_bytes = max_lag_bytes
-        self._lag_bytes = 0
+        self.held_bytes = 0
         self.fell_behind = False
+        self.left = False  # it has left the flight's book
 
     def offer(self, item: _ClientItem) -> None:
         """Queue ``item`` without waiting; a client too far behind is cut off instead."""
         if self.fell_behind:
             return
         size = len(item.data) if isinstance(item, _Chunk) else 0
-        if self._lag_bytes + size > self._max_lag_bytes or not self._send_nowait(item):
+        if self.held_bytes + size > self._max_lag_bytes or not self._send_nowait(item):
             self.fell_behind = True
             self.send_channel.close()
             return
-        self._lag_bytes += size
+        self.held_bytes += size
 
     def _send_nowait(self, item: _ClientItem) -> bool:
         try:
@@ -220,10 +248,45 @@ class _Subscriber:
             return False
         return True
 
-    def taken(self, item: _ClientItem) -> None:
-        """The client writer took ``item`` off the channel."""
-        if isinstance(item, _Chunk):
-            self._lag_bytes -= len(item.data)
+    def sent(self, size: int) -> None:
+        """The client writer's ``send()`` of ``size`` bytes it took off the channel returned."""
+        self.held_bytes -= size
+
+
+class _History:
+    """What a shared flight produced so far, for a client that joins it: the last attempt, the
+    start, the body's chunks, and the end if there was one.
+
+    The chunks are the very objects the flight published, which the queues of its clients hold
+    too: a joiner gets them, not a copy of its own (joining them all into one chunk cost a copy
+    of the whole history per joiner, and Hypercorn copied that one big message again to frame
+    it); its client writer joins them into messages of about ``JOIN_BYTES``, as it does live ones.
+    """
+
+    def __init__(self) -> None:
+        self.attempt: _Attempt | None = None
+        self.start: _Start | None = None
+        self.chunks: list[_Chunk] = []
+        self.end: _Failure | _CleanEnd | None = None
+        self.size = 0
+
+    def add(self, item: _ClientItem) -> None:
+        if isinstance(item, _Attempt):
+            self.attempt = item
+        elif isinstance(item, _Start):
+            self.start = item
+        elif isinstance(item, _Chunk):
+            self.size += len(item.data)
+            self.chunks.append(item)
+        else:
+            self.end = item
+
+    def items(self) -> list[_ClientItem]:
+        items: list[_ClientItem] = [item for item in (self.attempt, self.start) if item]
+        items.extend(self.chunks)
+        if self.end is not None:
+            items.append(self.end)
+        return items
 
 
 @dataclass(eq=False)
@@ -234,29 +297,29 @@ class _LiveFlight:
     plan: CachePlan | None
     book: Flight | None  # None for a private flight
     buffer_chunks: int
+    opener: Exchange | None = None  # the exchange of the request that opened a shared flight
     subscribers: list[_Subscriber] = field(default_factory=list)
-    history: list[_ClientItem] = field(default_factory=list)
-    history_bytes: int = 0
+    history: _History = field(default_factory=lambda: _History())
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
-    usage: UsageWatch = field(init=False)  # the request's API family reads it
+    completion: Completion | None = None  # set once the answer streams in its family's framing
     ended: bool = False
     settled: trio.Event = field(default_factory=trio.Event)  # the cache outcome is known
-
-    def __post_init__(self) -> None:
-        self.usage = _dialect_of(self.request).usage_watch()
 
     @property
     def shared(self) -> bool:
         return self.book is not None
 
     def subscribe(self) -> _Subscriber:
-        """Attach a client: it first receives what the flight produced so far, compacted."""
+        """Attach a client: it first receives what the flight produced so far."""
+        history = self.history.items()
         if self.plan is None or not self.shared:
             subscriber = _Subscriber(self.buffer_chunks, math.inf)
         else:
-            subscriber = _Subscriber(SHARED_CHANNEL_ITEMS, self.plan.max_entry_bytes)
-        for item in _compact(self.history):
+            # Room for the history too: its items are the flight's own, not the joiner's.
+            capacity = SHARED_CHANNEL_ITEMS + len(history)
+            subscriber = _Subscriber(capacity, self.plan.max_entry_bytes)
+        for item in history:
             subscriber.offer(item)
         if self.ended:
             subscriber.send_channel.close()
@@ -265,41 +328,63 @@ class _LiveFlight:
         return subscriber
 
     def observe(self, frames: list[Frame]) -> int:
-        """Note the usage the frames' events report; return how many events they hold."""
+        """Hand the frames' events to the completion; return how many events they hold."""
+        assert self.completion is not None
         events = 0
         for frame in frames:
             if frame.event is not None:
                 events += 1
-                self.usage.observe(frame.event)
+                self.completion.observe(frame.event)
         return events
+
+    def is_whole(self, received: int, length: int | None) -> bool:
+        """Whether a client has the whole answer once it has the ``received`` bytes read so far:
+        the family's end marker arrived, or the ``Content-Length`` is reached. The flight's book
+        hears it first: a client that leaves with its whole answer must not cancel the flight."""
+        whole = received == length or (self.completion is not None and self.completion.ended)
+        if whole and self.book is not None:
+            self.book.answer_whole()
+        return whole
+
+    def read_end(self) -> None:
+        """The answer is whole and nobody waits for the rest: the upstream's end of body may
+        take ``END_TIMEOUT`` more, no longer."""
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + END_TIMEOUT)
 
     def unsubscribe(self, subscriber: _Subscriber) -> None:
         if subscriber in self.subscribers:
             self.subscribers.remove(subscriber)
 
-    async def publish(self, item: _ClientItem) -> None:
+    async def publish(self, item: _ClientItem) -> list[_Subscriber]:
         """Hand ``item`` to every client: awaiting the only one of a private flight, never
-        waiting for any client of a shared one."""
+        waiting for any client of a shared one. Returns the clients this item cut off (they
+        fell behind): they are detached, and must leave the flight's book."""
         if not self.shared:
             for subscriber in list(self.subscribers):
-                await subscriber.send_channel.send(item)
-            return
+                try:
+                    await subscriber.send_channel.send(item)
+                except trio.BrokenResourceError:  # it left with its whole answer
+                    self.unsubscribe(subscriber)
+            return []
         self._remember(item)
         for subscriber in self.subscribers:
             subscriber.offer(item)
+        cut_off = [subscriber for subscriber in self.subscribers if subscriber.fell_behind]
+        for subscriber in cut_off:
+            self.subscribers.remove(subscriber)
+        return cut_off
 
     def _remember(self, item: _ClientItem) -> None:
         assert self.book is not None
         assert self.plan is not None
         if not self.book.joinable:
             return
-        if isinstance(item, _Chunk):
-            self.history_bytes += len(item.data)
-            if self.history_bytes > self.plan.max_entry_bytes:
-                self.book.close_to_joiners("answer larger than max_entry_bytes")
-                self.history.clear()
-                return
-        self.history.append(item)
+        size = len(item.data) if isinstance(item, _Chunk) else 0
+        if self.history.size + size > self.plan.max_entry_bytes:
+            self.book.close_to_joiners("answer larger than max_entry_bytes")
+            self.history = _History()
+            return
+        self.history.add(item)
 
     def end(self, *, interrupted: bool) -> None:
         """No more items: close every client's channel. An interrupted shared flight (cancelled
@@ -336,7 +421,7 @@ class _PayloadFeed:
 
 
 def _take_queued_chunks(
-    first: _Chunk, items: trio.MemoryReceiveChannel[_ClientItem], subscriber: _Subscriber
+    first: _Chunk, items: trio.MemoryReceiveChannel[_ClientItem]
 ) -> tuple[list[_Chunk], _ClientItem | None]:
     """``first`` and the chunks queued right behind it (up to ``JOIN_BYTES``), and the item
     that stopped the run if one was taken; never waits."""
@@ -347,7 +432,6 @@ def _take_queued_chunks(
             queued = items.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
             break
-        subscriber.taken(queued)
         if not isinstance(queued, _Chunk):
             return parts, queued
         parts.append(queued)
@@ -355,22 +439,14 @@ def _take_queued_chunks(
     return parts, None
 
 
+def _content_length(headers: list[Header]) -> int | None:
+    value = header_value(headers, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def _dialect_of(request: ProxyRequest) -> Dialect:
     """The API family of a request, by its path."""
     return dialect_for(request.target.partition("?")[0])
-
-
-def _compact(history: list[_ClientItem]) -> list[_ClientItem]:
-    """What a joiner needs of the history: the last attempt, the start, all bytes in one chunk,
-    and the end if there was one."""
-    attempts = [item for item in history if isinstance(item, _Attempt)]
-    chunks = [item for item in history if isinstance(item, _Chunk)]
-    compact: list[_ClientItem] = list(attempts[-1:])
-    compact.extend(item for item in history if isinstance(item, _Start))
-    if chunks:
-        compact.append(_Chunk(b"".join(c.data for c in chunks), sum(c.events for c in chunks)))
-    compact.extend(item for item in history if isinstance(item, (_Failure, _CleanEnd)))
-    return compact
 
 
 @dataclass(slots=True)
@@ -415,27 +491,47 @@ class Exchanger:
         try:
             async with trio.open_nursery() as request_nursery:
                 watcher = trio.CancelScope()
+                writing = trio.CancelScope()
                 request_nursery.start_soon(
-                    self._watch_client, receive, exchange, watcher, request_nursery.cancel_scope
+                    self._watch_client,
+                    receive,
+                    exchange,
+                    flight,
+                    watcher,
+                    writing,
+                    request_nursery.cancel_scope,
                 )
                 if not flight.shared:
                     request_nursery.start_soon(self._fly, flight)
                 deadline = trio.current_time() + request.total_timeout + 1.0
-                with trio.CancelScope(deadline=deadline) as overall:
+                with trio.CancelScope(deadline=deadline) as overall, writing:
                     await self._write_client(
                         request, exchange, subscriber, send, status, watcher, capture
                     )
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
-                if flight.shared and exchange.state is State.COMPLETED:
-                    # The client has its whole answer; what became of storing it follows within
-                    # moments, and belongs in this request's access line.
-                    with trio.move_on_after(SETTLE_TIMEOUT):
-                        await flight.settled.wait()
         finally:
             self._leave(flight, subscriber)
+        if flight.shared and exchange.state is State.COMPLETED:
+            # The client has its whole answer; what became of storing it follows within
+            # moments, and belongs in this request's access line.
+            with trio.move_on_after(SETTLE_TIMEOUT):
+                await flight.settled.wait()
         return flight.report
+
+    async def landed_answer(self, key: str) -> StoredEntry | None:
+        """The answer of the flight for ``key`` that has completed and is on its way into the
+        store, or None: from the moment a flight completes until the store has its answer, a
+        request for it is a cache hit served from memory. Waits (at most ``SETTLE_TIMEOUT``)
+        only while a completed flight's answer is still being judged for the store."""
+        book = self.registry.flights.get(key)
+        if book is None or book.state is not FlightState.COMPLETED:
+            return None
+        flight = self.live[id(book)]
+        with trio.move_on_after(SETTLE_TIMEOUT):
+            await flight.settled.wait()
+        return flight.report.entry
 
     def _flight_for(
         self,
@@ -450,22 +546,37 @@ class Exchanger:
             return _LiveFlight(request, plan, None, self.buffer_chunks), encoded
         book, is_new = self.registry.join(plan.key, self.policy)
         if is_new:
-            flight = _LiveFlight(request, plan, book, self.buffer_chunks)
+            flight = _LiveFlight(request, plan, book, self.buffer_chunks, opener=exchange)
             self.live[id(book)] = flight
             self.flying.value += 1
             self.background.start_soon(self._fly, flight)
             return flight, encoded
-        exchange.handle(JoinedFlight(), trio.current_time())
+        now = trio.current_time()
+        exchange.handle(JoinedFlight(), now)
         leader = self.live[id(book)]
+        if leader.opener is not None and not leader.opener.finished:
+            leader.opener.handle(FollowerJoined(), now)
         return leader, (cache_status + "; collapsed").encode() if cache_status else None
 
+    async def _publish(self, flight: _LiveFlight, item: _ClientItem) -> None:
+        """Publish ``item``; a client it cut off leaves the flight at once: one that can no
+        longer be served must not keep the upstream call going (once none is left, the policy
+        decides), even while Hypercorn still holds its last write to a socket nobody reads."""
+        for subscriber in await flight.publish(item):
+            self._leave(flight, subscriber)
+
     def _leave(self, flight: _LiveFlight, subscriber: _Subscriber) -> None:
+        if subscriber.left:
+            return
+        subscriber.left = True
         flight.unsubscribe(subscriber)
         if flight.book is None:
             return
         verdict = self.registry.leave(flight.book)
         if verdict is Verdict.CANCEL:
             flight.scope.cancel()
+        elif verdict is Verdict.READ_END:
+            flight.read_end()
         elif verdict is Verdict.FINISH_IN_BACKGROUND:
             flight.scope.deadline = min(
                 flight.scope.deadline, trio.current_time() + self.finish_timeout
@@ -506,9 +617,9 @@ class Exchanger:
                         # has its whole answer and leaves is done, not gone, and must not cancel
                         # the store write still running here.
                         self.registry.finish(flight.book, clean=True)
-                    await flight.publish(final)
-            if flight.report.usage is None:
-                flight.report.usage = flight.usage.usage
+                    await self._publish(flight, final)
+            if flight.report.usage is None and flight.completion is not None:
+                flight.report.usage = flight.completion.usage
         finally:
             flight.end(interrupted=final is None)
             flight.settled.set()
@@ -522,16 +633,30 @@ class Exchanger:
         self,
         receive: ASGIReceive,
         exchange: Exchange,
+        flight: _LiveFlight,
         watcher: trio.CancelScope,
+        writing: trio.CancelScope,
         request_scope: trio.CancelScope,
     ) -> None:
+        """Record the client's departure. Early, it cancels the request's work (a private
+        flight's upstream call with it); after the whole answer (the exchange completes), only
+        the writing stops, and a private flight reads the upstream's end, to store the answer."""
         with watcher:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    if watcher.cancel_called:
+                        # The writer stopped us before its last message, after this arrived:
+                        # the end of a finished answer (the writer records it), not a departure.
+                        return
                     if not exchange.finished:
                         exchange.handle(ClientGone(), trio.current_time())
-                    request_scope.cancel()
+                    if exchange.state is State.COMPLETED:
+                        writing.cancel()
+                        if not flight.shared:
+                            flight.read_end()
+                    else:
+                        request_scope.cancel()
                     return
 
     async def _read_upstream(
@@ -554,7 +679,7 @@ class Exchanger:
         deadline = trio.current_time() + request.total_timeout
         for attempt in range(1, attempts + 1):
             name = candidates[(attempt - 1) % len(candidates)]
-            await flight.publish(_Attempt(name, attempt))
+            await self._publish(flight, _Attempt(name, attempt))
             headers = upstream_request_headers(
                 request.headers,
                 client_host=request.client_host,
@@ -595,26 +720,30 @@ class Exchanger:
     ) -> None:
         """Forward every chunk to the clients at once; offer it to the cache writer after."""
         started = trio.current_time()
-        await flight.publish(_Start(status, headers))
+        await self._publish(flight, _Start(status, headers))
         dialect = _dialect_of(flight.request)
         decoder = dialect.decoder(headers, self.max_line_bytes)
-        streamed = decoder is not None
+        if decoder is not None and dialect.completion is not None:
+            flight.completion = dialect.completion()
+        length = _content_length(headers)
+        received = 0
         cache = to_cache
         cache_limit = flight.plan.max_entry_bytes if flight.plan is not None else 0
         cached_bytes = 0
         if cache is not None:
             if status == 200:
-                cache = _offer(cache, _CacheStart(headers, streamed, dialect))
+                cache = _offer(cache, _CacheStart(headers, flight.completion, dialect))
             else:
                 _abandon(cache, f"status {status}")
                 cache = None
         async for data in chunks:
             frames: list[Frame] | None = None
             events = 0
+            received += len(data)
             if decoder is not None:
                 frames = decoder.feed(data)
                 events = flight.observe(frames)
-            await flight.publish(_Chunk(data, events))
+            await self._publish(flight, _Chunk(data, events, flight.is_whole(received, length)))
             if decoder is not None and decoder.failed is not None and cache is not None:
                 _abandon(cache, decoder.failed)
                 cache = None
@@ -631,7 +760,8 @@ class Exchanger:
             if frames:
                 events = flight.observe(frames)
                 if events:
-                    await flight.publish(_Chunk(b"", events))
+                    whole = flight.is_whole(received, length)
+                    await self._publish(flight, _Chunk(b"", events, whole))
                 if cache is not None:
                     raw = b"".join(frame.raw for frame in frames)
                     offset = trio.current_time() - started
@@ -651,11 +781,15 @@ class Exchanger:
     ) -> None:
         """Hand the flight's items to one client, telling its exchange what happened.
 
-        The watcher is stopped before the last message: Hypercorn reports ``http.disconnect``
-        as soon as a response is complete, even while our final ``send()`` is still running,
-        and that is the end of a finished answer, not a client leaving.
+        The exchange hears that the answer is whole (``AnswerDelivered``) before the message
+        that completes it is sent, and the watcher is stopped before the last message: a client
+        may close as soon as it has those bytes (Hypercorn reports ``http.disconnect`` as soon as
+        a response is complete, even while our final ``send()`` is still running), and that is
+        the end of a finished answer, not a client leaving early. Once the watcher has ended the
+        exchange, this writer tells it nothing more.
         """
         started = False
+        delivered = False
         payload = (
             _PayloadFeed(capture, self.max_line_bytes, _dialect_of(request))
             if capture is not None
@@ -671,22 +805,24 @@ class Exchanger:
                         item = await items.receive()
                     except trio.EndOfChannel:
                         break
-                    subscriber.taken(item)
+                if exchange.finished:
+                    return
                 now = trio.current_time()
                 if isinstance(item, _Chunk | _CleanEnd):
                     # Bytes already queued behind this chunk go in the same message, and so does
                     # the end: each ASGI message costs Hypercorn a write; nothing waits for bytes
                     # not yet here.
                     parts, pending = (
-                        _take_queued_chunks(item, items, subscriber)
-                        if isinstance(item, _Chunk)
-                        else ([], item)
+                        _take_queued_chunks(item, items) if isinstance(item, _Chunk) else ([], item)
                     )
                     data = b"".join(part.data for part in parts)
                     for part in parts:
                         exchange.note_events(part.events)
                         if part.data:
                             exchange.note_upstream_chunk(len(part.data), now)
+                    if not delivered and any(part.whole for part in parts):
+                        exchange.handle(AnswerDelivered(), now)
+                        delivered = True
                     last = isinstance(pending, _CleanEnd)
                     if last:
                         exchange.handle(UpstreamEnded(), now)
@@ -695,11 +831,13 @@ class Exchanger:
                         await send(
                             {"type": "http.response.body", "body": data, "more_body": not last}
                         )
+                        subscriber.sent(len(data))
                         exchange.note_delivered(len(data))
                         if payload is not None and data:
                             payload.feed(data)
                     if last:
-                        exchange.handle(ResponseFinished(), trio.current_time())
+                        if not exchange.finished:
+                            exchange.handle(ResponseFinished(), trio.current_time())
                         return
                 elif isinstance(item, _Attempt):
                     exchange.handle(UpstreamRequested(item.upstream, item.attempt), now)
@@ -721,20 +859,22 @@ class Exchanger:
                     )
                 else:
                     error = item.error
-                    answer = None if started else rejection_for(error)
-                    answered = None if answer is None else answer.status
                     fact = (
-                        TimedOut(error.phase, answered)
+                        TimedOut(error.phase)
                         if isinstance(error, UpstreamTimeout)
-                        else UpstreamFailed(str(error), answered)
+                        else UpstreamFailed(str(error))
                     )
                     exchange.handle(fact, now)
                     watcher.cancel()
-                    if answer is not None:
-                        await send_error(send, answer, request.request_id, cache_status)
+                    if not started:
+                        await send_error(
+                            send, rejection_for(error), request.request_id, cache_status
+                        )
                     # After the start, return without the final body message: the client sees
                     # a truncated body, never a clean short one.
                     return
+        if exchange.finished:
+            return
         if subscriber.fell_behind:
             exchange.handle(FellBehind(), trio.current_time())
         else:
@@ -760,6 +900,8 @@ class Exchanger:
         if pending is None:
             report.reason = "store writer busy"
             return
+        # Until the commit lands, a request for this answer is served it from memory as a hit.
+        report.entry = outcome
         # The flight stays joinable, and its clients' access lines wait, until the commit says
         # what it did: "stored" is the commit's word, not the hand-over's. A disk slower than
         # SETTLE_TIMEOUT leaves the line saying so; the entry is still written.
@@ -803,15 +945,12 @@ async def _collect(
     chunks: list[bytes] = []
     offsets: list[float] = []
     size = 0
-    completion: Completion | None = None
     async for item in items:
         if isinstance(item, _CacheStart):
             refusal = response_store_refusal(item.headers)
             if refusal is not None and not plan.ignore_upstream_no_store:
                 return refusal
             start = item
-            if item.streamed and item.dialect.completion is not None:
-                completion = item.dialect.completion()
         elif isinstance(item, _CacheAbandoned):
             return item.reason
         elif isinstance(item, _CacheChunk):
@@ -825,10 +964,8 @@ async def _collect(
             for frame in item.frames:
                 chunks.append(frame.raw)
                 offsets.append(item.offset)
-                if frame.event is not None and completion is not None:
-                    completion.observe(frame.event)
         elif start is not None:
-            return _entry_if_complete(plan, start, chunks, offsets, completion, report)
+            return _entry_if_complete(plan, start, chunks, offsets, report)
     return "the answer did not end cleanly"
 
 
@@ -837,9 +974,11 @@ def _entry_if_complete(
     start: _CacheStart,
     chunks: list[bytes],
     offsets: list[float],
-    completion: Completion | None,
     report: CacheReport,
 ) -> StoredEntry | str:
+    """The entry to store, or why not. The reader has shown every event to ``start.completion``
+    by the time the clean end reaches the cache writer."""
+    completion = start.completion
     if completion is not None:
         outcome, reason = completion.verdict(clean_end=True)
         report.usage = completion.usage
@@ -855,7 +994,7 @@ def _entry_if_complete(
         headers=tuple((n, v) for n, v in start.headers if n in REPLAYED_HEADERS),
         chunks=tuple(chunks),
         offsets=tuple(offsets),
-        streamed=start.streamed,
+        streamed=completion is not None,
         created_at=now,
         expires_at=now + plan.ttl if math.isfinite(plan.ttl) else math.inf,
         model=plan.model,

@@ -180,10 +180,12 @@ async def test_a_client_that_never_reads_holds_bounded_memory_and_others_are_ser
 async def test_a_client_that_never_reads_is_cut_off_by_the_total_timeout(
     start_proxy: StartProxy, start_scripted: StartScripted
 ) -> None:
+    """Only ``total_timeout`` can end this upstream call in time: the stalled client's own limit
+    (``client_stall_timeout``) is a minute away."""
     endless = EndlessUpstream()
     scripted = await start_scripted(endless.script)
     proxy = await start_proxy(
-        "[upstreams.default]\ntotal_timeout = 0.5\n[server]\nclient_stall_timeout = 0.5\n",
+        "[upstreams.default]\ntotal_timeout = 0.5\n[server]\nclient_stall_timeout = 60\n",
         upstream_url=scripted.url,
     )
     stalled = await stalled_client(proxy, raw_chat(chat("flood me"), {**FAULT, **NO_STORE}))
@@ -429,3 +431,32 @@ async def test_the_upstream_of_a_client_that_never_reads_is_the_only_one_held(
         while endless.cuts < 2:
             await endless.cut.wait()
             endless.cut = trio.Event()
+
+
+async def test_followers_that_never_read_are_cut_off_and_the_shared_call_ends_with_them(
+    start_proxy: StartProxy, start_scripted: StartScripted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that never read, on one shared flight of an answer longer than max_entry_bytes:
+    each is cut off once it holds max_entry_bytes (queued or in its writer's hands), leaves the
+    flight then and there, and when none is left the upstream call ends (policy ``cancel``),
+    long before their own stall timeout."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    endless = EndlessUpstream()
+    scripted = await start_scripted(endless.script)
+    proxy = await start_proxy(
+        "[cache]\nmax_entry_bytes = 1048576\n[server]\nclient_stall_timeout = 60\n",
+        upstream_url=scripted.url,
+    )
+    request = raw_chat(chat("flood us all"), FAULT)
+    stalled = [await stalled_client(proxy, request) for _ in range(4)]
+    try:
+        with trio.fail_after(10):
+            await endless.cut.wait()
+        assert scripted.calls(CHAT) == 1  # they all followed one flight
+        assert endless.sent.value < 64 << 20
+    finally:
+        for sock in stalled:
+            sock.close()
+    with trio.fail_after(10):
+        await proxy.flush()
+    assert len(access_lines(caplog)) == 4

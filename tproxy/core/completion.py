@@ -87,7 +87,9 @@ class StreamCompletion:
 
     @property
     def ended(self) -> bool:
-        """Whether an end marker arrived: ``[DONE]``, or a last finish with every choice done."""
+        """Whether the answer is whole: ``[DONE]`` arrived, or a last ``finish_reason`` closed
+        every choice (upstreams that send no ``[DONE]``). From then on a client that leaves has
+        its answer, whatever the upstream's body still has to end."""
         return self._done or (self._last_finished and not self._open)
 
     def verdict(self, clean_end: bool) -> tuple[StreamOutcome, str]:

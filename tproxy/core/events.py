@@ -39,6 +39,11 @@ class JoinedFlight:
 
 
 @dataclass(frozen=True, slots=True)
+class FollowerJoined:
+    """An identical request joined the flight this exchange opened (accounting: no state moves)."""
+
+
+@dataclass(frozen=True, slots=True)
 class FellBehind:
     """The client read so slowly that the flight could not hold what it had yet to read."""
 
@@ -48,6 +53,13 @@ class HeadersReceived:
     """The upstream's response status and headers arrived."""
 
     status: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerDelivered:
+    """The client is being sent the last byte of a whole answer: its API family's end marker
+    (``data: [DONE]``), or every byte its ``Content-Length`` announced. The upstream's own end of
+    body may not have been read yet; a client that leaves from here on has not left early."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +98,8 @@ class TimedOut:
 
 @dataclass(frozen=True, slots=True)
 class ClientGone:
-    """The client disconnected before its response was complete."""
+    """The client disconnected (Hypercorn's ``http.disconnect``): early, unless it already had
+    its whole answer (:class:`AnswerDelivered`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +120,10 @@ Fact = (
     | CacheHit
     | UpstreamRequested
     | JoinedFlight
+    | FollowerJoined
     | FellBehind
     | HeadersReceived
+    | AnswerDelivered
     | UpstreamEnded
     | ResponseFinished
     | UpstreamFailed

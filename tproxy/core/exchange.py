@@ -6,8 +6,17 @@ The I/O layer reports facts (:mod:`tproxy.core.events`); :meth:`Exchange.handle`
 not in the table raises :class:`~tproxy.core.errors.IllegalTransition` and changes nothing.
 
 Terminal states have no way out, so every exchange ends exactly once. The end of the upstream's
-body moves ``STREAMING`` to ``UPSTREAM_DONE``, where a second ``UpstreamEnded`` is not in the
-table: processing a body twice after its end is impossible by construction, not by care.
+body moves ``STREAMING`` (or ``DELIVERED``) to ``UPSTREAM_DONE``, where a second ``UpstreamEnded``
+is not in the table: processing a body twice after its end is impossible by construction, not by
+care.
+
+A client may have its whole answer before the upstream's body has ended: the openai SDK stops
+reading at ``data: [DONE]`` and closes, curl closes once it has every byte a ``Content-Length``
+announced. ``AnswerDelivered`` moves ``STREAMING`` to ``DELIVERED``, and there the client leaving
+(``ClientGone``) completes the exchange: it did not leave early.
+
+``FollowerJoined`` is accounting that arrives as a fact (another request joined the flight this
+exchange opened): it leaves the state where it is, and counts in ``followers``.
 
 Counters (bytes, chunks, events) are accounting, not lifecycle: they are plain methods that do not
 touch the state. Times are passed in by the caller (any monotonic clock), keeping this module pure.
@@ -20,10 +29,12 @@ from enum import Enum
 
 from tproxy.core.errors import IllegalTransition
 from tproxy.core.events import (
+    AnswerDelivered,
     CacheHit,
     ClientGone,
     Fact,
     FellBehind,
+    FollowerJoined,
     HeadersReceived,
     InternalError,
     JoinedFlight,
@@ -44,6 +55,7 @@ class State(Enum):
     REPLAYING = "replaying"
     CONNECTING = "upstream_connecting"
     STREAMING = "streaming"
+    DELIVERED = "delivered"
     UPSTREAM_DONE = "upstream_done"
     COMPLETED = "completed"
     REJECTED = "rejected"
@@ -72,7 +84,16 @@ TERMINAL_STATES = frozenset(
     }
 )
 
-_LIVE = (State.RECEIVED, State.REPLAYING, State.CONNECTING, State.STREAMING, State.UPSTREAM_DONE)
+_LIVE = (
+    State.RECEIVED,
+    State.REPLAYING,
+    State.CONNECTING,
+    State.STREAMING,
+    State.DELIVERED,
+    State.UPSTREAM_DONE,
+)
+# Where the exchange that opened a flight can be when another request joins that flight.
+_OPENING = (State.RECEIVED, State.CONNECTING, State.STREAMING, State.DELIVERED, State.UPSTREAM_DONE)
 
 TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.RECEIVED, Rejected): State.REJECTED,
@@ -88,12 +109,20 @@ TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.STREAMING, UpstreamEnded): State.UPSTREAM_DONE,
     (State.STREAMING, UpstreamFailed): State.UPSTREAM_FAILED,
     (State.STREAMING, TimedOut): State.TIMED_OUT,
+    (State.STREAMING, AnswerDelivered): State.DELIVERED,
+    (State.DELIVERED, UpstreamEnded): State.UPSTREAM_DONE,
+    (State.DELIVERED, UpstreamFailed): State.UPSTREAM_FAILED,
+    (State.DELIVERED, TimedOut): State.TIMED_OUT,
     (State.UPSTREAM_DONE, ResponseFinished): State.COMPLETED,
     (State.CONNECTING, FellBehind): State.FELL_BEHIND,
     (State.STREAMING, FellBehind): State.FELL_BEHIND,
+    (State.DELIVERED, FellBehind): State.FELL_BEHIND,
     (State.UPSTREAM_DONE, FellBehind): State.FELL_BEHIND,
     (State.REPLAYING, ResponseFinished): State.COMPLETED,
-    **{(state, ClientGone): State.CLIENT_GONE for state in _LIVE},
+    **{(state, ClientGone): State.CLIENT_GONE for state in _LIVE if state is not State.DELIVERED},
+    # The client had its whole answer: leaving now is the end of a finished exchange.
+    (State.DELIVERED, ClientGone): State.COMPLETED,
+    **{(state, FollowerJoined): state for state in _OPENING},
     **{(state, ShutDown): State.SHUT_DOWN for state in _LIVE},
     **{(state, InternalError): State.INTERNAL_ERROR for state in _LIVE},
 }
@@ -115,7 +144,7 @@ class Exchange:
     model: str | None = None
     tenant: str | None = None  # a short hash of the client's credential, never the credential
     cache_status: str | None = None
-    followers: int = 0
+    followers: int = 0  # requests that joined the flight this one opened, in total
     collapsed: bool = False
     upstream: str | None = None
     attempts: int = 0
@@ -128,7 +157,7 @@ class Exchange:
     upstream_chunks: int = 0
     delivered_bytes: int = 0
     events: int = 0
-    history: list[State] = field(default_factory=list)
+    history: list[State] = field(default_factory=list)  # the states it left, in order
 
     @property
     def finished(self) -> bool:
@@ -144,7 +173,8 @@ class Exchange:
                 f"{self.state.value}"
             ) from None
         self._record(fact, now)
-        self.history.append(self.state)
+        if new_state is not self.state:
+            self.history.append(self.state)
         self.state = new_state
         if new_state.terminal:
             self.ended_at = now
@@ -174,6 +204,8 @@ class Exchange:
                 self.headers_at = now
             case JoinedFlight():
                 self.collapsed = True
+            case FollowerJoined():
+                self.followers += 1
             case _:
                 pass
 

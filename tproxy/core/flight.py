@@ -7,12 +7,17 @@ belongs to nobody in particular: a client leaving does not end it while others r
 last client leaves, the disconnect policy decides: ``CANCEL`` ends the flight at once (closing the
 upstream connection stops generation and saves tokens); ``FINISH`` lets it read to the end in the
 background, so the answer is stored for the retry that is about to come, unless too many flights
-already finish in the background, in which case it is cancelled after all.
+already finish in the background, in which case it is cancelled after all. Once the answer is
+*whole* (its end marker, or every byte its ``Content-Length`` announced, has arrived) the last
+client leaving cancels nothing: the flight reads the upstream's end of body under a short deadline
+and the answer is stored, whatever the policy.
 
-A flight stays joinable after it completed, until its answer is in the store: a request that
-arrives in that gap joins the finished flight and gets the whole answer from memory, so a burst of
-identical requests costs exactly one upstream call. A failed or abandoned flight leaves the
-registry at once, so the next request tries the upstream afresh.
+A flight stays in the registry after it completed, until its answer is in the store: a request
+that arrives in that gap is served the answer on its way into the store, as a cache hit (the
+pipeline's ``landed_answer``), so a burst of identical requests costs exactly one upstream call. A
+completed flight stays joinable too, for the moments while its answer is judged for the store. A
+failed or abandoned flight leaves the registry at once, so the next request tries the upstream
+afresh.
 
 :class:`Flight` holds the states and a transition table like :mod:`tproxy.core.exchange`;
 :class:`FlightRegistry` maps keys to live flights and counts background completions. Neither
@@ -58,6 +63,7 @@ class Verdict(Enum):
     CONTINUE = "continue"  # other clients remain, or the flight is already over
     CANCEL = "cancel"  # close the upstream now
     FINISH_IN_BACKGROUND = "finish_in_background"  # keep reading, with the background deadline
+    READ_END = "read_end"  # the answer is whole: read the upstream's end, with a short deadline
 
 
 @dataclass(slots=True)
@@ -70,6 +76,7 @@ class Flight:
     clients: int = 0
     joined: int = 0
     joinable: bool = True
+    whole: bool = False
     reason: str | None = None
     history: list[FlightState] = field(default_factory=list)
 
@@ -99,6 +106,10 @@ class Flight:
         self.joinable = False
         self.reason = self.reason or reason
 
+    def answer_whole(self) -> None:
+        """The answer's end has arrived, though the upstream's body may not have ended yet."""
+        self.whole = True
+
     def leave(self, *, background_allowed: bool) -> Verdict:
         """A client detaches; decide what happens to the upstream call."""
         if self.clients <= 0:
@@ -106,6 +117,8 @@ class Flight:
         self.clients -= 1
         if self.clients > 0 or self.state is not FlightState.RUNNING:
             return Verdict.CONTINUE
+        if self.whole:
+            return Verdict.READ_END
         if self.policy is Policy.FINISH and background_allowed:
             self._move(FlightState.BACKGROUND)
             return Verdict.FINISH_IN_BACKGROUND
