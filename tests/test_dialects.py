@@ -183,33 +183,19 @@ def test_the_chat_dialect_is_todays_check_with_an_ended_property() -> None:
     assert completion.usage == {"prompt_tokens": 2, "completion_tokens": 1, "cached_tokens": 1}
 
 
-def test_a_usage_watch_reads_only_the_messages_that_mention_usage_and_keeps_the_last() -> None:
-    def chunk(**fields: object) -> ServerSentEvent:
-        return ServerSentEvent(json.dumps({"model": "m", "choices": [], **fields}))
-
-    watch = dialect_for("/v1/chat/completions").usage_watch()
-    watch.observe(chunk(usage=None))
-    assert watch.usage is None
-    watch.observe(chunk(usage={"prompt_tokens": 1}))
-    watch.observe(chunk(choices=[{"index": 0, "delta": {"content": "no usage here"}}]))
-    watch.observe(chunk(usage={"prompt_tokens": 1, "completion_tokens": 9}))
-    watch.observe(ServerSentEvent('"usage" but not json'))
-    assert watch.usage == {"prompt_tokens": 1, "completion_tokens": 9}
-    assert dialect_for("/v1/rerank").usage_watch().usage is None
-
-
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_a_usage_watch_finds_every_familys_counts(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_every_familys_completion_reads_its_counts(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
     dialect = dialect_for(path)
     decoder = dialect.decoder([(b"Content-Type", media)], 1 << 20)
     assert decoder is not None
-    watch = dialect.usage_watch()
+    assert dialect.completion is not None
+    completion = dialect.completion()
     for part in build(ASK):
         for frame in decoder.feed(part):
             if frame.event is not None:
-                watch.observe(frame.event)
-    assert watch.usage is not None
-    assert (watch.usage["prompt_tokens"], watch.usage["completion_tokens"]) == (3, 3)
+                completion.observe(frame.event)
+    assert completion.usage is not None
+    assert (completion.usage["prompt_tokens"], completion.usage["completion_tokens"]) == (3, 3)
 
 
 # --- requests, framing, paths, credentials ------------------------------------------------------

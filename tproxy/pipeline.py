@@ -859,17 +859,17 @@ class Exchanger:
                     )
                 else:
                     error = item.error
+                    answer = None if started else rejection_for(error)
+                    answered = None if answer is None else answer.status
                     fact = (
-                        TimedOut(error.phase)
+                        TimedOut(error.phase, answered)
                         if isinstance(error, UpstreamTimeout)
-                        else UpstreamFailed(str(error))
+                        else UpstreamFailed(str(error), answered)
                     )
                     exchange.handle(fact, now)
                     watcher.cancel()
-                    if not started:
-                        await send_error(
-                            send, rejection_for(error), request.request_id, cache_status
-                        )
+                    if answer is not None:
+                        await send_error(send, answer, request.request_id, cache_status)
                     # After the start, return without the final body message: the client sees
                     # a truncated body, never a clean short one.
                     return

@@ -17,8 +17,8 @@ per choice are kept. ``usage`` is reduced to its top-level integer members (``pr
 ``completion_tokens``, ``total_tokens``, ...), so a log line stays small whatever the upstream
 sends.
 
-The access log's usage of a stream nobody else reads is each API family's
-(:meth:`tproxy.core.dialects.base.Dialect.usage_watch`).
+The access log's usage of a stream is read by each API family's completion check
+(:mod:`tproxy.core.dialects`), which the upstream reader feeds.
 """
 
 from __future__ import annotations

@@ -48,7 +48,6 @@ __all__ = [
     "JsonVerdict",
     "NDJSONFrames",
     "TextAssembler",
-    "UsageWatch",
     "json_judge",
     "judge_json_object",
     "media_type",
@@ -148,8 +147,7 @@ class Dialect:
     family under any prefix (Azure's ``/openai/deployments/NAME/chat/completions``, Open WebUI's
     ``/ollama/api/chat``), for paths a user adds. ``assembler`` and ``whole_answer`` build the
     payload log's answer of a stream and of a whole body, given a character budget; OpenAI chat's
-    are the default. ``usage_marker`` is a string found in every message that reports usage (and
-    in few others), so that watching usage costs a substring search per message.
+    are the default.
     """
 
     name: str
@@ -160,7 +158,6 @@ class Dialect:
     judge_json: Callable[[int, bytes], JsonVerdict]
     assembler: Callable[[int], Assembler] = StreamAssembler
     whole_answer: Callable[[bytes, int], Answer] = assemble_json
-    usage_marker: str = '"usage"'
     stream_by_default: bool = False
     credential_headers: tuple[bytes, ...] = (b"authorization",)
 
@@ -170,10 +167,6 @@ class Dialect:
             return False
         stream = body.get("stream")
         return stream is not False if self.stream_by_default else stream is True
-
-    def usage_watch(self) -> UsageWatch:
-        """A watch on a stream's usage, for when no completion check reads the stream."""
-        return UsageWatch(None if self.completion is None else self.completion(), self.usage_marker)
 
     def decoder(
         self, headers: Iterable[tuple[bytes, bytes]], max_line_bytes: int
@@ -187,25 +180,6 @@ class Dialect:
         if self.framing is Framing.NDJSON:
             return NDJSONFrames(max_line_bytes)
         return SSEDecoder(max_line_bytes)
-
-
-class UsageWatch:
-    """The token counts of a stream for the access log: only the messages that mention the
-    family's usage marker are handed to a completion check, which reads the counts."""
-
-    __slots__ = ("_completion", "_marker")
-
-    def __init__(self, completion: Completion | None, marker: str) -> None:
-        self._completion = completion
-        self._marker = marker
-
-    @property
-    def usage(self) -> dict[str, int] | None:
-        return None if self._completion is None else self._completion.usage
-
-    def observe(self, event: ServerSentEvent) -> None:
-        if self._completion is not None and self._marker in event.data:
-            self._completion.observe(event)
 
 
 def usage_counts(

@@ -73,5 +73,4 @@ LLAMACPP_COMPLETION = Dialect(
     judge_json=json_judge(llamacpp_usage),
     assembler=LlamaCppAssembler,
     whole_answer=LlamaCppAssembler.whole,
-    usage_marker='"tokens_evaluated"',
 )

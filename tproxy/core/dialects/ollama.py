@@ -90,7 +90,6 @@ OLLAMA = Dialect(
     judge_json=judge_ollama_json,
     assembler=OllamaAssembler,
     whole_answer=OllamaAssembler.whole,
-    usage_marker='"eval_count"',
     stream_by_default=True,
 )
 
