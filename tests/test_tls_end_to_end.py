@@ -9,7 +9,9 @@ small streaming app. The client is the real `openai` SDK.
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from tests.conftest import StartProxy, tolerate_sdk_generators
 from tests.fakeupstream import FakeUpstream, stream_events
 from tests.tlsfiles import write_ca, write_pair
 from tproxy.config import Overrides, load_settings
-from tproxy.server import Listening, reload_certificates, serve_tproxy
+from tproxy.server import Listening, serve_tproxy
 
 pytestmark = tolerate_sdk_generators
 
@@ -258,11 +260,24 @@ async def test_an_http2_upstream_over_tls_streams_and_is_cached(
 # --- certificate rotation ----------------------------------------------------------------------
 
 
+async def certificate_expiry(admin_url: str) -> float:
+    """The proxy listener's certificate expiry, as /metrics reports it."""
+    async with httpx2.AsyncClient(base_url=admin_url, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    found = re.search(
+        r'^tproxy_tls_certificate_expiry_timestamp_seconds{listener="proxy"} (\S+)$', text, re.M
+    )
+    assert found is not None
+    return float(found.group(1))
+
+
 async def test_reloading_certificates_presents_the_new_one_to_new_connections(
     nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path
 ) -> None:
     folder = tmp_path / "listener"
-    write_pair(ca.issue_cert("127.0.0.1", common_name="before"), folder)
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
+    later = soon + datetime.timedelta(days=60)
+    write_pair(ca.issue_cert("127.0.0.1", common_name="before", not_after=soon), folder)
     config = tmp_path / "tproxy.toml"
     config.write_text(
         f'[server]\ntls_cert = "{folder / "server.pem"}"\ntls_key = "{folder / "server.key"}"\n'
@@ -292,7 +307,9 @@ async def test_reloading_certificates_presents_the_new_one_to_new_connections(
         return str(subject)
 
     assert "before" in await common_name()
-    write_pair(ca.issue_cert("127.0.0.1", common_name="after"), folder)
-    reload_certificates(listening.certificates)
+    assert await certificate_expiry(listening.admin[0]) == int(soon.timestamp())
+    write_pair(ca.issue_cert("127.0.0.1", common_name="after", not_after=later), folder)
+    listening.reload_certificates()
     assert "after" in await common_name()
+    assert await certificate_expiry(listening.admin[0]) == int(later.timestamp())
     stop.set()

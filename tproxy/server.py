@@ -41,8 +41,8 @@ from tproxy.pipeline import Exchanger, open_exchanger
 from tproxy.serving import SocketOptions, serve_asgi
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
-from tproxy.telemetry import open_telemetry
-from tproxy.tls import TLSFileError, reload_cert_chain
+from tproxy.telemetry import Telemetry, open_telemetry
+from tproxy.tls import TLSFileError, read_certificate, reload_cert_chain
 from tproxy.upstream import open_upstream_pool
 
 log = logging.getLogger("tproxy")
@@ -102,6 +102,10 @@ class Listening:
     exchanger: Exchanger
     certificates: tuple[Certificate, ...] = ()
 
+    def reload_certificates(self) -> None:
+        """Load the listeners' renewed certificates (SIGHUP); see :func:`reload_certificates`."""
+        reload_certificates(self.certificates, self.exchanger.telemetry)
+
 
 def _hypercorn_config(settings: Settings, bind: str, tls: ListenerTLS | None) -> Config:
     config = Config()
@@ -125,6 +129,7 @@ def _hypercorn_config(settings: Settings, bind: str, tls: ListenerTLS | None) ->
 class Certificate:
     """A listener's live TLS context and the files it was loaded from, for a reload."""
 
+    listener: str  # "proxy" or "admin": the label of its expiry metric
     context: ssl.SSLContext
     files: ListenerTLS
 
@@ -133,19 +138,35 @@ class Certificate:
         certificate when they cannot be used."""
         reload_cert_chain(self.context, self.files.cert, self.files.key)
 
+    def expires_at(self) -> float:
+        """When the certificate in the files expires, Unix time; raises TLSFileError."""
+        return read_certificate(self.files.cert).not_after.timestamp()
+
+
+def note_expiry(certificate: Certificate, telemetry: Telemetry) -> None:
+    """Tell the metrics when the certificate a listener presents expires."""
+    try:
+        telemetry.note_certificate(certificate.listener, certificate.expires_at())
+    except TLSFileError as error:
+        log.warning("cannot read the expiry of %s: %s", certificate.files.cert, error)
+
 
 def _socket_options(
-    config: Config, stall_timeout: float, reuse_port: bool, tls: ListenerTLS | None
+    listener: str,
+    config: Config,
+    stall_timeout: float,
+    reuse_port: bool,
+    tls: ListenerTLS | None,
 ) -> tuple[SocketOptions, list[Certificate]]:
     """A listener's socket options with Hypercorn's TLS context, and that context to reload."""
     context = config.create_ssl_context()
     options = SocketOptions(stall_timeout, reuse_port, context)
     if context is None or tls is None:
         return options, []
-    return options, [Certificate(context, tls)]
+    return options, [Certificate(listener, context, tls)]
 
 
-def reload_certificates(certificates: Sequence[Certificate]) -> None:
+def reload_certificates(certificates: Sequence[Certificate], telemetry: Telemetry) -> None:
     """SIGHUP with TLS: every listener presents its renewed certificate to new handshakes. Only
     the certificates: other settings need a restart."""
     for certificate in certificates:
@@ -155,6 +176,7 @@ def reload_certificates(certificates: Sequence[Certificate]) -> None:
             log.error("SIGHUP: %s; still serving the certificate loaded before", error)
         else:
             log.info("SIGHUP: loaded %s for new connections", certificate.files.cert)
+            note_expiry(certificate, telemetry)
 
 
 @asynccontextmanager
@@ -212,7 +234,11 @@ async def serve_tproxy(
                 server = settings.server
                 proxy_config = _hypercorn_config(settings, server.listen, server.tls)
                 proxy_options, certificates = _socket_options(
-                    proxy_config, server.client_stall_timeout, server.reuse_port, server.tls
+                    "proxy",
+                    proxy_config,
+                    server.client_stall_timeout,
+                    server.reuse_port,
+                    server.tls,
                 )
                 status.proxy = await _start_listener(
                     servers,
@@ -223,7 +249,7 @@ async def serve_tproxy(
                 admin_tls = settings.admin.tls
                 admin_config = _hypercorn_config(settings, server.admin_listen, admin_tls)
                 admin_options, admin_certificates = _socket_options(
-                    admin_config, server.client_stall_timeout, False, admin_tls
+                    "admin", admin_config, server.client_stall_timeout, False, admin_tls
                 )
                 admin_binds = await _start_listener(
                     servers,
@@ -231,6 +257,9 @@ async def serve_tproxy(
                     admin_config,
                     admin_options,
                 )
+                every_certificate = (*certificates, *admin_certificates)
+                for certificate in every_certificate:
+                    note_expiry(certificate, telemetry)
                 log.info("tproxy listening on %s (admin %s)", status.proxy, admin_binds)
                 task_status.started(
                     Listening(
@@ -240,7 +269,7 @@ async def serve_tproxy(
                         inflight,
                         status,
                         exchanger,
-                        (*certificates, *admin_certificates),
+                        tuple(every_certificate),
                     )
                 )
             if writer is not None:
@@ -324,7 +353,7 @@ async def run_until_signalled(settings: Settings) -> None:
     """
     stop = trio.Event()
     graceful = settings.server.graceful_timeout
-    certificates: list[Certificate] = []
+    served: list[Listening] = []  # the server, once it listens
     async with open_notifier() as notifier:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -332,8 +361,8 @@ async def run_until_signalled(settings: Settings) -> None:
                 async def watch_signals() -> None:
                     async for signum in signals:
                         name = signal.Signals(signum).name
-                        if signum == signal.SIGHUP and certificates:
-                            reload_certificates(certificates)
+                        if signum == signal.SIGHUP and served and served[0].certificates:
+                            served[0].reload_certificates()
                         elif signum == signal.SIGHUP:
                             log.warning(RELOAD_REFUSAL, graceful)
                         elif not stop.is_set():
@@ -353,7 +382,7 @@ async def run_until_signalled(settings: Settings) -> None:
 
                 nursery.start_soon(watch_signals)
                 listening: Listening = await nursery.start(run_server)
-                certificates.extend(listening.certificates)
+                served.append(listening)
                 await notifier.ready(listening.status.summary())
                 nursery.start_soon(notifier.serve_watchdog)
                 nursery.start_soon(_report_status, notifier, listening.status, stop)

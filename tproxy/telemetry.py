@@ -55,6 +55,7 @@ import trio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     Info,
     ProcessCollector,
@@ -994,6 +995,12 @@ class Telemetry:
             "Requests answered by joining an identical request in flight.",
             registry=self.registry,
         )
+        self._certificate_expiry = Gauge(
+            "tproxy_tls_certificate_expiry_timestamp_seconds",
+            "When the certificate a TLS listener presents expires, Unix time.",
+            ["listener"],
+            registry=self.registry,
+        )
         self._background = Counter(
             "tproxy_background_completions",
             "Answers finished in the background after their clients left, by outcome.",
@@ -1039,6 +1046,10 @@ class Telemetry:
         if payload is not None:
             for sink in self._payload_sinks:
                 sink.offer((record, payload))
+
+    def note_certificate(self, listener: str, expires_at: float) -> None:
+        """Record when the certificate ``listener`` (``proxy`` or ``admin``) presents expires."""
+        self._certificate_expiry.labels(listener=listener).set(expires_at)
 
     def note_background_completion(self, outcome: str) -> None:
         """Count an answer finished in the background (``stored``, ``failed``, ``timed_out``...)."""
