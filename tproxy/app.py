@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Scope
+from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope
 from tproxy.config import CacheSettings, RouteSettings, Settings
 from tproxy.core.cachekey import (
     CacheDecision,
@@ -53,6 +53,14 @@ _BYPASS = {
 
 class _ClientLeftError(Exception):
     """The client disconnected while its request body was being read."""
+
+
+class _RefusedUnread(RequestRejected):
+    """A refusal decided before the request's body was wholly and unambiguously read.
+
+    What follows on the connection cannot be told apart from that body, so the answer closes it
+    (RFC 9112 §6.3, §9.6): nothing the client sent after this head is ever parsed as a request.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +129,8 @@ class ProxyApp:
                 request, route, model = await self._read_request(scope, receive, request_id)
             except RequestRejected as rejection:
                 exchange.handle(Rejected(rejection.status, rejection.code), trio.current_time())
-                await send_error(send, rejection, request_id, None)
+                close = isinstance(rejection, _RefusedUnread) and scope["http_version"] != "2"
+                await send_error(_closing(send) if close else send, rejection, request_id, None)
                 return
             except _ClientLeftError:
                 exchange.handle(ClientGone(), trio.current_time())
@@ -181,12 +190,15 @@ class ProxyApp:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         method: str = scope["method"]
         headers: list[Header] = scope["headers"]
-        refusal = check_request_line(method, raw_path, headers)
-        if refusal is None and self._client_keys is not None:
-            refusal = self._client_keys.check(headers)
-        if refusal is not None:
-            raise refusal
-        body = await self._read_body(headers, receive)
+        try:
+            refusal = check_request_line(method, raw_path, headers)
+            if refusal is None and self._client_keys is not None:
+                refusal = self._client_keys.check(headers)
+            if refusal is not None:
+                raise refusal
+            body = await self._read_body(headers, receive)
+        except RequestRejected as early:
+            raise _RefusedUnread(early.status, early.code, early.message) from None
         path = raw_path.decode("latin-1")
         model = body_model(body) if self._model_routing else None
         route = choose_route(self._settings.routes, path, model)
@@ -299,6 +311,19 @@ def _only_cancelled(error: BaseException) -> bool:
 
 def _encode(cache_status: str | None) -> bytes | None:
     return None if cache_status is None else cache_status.encode()
+
+
+def _closing(send: ASGISend) -> ASGISend:
+    """``send``, with ``Connection: close`` on the answer's head (Hypercorn then closes the
+    connection once the answer is out); HTTP/2 streams need nothing: their framing is the
+    frames'."""
+
+    async def send_and_close(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+        await send(message)
+
+    return send_and_close
 
 
 def _too_large(limit: int) -> RequestRejected:

@@ -25,24 +25,195 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
+from math import inf
+from typing import Any, cast
 
+import h2.errors
+import h2.exceptions
+import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIFramework, ConnectionState
-from hypercorn.utils import repr_socket_addr, wrap_app
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    ConnectionState,
+    LifespanState,
+    Scope,
+)
+from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
 from tproxy.config import parse_host_port
 
 log = logging.getLogger("tproxy.serving")
 
 
+# After an answer that ends a connection early (a refusal before the body was read), how long
+# and how much of what the client still sends is read and thrown away before the socket closes.
+# Closing with unread bytes makes the kernel reset the connection, and a client still writing
+# its body (urllib, curl without Expect) then loses the answer; reading on for a bounded while lets
+# it arrive, as nginx's lingering close does.
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 16 << 20
+
+# A connection that fails logs one line (the exception's type and where it was raised, never its
+# message: messages can quote the request's bytes) at most this often; the lines it holds back
+# are counted in the next one.
+FAILURE_LOG_INTERVAL = 10.0
+
+
+class _FailureLog:
+    """Connection failures, logged without request bytes and at a bounded rate."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next_line_at = -inf
+        self._held_back = 0
+
+    def failed(self, error: Exception) -> None:
+        now = trio.current_time()
+        if now < self._next_line_at:
+            self._held_back += 1
+            return
+        self._next_line_at = now + self._interval
+        cause: BaseException = error
+        while isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        frames = traceback.extract_tb(cause.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        held_back = (
+            f"; {self._held_back} more in the last {self._interval:g}s" if self._held_back else ""
+        )
+        self._held_back = 0
+        log.error(
+            "a connection failed (%s%s) and was closed; serving goes on%s",
+            type(cause).__name__,
+            where,
+            held_back,
+        )
+
+
+class _BoundedH2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 connection, with its streams' writes bounded.
+
+    - A write waits for the client's flow-control window at most ``stall_timeout``; a stream whose
+      window stays shut longer is reset (``CANCEL``) and its request told the client has gone,
+      as the kernel's ``TCP_USER_TIMEOUT`` does for a TCP client that stops reading (a client that
+      stops sending WINDOW_UPDATE keeps reading the socket, so the kernel never notices).
+    - Once the connection is closed, every stream's pending write returns at once. Hypercorn
+      leaves them waiting for a window that can no longer open, and the request behind each (its
+      answer in memory) waits until its own deadline.
+    """
+
+    def __init__(self, *arguments: Any, stall_timeout: float) -> None:
+        super().__init__(*arguments)
+        self._stall_timeout = stall_timeout
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if not isinstance(event, Body | Data | EndBody | EndData | Trailers):
+            await super().stream_send(event)
+            return
+        with trio.move_on_after(self._stall_timeout) as waiting:
+            await super().stream_send(event)
+        if waiting.cancelled_caught:
+            await self._reset_stalled(event.stream_id)
+
+    async def handle(self, event: Event) -> None:
+        await super().handle(event)
+        if isinstance(event, Closed):
+            for buffer in self.stream_buffers.values():
+                await buffer.close()
+
+    async def _reset_stalled(self, stream_id: int) -> None:
+        buffer = self.stream_buffers.pop(stream_id, None)
+        if buffer is not None:
+            await buffer.close()
+            self.priority.remove_stream(stream_id)
+        with suppress(h2.exceptions.ProtocolError):
+            self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            await self._flush()
+        await self._close_stream(stream_id)
+
+
+class _Protocols(ProtocolWrapper):
+    """HTTP/1.1, switching to :class:`_BoundedH2Protocol` for prior-knowledge HTTP/2 and h2c."""
+
+    def __init__(self, *arguments: Any, stall_timeout: float) -> None:
+        super().__init__(*arguments)
+        self._arguments = arguments
+        self._stall_timeout = stall_timeout
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await self.protocol.handle(event)
+        except H2ProtocolAssumedError as switch:
+            await self._switch_to_h2(switch.data, None, None)
+        except H2CProtocolRequiredError as switch:
+            await self._switch_to_h2(switch.data, switch.headers, switch.settings)
+
+    async def _switch_to_h2(
+        self, data: bytes, headers: list[tuple[bytes, bytes]] | None, settings: bytes | None
+    ) -> None:
+        self.protocol = h2_protocol = _BoundedH2Protocol(
+            *self._arguments, stall_timeout=self._stall_timeout
+        )
+        await h2_protocol.initiate(headers, settings)
+        if data:
+            await h2_protocol.handle(RawData(data=data))
+
+
+class _Connections:
+    """The server's live connections, so that the end of a drain can close their sockets.
+
+    Hypercorn writes to a client inside a cancel shield with no deadline: cancelling a connection
+    whose client does not read leaves it blocked in that write until the kernel gives up
+    (``TCP_USER_TIMEOUT``). Closing the socket makes the write fail at once.
+    """
+
+    def __init__(self) -> None:
+        self._live: set[_PromptlyClosedConnection] = set()
+        self._none_left: trio.Event | None = None  # made when the drain starts
+
+    @contextmanager
+    def track(self, connection: _PromptlyClosedConnection) -> Iterator[None]:
+        self._live.add(connection)
+        try:
+            yield
+        finally:
+            self._live.discard(connection)
+            if not self._live and self._none_left is not None:
+                self._none_left.set()
+
+    async def close_when_cancelled(self) -> None:
+        """Wait until no connection is left; if cancelled first, close every live socket."""
+        if not self._live:
+            return
+        self._none_left = trio.Event()
+        try:
+            await self._none_left.wait()
+        finally:
+            for connection in self._live:
+                connection.socket.close()
+
+
 class _PromptlyClosedConnection(TCPServer):
-    """Hypercorn's connection, with three repairs.
+    """Hypercorn's connection (plain TCP: tproxy serves no TLS), with these repairs.
 
     - A connection that fails is closed and logged; the server goes on. Hypercorn's own loop lets
       anything but ``OSError`` out of a connection's task, which ends the whole server.
@@ -56,17 +227,119 @@ class _PromptlyClosedConnection(TCPServer):
       reports as a closed connection, as it would a departed client. The socket is closed even
       when the close is cancelled (at the end of a drain), where Hypercorn's would stay open
       until collected.
+    - Closing lingers: after the end of the answer is sent, what the client still sends is read
+      and discarded (:data:`LINGER_SECONDS`, :data:`LINGER_BYTES`), so a client still writing a
+      refused body receives its answer rather than a reset. Nothing read then is parsed.
+    - An HTTP/1.1 answer that has started is finished before the connection closes, even when
+      the client breaks the protocol meanwhile (see :meth:`_answer_in_progress`).
+    - HTTP/2 is :class:`_BoundedH2Protocol`.
     """
 
+    def __init__(
+        self,
+        connections: _Connections,
+        failures: _FailureLog,
+        stall_timeout: float,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: LifespanState,
+        stream: trio.SocketStream,
+    ) -> None:
+        super().__init__(
+            app, config, context, state, cast(trio.SSLStream[trio.SocketStream], stream)
+        )
+        self.socket = stream.socket
+        self._connections = connections
+        self._failures = failures
+        self._stall_timeout = stall_timeout
+        self._reading = trio.CancelScope()
+        self._reader: trio.lowlevel.Task | None = None
+        self._reader_done = trio.Event()
+        self._closing_answer = False
+
     async def run(self) -> None:
+        with self._connections.track(self):
+            try:
+                await self._serve()
+            except Exception as error:  # noqa: BLE001 - any failure is logged, the server goes on
+                self._failures.failed(error)
+
+    async def _serve(self) -> None:
         try:
-            await super().run()
-        except Exception:
-            log.exception("a connection failed and was closed; serving goes on")
+            client = parse_socket_addr(self.socket.family, self.socket.getpeername())
+            server = parse_socket_addr(self.socket.family, self.socket.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = _Protocols(
+                    self._app_for_this_connection(),
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    False,
+                    client,
+                    server,
+                    self.protocol_send,
+                    stall_timeout=self._stall_timeout,
+                )
+                await self.protocol.initiate()
+                await self.idle_task.restart(task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Closed) and self._answer_in_progress():
+            return  # the answer ends the connection itself, once it is whole
+        await super().protocol_send(event)
+
+    def _answer_in_progress(self) -> bool:
+        """Whether an HTTP/1.1 answer that ends the connection has started and not ended.
+
+        Hypercorn's parser closes the connection when the client sends what it must not: bytes
+        after a request whose answer says ``Connection: close``, for instance the request hidden
+        behind a refused one. That answer (the app's, whole in one message after its head) would
+        be cut after its head; the connection closes once it is out.
+        """
+        protocol = self.protocol.protocol
+        return (
+            self._closing_answer
+            and isinstance(protocol, H11Protocol)
+            and protocol.connection.our_state is h11.SEND_BODY
+        )
+
+    def _app_for_this_connection(self) -> AppWrapper:
+        """The app, noting an answer whose head says ``Connection: close``."""
+        app = self.app
+
+        async def run_app(
+            scope: Scope,
+            receive: ASGIReceiveCallable,
+            send: ASGISendCallable,
+            sync_spawn: Callable[..., object],
+            call_soon: Callable[..., object],
+        ) -> None:
+            async def noting_send(message: ASGISendEvent) -> None:
+                if message["type"] == "http.response.start":
+                    closing = (b"connection", b"close") in message.get("headers", [])
+                    self._closing_answer = closing
+                await send(message)
+
+            await app(scope, receive, noting_send, sync_spawn, call_soon)
+
+        return cast(AppWrapper, run_app)
 
     async def _read_data(self) -> None:
-        await super()._read_data()
-        await self.idle_task.stop()
+        self._reader = trio.lowlevel.current_task()
+        try:
+            with self._reading:
+                await super()._read_data()
+            await self.idle_task.stop()
+        finally:
+            self._reader_done.set()
 
     async def _close(self) -> None:
         try:
@@ -75,11 +348,26 @@ class _PromptlyClosedConnection(TCPServer):
             except trio.WouldBlock:
                 return  # a write is in progress: the close below makes it fail as closed
             try:
-                await super()._close()
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.stream.send_eof()
+                    await self._linger()
             finally:
                 self.send_lock.release()
         finally:
             await trio.aclose_forcefully(self.stream)  # closed even when cancelled midway
+
+    async def _linger(self) -> None:
+        """Read and discard what the client still sends, for a bounded time and size."""
+        with trio.move_on_after(LINGER_SECONDS):
+            if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
+                self._reading.cancel()  # the reader stops; what it has not parsed is discarded
+                await self._reader_done.wait()
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                data = await self.stream.receive_some(MAX_RECV)
+                if not data:
+                    return
+                discarded += len(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +425,12 @@ async def serve_asgi(
             await trio.aclose_forcefully(listener)
         raise
     context = WorkerContext(max_requests=None)
+    live = _Connections()
     connection = partial(
         _PromptlyClosedConnection,
+        live,
+        _FailureLog(FAILURE_LOG_INTERVAL),
+        options.stall_timeout,
         wrap_app(app, config.wsgi_max_body_size, "asgi"),
         config,
         context,
@@ -154,3 +446,4 @@ async def serve_asgi(
             accepting.cancel_scope.cancel()
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        connections.start_soon(live.close_when_cancelled)
