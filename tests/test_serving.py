@@ -6,15 +6,19 @@ client faults (``tests/faults/test_client_faults.py``); this file holds the rest
 
 from __future__ import annotations
 
+import json
 import logging
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx2
 import pytest
 import trio
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
-from tests.conftest import RunningProxy
+from tests.conftest import RunningProxy, StartProxy
 from tests.security.rawhttp import address
 
 
@@ -69,3 +73,101 @@ async def test_a_failing_connection_logs_no_request_bytes_and_a_flood_logs_one_l
     assert failures[0].exc_info is None
     assert "ValueError at " in failures[0].getMessage()
     assert "sk-secret" not in caplog.text
+
+
+# --- HTTP/2 clients that stop reading ------------------------------------------------------------
+
+STREAMS = 5
+
+
+def big_chat(stream: int) -> bytes:
+    """A request whose answer, one JSON body of about 100 KB, is larger than HTTP/2's initial
+    window (64 KiB): Hypercorn holds the whole answer while it waits for the window."""
+    words = " ".join(f"s{stream}w{index}" for index in range(12000))
+    return json.dumps({"model": "fake", "messages": [{"role": "user", "content": words}]}).encode()
+
+
+async def open_h2(proxy: RunningProxy) -> tuple[trio.SocketStream, h2.connection.H2Connection]:
+    """A prior-knowledge HTTP/2 connection that never opens its flow-control window."""
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    await stream.send_all(connection.data_to_send())
+    return stream, connection
+
+
+async def post_h2(
+    stream: trio.SocketStream, connection: h2.connection.H2Connection, stream_id: int
+) -> None:
+    body = big_chat(stream_id)
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "tproxy"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+    ]
+    connection.send_headers(stream_id, headers)
+    while body:
+        window = min(
+            connection.local_flow_control_window(stream_id), connection.max_outbound_frame_size
+        )
+        if window:
+            piece, body = body[:window], body[window:]
+            connection.send_data(stream_id, piece, end_stream=not body)
+        else:  # wait for the server's WINDOW_UPDATE (it acknowledges what it read at once)
+            data = await stream.receive_some()
+            assert data
+            connection.receive_data(data)
+        await stream.send_all(connection.data_to_send())
+
+
+async def read_until_window_shut(
+    stream: trio.SocketStream, connection: h2.connection.H2Connection
+) -> None:
+    """Read what the server sends until the connection's window (64 KiB) is used up."""
+    while connection.inbound_flow_control_window > 0:
+        data = await stream.receive_some()
+        assert data
+        connection.receive_data(data)
+        await stream.send_all(connection.data_to_send())  # settings acks, never a window
+
+
+async def test_an_h2_connection_closed_with_answers_stuck_on_flow_control_ends_them_all(
+    proxy: RunningProxy,
+) -> None:
+    """Streams whose answers wait for a window the client never opens end as soon as the
+    connection closes, not at their total deadline (an hour): nothing of them stays in flight."""
+    stream, connection = await open_h2(proxy)
+    with trio.fail_after(20):
+        async with stream:
+            for stream_id in range(1, 2 * STREAMS, 2):
+                await post_h2(stream, connection, stream_id)
+            await read_until_window_shut(stream, connection)
+            assert len(proxy.inflight) > 0
+        await proxy.inflight.wait_idle()
+
+
+async def test_an_h2_stream_stalled_on_flow_control_is_reset_after_client_stall_timeout(
+    start_proxy: StartProxy,
+) -> None:
+    """A client that keeps its connection and reads it, but never opens its window, is bounded
+    like a TCP client that stops reading: its streams are reset, their exchanges end."""
+    proxy = await start_proxy("[server]\nclient_stall_timeout = 0.5\n")
+    stream, connection = await open_h2(proxy)
+    reset: set[int] = set()
+    with trio.fail_after(20):
+        async with stream:
+            for stream_id in range(1, 2 * STREAMS, 2):
+                await post_h2(stream, connection, stream_id)
+            while len(reset) < STREAMS:
+                data = await stream.receive_some()
+                assert data
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset):
+                        reset.add(event.stream_id)
+                await stream.send_all(connection.data_to_send())
+            await proxy.inflight.wait_idle()
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        assert (await http.get("/v1/models")).status_code == 200
