@@ -171,3 +171,35 @@ async def test_an_h2_stream_stalled_on_flow_control_is_reset_after_client_stall_
             await proxy.inflight.wait_idle()
     async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
         assert (await http.get("/v1/models")).status_code == 200
+
+
+async def test_http2_requests_that_crash_the_parser_log_no_header_and_one_line(
+    proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path that is not ASCII makes Hypercorn's HTTP/2 code raise. Its request's headers
+    (here an authorization) appear in no log line, even at DEBUG, and repeated crashes log one
+    line."""
+    caplog.set_level(logging.DEBUG)
+    config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+    headers = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"tproxy"),
+        (b":path", b"/v1/\xff\xfe"),
+        (b"authorization", b"Bearer sk-secret-key"),
+    ]
+    for _ in range(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            connection = h2.connection.H2Connection(config)
+            connection.initiate_connection()
+            connection.send_headers(1, headers, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            with trio.fail_after(5):
+                while await stream.receive_some():
+                    pass
+    assert "sk-secret-key" not in caplog.text
+    failures = [r for r in caplog.records if r.name == "tproxy.serving"]
+    assert [r.getMessage().split(" at ")[0] for r in failures] == [
+        "a connection failed (UnicodeDecodeError"
+    ]

@@ -77,6 +77,10 @@ LINGER_BYTES = 16 << 20
 # are counted in the next one.
 FAILURE_LOG_INTERVAL = 10.0
 
+# HPACK's decoder logs each header it decodes at DEBUG, authorization included: request bytes
+# reach no log, at any level tproxy is run with.
+_HEADER_DECODER_LOG = "hpack"
+
 
 class _FailureLog:
     """Connection failures, logged without request bytes and at a bounded rate."""
@@ -413,6 +417,7 @@ async def serve_asgi(
     accepting, lets kept-alive connections close after their current answer, and cancels what
     still runs after ``config.graceful_timeout``. Raises OSError when an address cannot be bound.
     """
+    logging.getLogger(_HEADER_DECODER_LOG).setLevel(logging.INFO)
     listeners = []
     binds = []
     try:
