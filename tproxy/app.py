@@ -98,6 +98,8 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "http":
             await self._serve_http(scope, receive, send)
+        elif scope["type"] == "websocket":  # refused in _read_request, answered as HTTP
+            await self._serve_http(scope, receive, _websocket_denial(send))
 
     async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         headers: list[Header] = scope["headers"]
@@ -106,7 +108,7 @@ class ProxyApp:
         exchange = Exchange(
             request_id.decode(),
             trio.current_time(),
-            method=scope["method"],
+            method=scope.get("method", "GET"),  # a WebSocket's scope has none
             path=scope["path"],
             client=client[0] if client else None,
         )
@@ -188,10 +190,14 @@ class ProxyApp:
         if the client disconnects while sending its body.
         """
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        method: str = scope["method"]
+        method: str = scope.get("method", "GET")
         headers: list[Header] = scope["headers"]
         try:
-            refusal = check_request_line(method, raw_path, headers)
+            refusal = (
+                RequestRejected(400, "websocket_refused", "tproxy does not proxy WebSockets")
+                if scope["type"] == "websocket"
+                else check_request_line(method, raw_path, headers)
+            )
             if refusal is None and self._client_keys is not None:
                 refusal = self._client_keys.check(headers)
             if refusal is not None:
@@ -324,6 +330,16 @@ def _closing(send: ASGISend) -> ASGISend:
         await send(message)
 
     return send_and_close
+
+
+def _websocket_denial(send: ASGISend) -> ASGISend:
+    """``send`` for an answer to a WebSocket handshake given as a plain HTTP response (the ASGI
+    ``websocket.http.response`` extension), so the client reads why it was refused."""
+
+    async def send_denial(message: Message) -> None:
+        await send({**message, "type": "websocket." + message["type"]})
+
+    return send_denial
 
 
 def _too_large(limit: int) -> RequestRejected:

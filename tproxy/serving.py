@@ -43,7 +43,7 @@ from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -155,11 +155,29 @@ class _BoundedH2Protocol(H2Protocol):
         await self._close_stream(stream_id)
 
 
+class _H11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1, which never upgrades a connection to HTTP/2 (h2c).
+
+    An ``Upgrade: h2c`` request is answered in HTTP/1.1, as RFC 9110 §7.8 lets a server do (RFC
+    9113 deprecated the upgrade). Served, it would open a channel that a front end passing the
+    header through (as it does for WebSocket) no longer parses: every request after it would
+    reach tproxy unseen by the front end's per-request rules ("h2c smuggling"). Prior-knowledge
+    HTTP/2 (``PRI * HTTP/2.0``) is still served: a front end that speaks HTTP/1.1 never sends it.
+    """
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        upgrades = [value for name, value in event.headers if name == b"upgrade"]
+        if not any(b"h2c" in value.lower() for value in upgrades):
+            await super()._check_protocol(event)
+
+
 class _Protocols(ProtocolWrapper):
-    """HTTP/1.1, switching to :class:`_BoundedH2Protocol` for prior-knowledge HTTP/2 and h2c."""
+    """HTTP/1.1 (:class:`_H11Protocol`), switching to :class:`_BoundedH2Protocol` for
+    prior-knowledge HTTP/2."""
 
     def __init__(self, *arguments: Any, stall_timeout: float) -> None:
         super().__init__(*arguments)
+        self.protocol = _H11Protocol(*arguments)
         self._arguments = arguments
         self._stall_timeout = stall_timeout
 
@@ -167,19 +185,11 @@ class _Protocols(ProtocolWrapper):
         try:
             await self.protocol.handle(event)
         except H2ProtocolAssumedError as switch:
-            await self._switch_to_h2(switch.data, None, None)
-        except H2CProtocolRequiredError as switch:
-            await self._switch_to_h2(switch.data, switch.headers, switch.settings)
-
-    async def _switch_to_h2(
-        self, data: bytes, headers: list[tuple[bytes, bytes]] | None, settings: bytes | None
-    ) -> None:
-        self.protocol = h2_protocol = _BoundedH2Protocol(
-            *self._arguments, stall_timeout=self._stall_timeout
-        )
-        await h2_protocol.initiate(headers, settings)
-        if data:
-            await h2_protocol.handle(RawData(data=data))
+            self.protocol = h2_protocol = _BoundedH2Protocol(
+                *self._arguments, stall_timeout=self._stall_timeout
+            )
+            await h2_protocol.initiate()
+            await h2_protocol.handle(RawData(data=switch.data))
 
 
 class _Connections:

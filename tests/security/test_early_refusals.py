@@ -197,3 +197,40 @@ async def test_a_refusal_after_the_whole_body_was_read_keeps_the_connection(
             assert (await read_reply(stream)).status == 504
             await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
             assert (await read_reply(stream)).status == 200
+
+
+# --- upgrades --------------------------------------------------------------------------------
+
+
+async def test_a_websocket_handshake_is_refused_with_400_and_a_reason(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    handshake = (
+        b"GET /v1/realtime HTTP/1.1\r\nhost: tproxy\r\n"
+        b"connection: Upgrade\r\nupgrade: websocket\r\n"
+        b"sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    reply = await refused_and_closed(proxy, handshake)
+    assert reply.status == 400
+    assert json.loads(reply.body)["error"]["code"] == "websocket_refused"
+    assert upstream.requests == []
+
+
+async def test_an_h2c_upgrade_is_answered_in_http_1_1_and_never_switches(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    """Refused so that a front end passing ``Upgrade`` through cannot be tunnelled past."""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            await stream.send_all(
+                b"GET /v1/models HTTP/1.1\r\nhost: tproxy\r\n"
+                b"connection: Upgrade, HTTP2-Settings\r\n"
+                b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+            )
+            reply = await read_reply(stream)
+            assert reply.status == 200
+            await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: tproxy\r\n\r\n")
+            assert (await read_reply(stream)).status == 200
+    assert [seen.target for seen in upstream.requests] == ["/v1/models"] * 2
+    assert "upgrade" not in upstream.requests[0].headers
