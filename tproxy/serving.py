@@ -51,6 +51,7 @@ from hypercorn.typing import (
     AppWrapper,
     ASGIFramework,
     ASGIReceiveCallable,
+    ASGIReceiveEvent,
     ASGISendCallable,
     ASGISendEvent,
     ConnectionState,
@@ -155,8 +156,27 @@ class _BoundedH2Protocol(H2Protocol):
         await self._close_stream(stream_id)
 
 
+class _ContinueWhenAsked(h11.Connection):
+    """h11's connection, hiding from Hypercorn's reader a client that waits for ``100 Continue``.
+
+    Hypercorn sends ``100 Continue`` as soon as the head is parsed, before the app has seen it;
+    a refusal decidable from the head (413 for a declared length, 401) then came after a 100 that
+    told the client to send the body. Here the 100 is sent when the app first asks for the body
+    (:meth:`_H11Protocol.continue_if_expected`); an answer sent first makes it unnecessary.
+    """
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        return False
+
+    @property
+    def waiting_for_100_continue(self) -> bool:
+        return bool(h11.Connection.they_are_waiting_for_100_continue.fget(self))  # type: ignore[attr-defined]
+
+
 class _H11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1, which never upgrades a connection to HTTP/2 (h2c).
+    """Hypercorn's HTTP/1.1, which never upgrades a connection to HTTP/2 (h2c) and sends
+    ``100 Continue`` only when the app reads the body.
 
     An ``Upgrade: h2c`` request is answered in HTTP/1.1, as RFC 9110 §7.8 lets a server do (RFC
     9113 deprecated the upgrade). Served, it would open a channel that a front end passing the
@@ -164,6 +184,22 @@ class _H11Protocol(H11Protocol):
     reach tproxy unseen by the front end's per-request rules ("h2c smuggling"). Prior-knowledge
     HTTP/2 (``PRI * HTTP/2.0``) is still served: a front end that speaks HTTP/1.1 never sends it.
     """
+
+    def __init__(self, *arguments: Any) -> None:
+        super().__init__(*arguments)
+        self.connection = _ContinueWhenAsked(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
+
+    async def continue_if_expected(self) -> None:
+        """Send ``100 Continue`` if the client waits for it before sending its body."""
+        connection = self.connection
+        if isinstance(connection, _ContinueWhenAsked) and connection.waiting_for_100_continue:
+            await self._send_h11_event(
+                h11.InformationalResponse(
+                    status_code=100, headers=self.config.response_headers("h11")
+                )
+            )
 
     async def _check_protocol(self, event: h11.Request) -> None:
         upgrades = [value for name, value in event.headers if name == b"upgrade"]
@@ -326,7 +362,8 @@ class _PromptlyClosedConnection(TCPServer):
         )
 
     def _app_for_this_connection(self) -> AppWrapper:
-        """The app, noting an answer whose head says ``Connection: close``."""
+        """The app, noting an answer whose head says ``Connection: close``, and sending
+        ``100 Continue`` when it asks for the body (see :class:`_ContinueWhenAsked`)."""
         app = self.app
 
         async def run_app(
@@ -342,7 +379,13 @@ class _PromptlyClosedConnection(TCPServer):
                     self._closing_answer = closing
                 await send(message)
 
-            await app(scope, receive, noting_send, sync_spawn, call_soon)
+            async def continuing_receive() -> ASGIReceiveEvent:
+                protocol = self.protocol.protocol
+                if isinstance(protocol, _H11Protocol):
+                    await protocol.continue_if_expected()
+                return await receive()
+
+            await app(scope, continuing_receive, noting_send, sync_spawn, call_soon)
 
         return cast(AppWrapper, run_app)
 

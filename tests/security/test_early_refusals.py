@@ -199,6 +199,45 @@ async def test_a_refusal_after_the_whole_body_was_read_keeps_the_connection(
             assert (await read_reply(stream)).status == 200
 
 
+# --- Expect: 100-continue ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "status"),
+    [
+        pytest.param("[server]\nmax_body_bytes = 100\n", 413, id="declared-too-large"),
+        pytest.param(auth_toml("sk-good"), 401, id="no-client-key"),
+    ],
+)
+async def test_a_refusal_decided_from_the_head_comes_without_100_continue(
+    start_proxy: StartProxy, upstream: FakeUpstream, config: str, status: int
+) -> None:
+    """A client that waits for ``100 Continue`` gets the refusal instead, and never sends the
+    body it would have been told to send."""
+    proxy = await start_proxy(config)
+    head = HEAD + b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(BODY * 4)
+    reply = await refused_and_closed(proxy, head)
+    assert reply.status == status
+    assert upstream.requests == []
+
+
+async def test_a_request_that_may_go_on_gets_100_continue_then_its_answer(
+    proxy: RunningProxy, upstream: FakeUpstream
+) -> None:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            expect = b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(BODY)
+            await stream.send_all(HEAD + expect)
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                interim += await stream.receive_some(1)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(BODY)
+            assert (await read_reply(stream)).status == 200
+    assert upstream.requests[-1].body == BODY
+
+
 # --- upgrades --------------------------------------------------------------------------------
 
 
