@@ -24,7 +24,7 @@ import trio
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
-from tests.security.rawhttp import RawReply, address, read_reply
+from tests.security.rawhttp import RawReply, address, raw_request, read_reply
 from tests.security.test_client_auth import auth_toml
 
 SMUGGLED = b"GET /v1/smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -273,3 +273,25 @@ async def test_an_h2c_upgrade_is_answered_in_http_1_1_and_never_switches(
             assert (await read_reply(stream)).status == 200
     assert [seen.target for seen in upstream.requests] == ["/v1/models"] * 2
     assert "upgrade" not in upstream.requests[0].headers
+
+
+# --- the head's size ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("over", [0, 1, 30000], ids=["at-the-limit", "one-byte-over", "far-over"])
+async def test_the_head_is_bounded_by_max_header_bytes_exactly(
+    start_proxy: StartProxy, upstream: FakeUpstream, over: int
+) -> None:
+    """Heads that arrive in one read were accepted up to about twice the limit."""
+    limit = 40000
+    proxy = await start_proxy(f"[server]\nmax_header_bytes = {limit}\n")
+    start = b"GET /v1/models HTTP/1.1\r\nhost: tproxy\r\nx-pad: "
+    padding = limit - len(start) - len(b"\r\n\r\n") + over
+    head = start + b"p" * padding + b"\r\n\r\n"
+    assert len(head) == limit + over
+    if over:
+        reply = await refused_and_closed(proxy, head)
+        assert reply.status == 431
+        assert upstream.requests == []
+    else:
+        assert (await raw_request(proxy.url, head)).status == 200
