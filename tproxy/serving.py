@@ -10,10 +10,11 @@ The listening sockets are ours too, for the options set before ``bind`` and afte
 
 - ``TCP_USER_TIMEOUT``, inherited by every accepted connection. Hypercorn writes to a client's
   socket inside a cancel shield with no deadline, so a client that never reads would hold its
-  request, the upstream call behind it and even a drain open for as long as it keeps the
-  connection; the kernel instead drops a connection whose sent data stays unacknowledged, or
-  whose receive window stays shut, for longer than ``stall_timeout``, and the shielded write then
-  fails like any write to a departed client.
+  request and the upstream call behind it for as long as it keeps the connection; the kernel
+  instead drops a connection whose sent data stays unacknowledged, or whose receive window stays
+  shut, for longer than ``stall_timeout``, and the shielded write then fails like any write to a
+  departed client. A drain is shorter: at its deadline the sockets still open are closed
+  (:class:`_Connections`).
 - ``SO_REUSEPORT`` when asked, so that several tproxy processes can share one address.
 
 What ``hypercorn.trio.serve`` does and this loop leaves out, because tproxy uses none of it: ASGI
