@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -203,3 +204,46 @@ async def test_http2_requests_that_crash_the_parser_log_no_header_and_one_line(
     assert [r.getMessage().split(" at ")[0] for r in failures] == [
         "a connection failed (UnicodeDecodeError"
     ]
+
+
+async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 413 decided from the declared length, while the client still sends the body: the rest
+    of that stream's DATA is discarded, and the connection's other streams are served."""
+    proxy = await start_proxy("[server]\nmax_body_bytes = 1000\n")
+    stream, connection = await open_h2(proxy)
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+
+    async def read_until(done: Callable[[], bool]) -> None:
+        while not done():
+            data = await stream.receive_some()
+            assert data
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            await stream.send_all(connection.data_to_send())
+
+    post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "tproxy"),
+        (":path", "/v1/chat/completions"),
+        ("content-length", "30000"),
+    ]
+    models = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
+    with trio.fail_after(10):
+        async with stream:
+            connection.send_headers(1, post)
+            connection.send_data(1, b"x" * 10000)
+            await stream.send_all(connection.data_to_send())
+            await read_until(lambda: 1 in ended)
+            connection.send_data(1, b"x" * 10000)  # the client has not noticed yet
+            connection.send_headers(3, models, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            await read_until(lambda: 3 in ended)
+    assert statuses == {1: 413, 3: 200}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -35,6 +35,7 @@ from math import inf
 from typing import Any, cast
 
 import h2.errors
+import h2.events
 import h2.exceptions
 import h11
 import trio
@@ -125,6 +126,7 @@ class _BoundedH2Protocol(H2Protocol):
     - Once the connection is closed, every stream's pending write returns at once. Hypercorn
       leaves them waiting for a window that can no longer open, and the request behind each (its
       answer in memory) waits until its own deadline.
+    - DATA for a stream already answered is dropped (see :meth:`_handle_events`).
     """
 
     def __init__(self, *arguments: Any, stall_timeout: float) -> None:
@@ -145,6 +147,23 @@ class _BoundedH2Protocol(H2Protocol):
         if isinstance(event, Closed):
             for buffer in self.stream_buffers.values():
                 await buffer.close()
+
+    async def _handle_events(self, events: list[h2.events.Event]) -> None:
+        """Hypercorn's handling, one event at a time, less DATA for a stream already answered.
+
+        A stream answered before its body was read (a 413 from the declared length) has left
+        ``streams``; Hypercorn then failed the whole connection on the client's next DATA frame
+        for it (``KeyError``). The data is acknowledged, so the connection's window stays open,
+        and dropped.
+        """
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+                await self._flush()
+            else:
+                await super()._handle_events([event])
 
     async def _reset_stalled(self, stream_id: int) -> None:
         buffer = self.stream_buffers.pop(stream_id, None)
