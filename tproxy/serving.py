@@ -166,13 +166,14 @@ class _BoundedH2Protocol(H2Protocol):
                 await super()._handle_events([event])
 
     async def _reset_stalled(self, stream_id: int) -> None:
-        buffer = self.stream_buffers.pop(stream_id, None)
-        if buffer is not None:
-            await buffer.close()
-            self.priority.remove_stream(stream_id)
         with suppress(h2.exceptions.ProtocolError):
             self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
             await self._flush()
+        buffer = self.stream_buffers.get(stream_id)
+        if buffer is not None:  # Hypercorn's sending task drops a closed buffer of a reset stream
+            await buffer.close()
+            self.priority.unblock(stream_id)
+            await self.has_data.set()
         await self._close_stream(stream_id)
 
 
