@@ -139,7 +139,9 @@ async def test_an_h2_connection_closed_with_answers_stuck_on_flow_control_ends_t
     proxy: RunningProxy,
 ) -> None:
     """Streams whose answers wait for a window the client never opens end as soon as the
-    connection closes, not at their total deadline (an hour): nothing of them stays in flight."""
+    connection closes, not at their total deadline (an hour): nothing of them stays in flight,
+    and the proxy closes its side at once rather than after its idle timer (the client
+    half-closes, so the proxy's close is seen as the end of the stream)."""
     stream, connection = await open_h2(proxy)
     with trio.fail_after(20):
         async with stream:
@@ -147,6 +149,9 @@ async def test_an_h2_connection_closed_with_answers_stuck_on_flow_control_ends_t
                 await post_h2(stream, connection, stream_id)
             await read_until_window_shut(stream, connection)
             assert len(proxy.inflight) > 0
+            await stream.send_eof()
+            while await stream.receive_some():
+                pass
         await proxy.inflight.wait_idle()
 
 

@@ -40,7 +40,7 @@ import h2.exceptions
 import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
@@ -288,7 +288,8 @@ class _PromptlyClosedConnection(TCPServer):
 
     - A connection that fails is closed and logged; the server goes on. Hypercorn's own loop lets
       anything but ``OSError`` out of a connection's task, which ends the whole server.
-    - Its idle timer stops once the client has closed its side (see the module's docstring).
+    - Its idle timer stops once the client has closed its side (see the module's docstring), and
+      stays stopped: HTTP/2 streams that end afterwards would restart it.
     - Closing it never races a write. Hypercorn closes a connection from its reading task when
       the client breaks the protocol (for instance, more bytes after a ``Connection: close``
       request) while the answer's task is writing; the close shuts the write side down outside
@@ -365,6 +366,8 @@ class _PromptlyClosedConnection(TCPServer):
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Closed) and self._answer_in_progress():
             return  # the answer ends the connection itself, once it is whole
+        if isinstance(event, Updated) and event.idle and self._reader_done.is_set():
+            return  # requests that end after their client has gone restart no idle timer
         await super().protocol_send(event)
 
     def _answer_in_progress(self) -> bool:
@@ -415,9 +418,9 @@ class _PromptlyClosedConnection(TCPServer):
         try:
             with self._reading:
                 await super()._read_data()
-            await self.idle_task.stop()
         finally:
             self._reader_done.set()
+        await self.idle_task.stop()
 
     async def _close(self) -> None:
         try:
