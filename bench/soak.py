@@ -6,8 +6,8 @@
 Starts, on free loopback ports, a fault-injecting upstream (this script with
 ``--serve-upstream PORT``: Trio + h11, one process) and ``tproxy serve`` (cache on, default
 settings, but ``first_byte_timeout = 1``, ``idle_timeout = 1`` and ``client_stall_timeout = 5``),
-then runs 64 closed-loop
-clients over raw Trio sockets until the request budget or the time budget runs out.
+then runs 64 closed-loop clients over raw Trio sockets until the request budget or the time
+budget runs out.
 
 The upstream's answers are a pure function of the request body (the prompt's words echoed back,
 an embedding derived from the input's hash), so the driver computes the exact bytes each request
