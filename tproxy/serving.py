@@ -192,7 +192,7 @@ class _ContinueWhenAsked(h11.Connection):
 
     @property
     def waiting_for_100_continue(self) -> bool:
-        return bool(h11.Connection.they_are_waiting_for_100_continue.fget(self))  # type: ignore[attr-defined]
+        return self.client_is_waiting_for_100_continue  # h11 serving: the other side is a client
 
 
 class _H11Protocol(H11Protocol):
@@ -259,7 +259,8 @@ class _Connections:
 
     def __init__(self) -> None:
         self._live: set[_PromptlyClosedConnection] = set()
-        self._none_left: trio.Event | None = None  # made when the drain starts
+        self._draining = False
+        self._drained = trio.Event()
 
     @contextmanager
     def track(self, connection: _PromptlyClosedConnection) -> Iterator[None]:
@@ -268,16 +269,20 @@ class _Connections:
             yield
         finally:
             self._live.discard(connection)
-            if not self._live and self._none_left is not None:
-                self._none_left.set()
+            if self._draining and not self._live:
+                self._drained.set()
+
+    def start_draining(self) -> None:
+        """No new connection comes: :meth:`close_when_cancelled` returns once the last ends."""
+        self._draining = True
+        if not self._live:
+            self._drained.set()
 
     async def close_when_cancelled(self) -> None:
-        """Wait until no connection is left; if cancelled first, close every live socket."""
-        if not self._live:
-            return
-        self._none_left = trio.Event()
+        """Wait for the end of the drain; if cancelled first (the drain's deadline, a second
+        signal, at any time), close every live socket."""
         try:
-            await self._none_left.wait()
+            await self._drained.wait()
         finally:
             for connection in self._live:
                 connection.socket.close()
@@ -519,6 +524,7 @@ async def serve_asgi(
         ConnectionState({}),
     )
     async with trio.open_nursery() as connections:
+        connections.start_soon(live.close_when_cancelled)
         async with trio.open_nursery() as accepting:
             accepting.start_soon(
                 partial(trio.serve_listeners, connection, listeners, handler_nursery=connections)
@@ -526,6 +532,6 @@ async def serve_asgi(
             task_status.started(binds)
             await shutdown_trigger()
             accepting.cancel_scope.cancel()
+        live.start_draining()
         await context.terminated.set()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
-        connections.start_soon(live.close_when_cancelled)
