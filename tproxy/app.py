@@ -2,8 +2,10 @@
 
 Everything that can be refused is refused here, before any upstream is involved: targets that
 are not origin-form (tproxy is never an open proxy), bodies over ``server.max_body_bytes`` (413
-before reading the rest), requests no route accepts. Answers from the cache are replayed in one
-body message: a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
+before reading the rest), requests no route accepts. A refusal decided before the body is
+wholly read closes an HTTP/1.1 connection: what follows could be that body or a next request,
+depending on whose framing one believes. Answers from the cache are replayed in one body message:
+a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
 """
 
 from __future__ import annotations
