@@ -5,8 +5,9 @@
 
 Starts, on free loopback ports, a fault-injecting upstream (this script with
 ``--serve-upstream PORT``: Trio + h11, one process) and ``tproxy serve`` (cache on, default
-settings, but ``first_byte_timeout = 1`` and ``idle_timeout = 1``), then runs 64 closed-loop
-clients over raw Trio sockets until the request budget or the time budget runs out.
+settings, but ``first_byte_timeout = 1``, ``idle_timeout = 1`` and ``client_stall_timeout = 5``),
+then runs 64 closed-loop clients over raw Trio sockets until the request budget or the time
+budget runs out.
 
 The upstream's answers are a pure function of the request body (the prompt's words echoed back,
 an embedding derived from the input's hash), so the driver computes the exact bytes each request
@@ -15,7 +16,15 @@ half the answer), ``stall`` (half the answer, then silence past the idle timeout
 ``close_mid_event`` (FIN in the middle of an event or of the JSON body) and ``slow_start`` (0.3 s
 before the head, under the first-byte timeout: the answer must still be whole). The cache key
 ignores the header, so a faulted request may share a flight or a cache entry with clean ones:
-that is part of the test. A client may also leave mid-stream (``client_disconnect``).
+that is part of the test. A client may also leave mid-stream (``client_disconnect``), or
+attempt a CL+TE desync (``cl_te``: ``Content-Length`` and ``Transfer-Encoding: chunked`` on one
+request, a second request hidden where the two framings disagree): the answer must be a 400 that
+closes the connection, and the hidden request (``/v1/smuggled``) must never reach the upstream.
+
+Beside the 64 clients, ``H2_STOPPERS`` HTTP/2 clients (prior knowledge) in a loop open a few
+streams whose answers exceed the flow-control window, never send WINDOW_UPDATE, then either
+close the connection at once or keep it until tproxy resets the stalled streams
+(``client_stall_timeout = 5`` here). What they did receive must be a prefix of the answer.
 
 The verdict on every answer: a 200 whose framing completed must be byte for byte the expected
 body; a body cut short must be a prefix of it; anything else is a *wrong answer*. Errors
@@ -45,6 +54,10 @@ from enum import Enum
 from functools import partial
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import h11
 import httpx2
 import trio
@@ -57,6 +70,11 @@ CLIENTS = 64
 UPSTREAM_FAULTS = ("reset", "stall", "status_500", "close_mid_event", "slow_start")
 FAULT_HEADER = b"x-soak-fault"
 STALL_SECONDS = 3.0  # past tproxy's idle_timeout = 1
+CLIENT_STALL_SECONDS = 5.0  # tproxy's client_stall_timeout: a stalled HTTP/2 stream is reset
+SMUGGLED = b"/v1/smuggled"  # the target of the request hidden behind a CL+TE one
+H2_STOPPERS = 4  # HTTP/2 clients that stop reading, each in a loop
+H2_STREAMS = 3  # streams per HTTP/2 connection, each answer larger than the 64 KiB window
+H2_PROMPT_WORDS = 6000  # about 40 KB of answer per stream
 SLOW_START_SECONDS = 0.3  # under tproxy's first_byte_timeout = 1
 REQUEST_DEADLINE = 15.0  # a client gives up on one answer after this long
 POOL_PROMPTS = 200  # repeated prompts: mostly cache hits
@@ -322,6 +340,8 @@ async def exchange(stream: trio.SocketStream, reader: _Reader, spec: Spec, port:
         b"Content-Type: application/json",
         b"Content-Length: %d" % len(spec.body),
     ]
+    if spec.fault == "cl_te":
+        return await _desync_attempt(stream, reader, head, port)
     if spec.fault and spec.fault != "client_disconnect":
         head.append(FAULT_HEADER + b": " + spec.fault.encode())
     await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + spec.body)
@@ -368,6 +388,32 @@ async def exchange(stream: trio.SocketStream, reader: _Reader, spec: Spec, port:
     return Result(outcome, status, cache, keep)
 
 
+async def _desync_attempt(
+    stream: trio.SocketStream, reader: _Reader, head: list[bytes], port: int
+) -> Result:
+    """Content-Length and chunked on one request, a request hidden where they disagree: a 400
+    that closes the connection is right; anything else (and the hidden request upstream) is
+    wrong."""
+    hidden = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\n\r\n{}" % (
+        SMUGGLED,
+        port,
+    )
+    body = b"0\r\n\r\n" + hidden
+    head = [*head[:-1], b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked"]
+    await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    status: int | None = None
+    try:
+        lines = (await reader.until(b"\r\n\r\n")).split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if line)
+        await reader.exactly(int(headers.get(b"content-length", b"0")), bytearray())
+        await reader._fill()  # the connection must end here
+    except _ClosedError:
+        right = status == 400 and headers.get(b"connection") == b"close"
+        return Result(Outcome.STATUS if right else Outcome.WRONG, status, "none", keep=False)
+    return Result(Outcome.WRONG, status, "none", keep=False)
+
+
 @dataclass(slots=True)
 class Tally:
     """The driver's counts, shared by the 64 client tasks of one event loop."""
@@ -407,6 +453,8 @@ def make_spec(index: int, rng: random.Random, nonce: str) -> tuple[str, Spec]:
         fault = UPSTREAM_FAULTS[rng.randrange(len(UPSTREAM_FAULTS))]
     elif draw < 0.13 and kind == "chat_stream":
         fault = "client_disconnect"
+    elif draw < 0.14:
+        fault = "cl_te"
     document: dict[str, object]
     if kind == "embeddings":
         path, document = b"/v1/embeddings", {"model": "soak-embed", "input": prompt}
@@ -457,6 +505,88 @@ async def client(port: int, tally: Tally, seed: int) -> None:
     finally:
         if stream is not None:
             await stream.aclose()
+
+
+# --- HTTP/2 clients that stop reading
+
+
+async def h2_stopper(port: int, tally: Tally, number: int) -> None:
+    """Rounds of HTTP/2 connections whose client stops reading, while the load runs."""
+    rounds = 0
+    while time.monotonic() < tally.deadline and tally.started < tally.limit:
+        rounds += 1
+        try:
+            with trio.fail_after(CLIENT_STALL_SECONDS * 4):
+                label = await _h2_round(port, f"{tally.nonce} h2 {number} {rounds % 7}", rounds % 2)
+        except trio.TooSlowError:
+            label = "timeout"
+        except (OSError, trio.BrokenResourceError, h2.exceptions.ProtocolError):
+            label = "refused"
+        tally.outcomes[f"h2_stop_reading -> {label}"] += 1
+
+
+async def _h2_round(port: int, seed: str, hold: int) -> str:
+    """Open H2_STREAMS streams, read until the window is shut, then close (or hold until tproxy
+    resets the stalled streams). Each stream's bytes must be a prefix of its answer."""
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    expected: dict[int, bytes] = {}
+    received: dict[int, bytearray] = {}
+    ended: set[int] = set()
+    reset: set[int] = set()
+
+    def take(data: bytes) -> None:
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                received[event.stream_id] += event.data
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                reset.add(event.stream_id)
+
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(connection.data_to_send())
+        for index in range(H2_STREAMS):
+            stream_id = 1 + 2 * index
+            words = random.Random(f"{seed} {index}").choices(WORDS, k=H2_PROMPT_WORDS)
+            document = {"model": "soak", "messages": [{"role": "user", "content": " ".join(words)}]}
+            body = _dumps(document)
+            expected[stream_id] = b"".join(answer_parts(b"/v1/chat/completions", body)[1])
+            received[stream_id] = bytearray()
+            connection.send_headers(
+                stream_id,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":authority", f"127.0.0.1:{port}"),
+                    (":path", "/v1/chat/completions"),
+                    ("content-type", "application/json"),
+                ],
+            )
+            while body:
+                window = min(
+                    connection.local_flow_control_window(stream_id),
+                    connection.max_outbound_frame_size,
+                )
+                if window:
+                    piece, body = body[:window], body[window:]
+                    connection.send_data(stream_id, piece, end_stream=not body)
+                else:
+                    take(await stream.receive_some())
+                await stream.send_all(connection.data_to_send())
+        finished = ended | reset
+        while len(finished) < H2_STREAMS and (hold or connection.inbound_flow_control_window > 0):
+            data = await stream.receive_some()
+            if not data:
+                break
+            take(data)
+            await stream.send_all(connection.data_to_send())  # acknowledgements, never a window
+            finished = ended | reset
+    for stream_id, answer in expected.items():
+        got = bytes(received[stream_id])
+        if not answer.startswith(got) or (stream_id in ended and got != answer):
+            return "wrong"
+    return "reset" if reset else "closed"
 
 
 # --- watching the tproxy process
@@ -585,6 +715,8 @@ async def drive(args: argparse.Namespace, ports: dict[str, int], pid: int) -> di
             async with trio.open_nursery() as clients:
                 for number in range(CLIENTS):
                     clients.start_soon(client, proxy_port, tally, args.seed * 1000 + number)
+                for number in range(H2_STOPPERS):
+                    clients.start_soon(h2_stopper, proxy_port, tally, number)
             nursery.cancel_scope.cancel()
         duration = time.monotonic() - started
         waited, inflight = await wait_until_idle(http, admin)
@@ -601,6 +733,7 @@ async def drive(args: argparse.Namespace, ports: dict[str, int], pid: int) -> di
             headers={"connection": "close"},
         )
         await wait_until_idle(http, admin)
+        upstream_stats = (await http.get(f"http://127.0.0.1:{upstream_port}/soak/stats")).json()
         report.update(
             requests=tally.started,
             duration=duration,
@@ -619,7 +752,8 @@ async def drive(args: argparse.Namespace, ports: dict[str, int], pid: int) -> di
             },
             samples=samples,
             metrics=await metrics(http, admin),
-            upstream=(await http.get(f"http://127.0.0.1:{upstream_port}/soak/stats")).json(),
+            upstream=upstream_stats,
+            smuggled_reached_upstream=upstream_stats["requests"].get(SMUGGLED.decode(), 0),
             loadavg_after=os.getloadavg(),
         )
     return report
@@ -641,6 +775,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             f'[cache]\ndir = "{tmp}/store"\n\n'
             f'[upstreams.soak]\nurl = "http://127.0.0.1:{ports["upstream"]}"\n'
             "first_byte_timeout = 1.0\nidle_timeout = 1.0\n"
+            f"\n[server]\nclient_stall_timeout = {CLIENT_STALL_SECONDS}\n"
         )
         log_path = Path(tmp) / "tproxy.log"
         upstream = subprocess.Popen(

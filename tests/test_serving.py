@@ -6,15 +6,20 @@ client faults (``tests/faults/test_client_faults.py``); this file holds the rest
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx2
 import pytest
 import trio
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
-from tests.conftest import RunningProxy
+from tests.conftest import RunningProxy, StartProxy
 from tests.security.rawhttp import address
 
 
@@ -41,4 +46,209 @@ async def test_a_connection_that_fails_is_closed_and_the_server_goes_on(
         assert (await http.get("/v1/models")).status_code == 200
     failures = [r for r in caplog.records if r.name == "tproxy.serving"]
     assert [r.levelno for r in failures] == [logging.ERROR]
-    assert failures[0].exc_info is not None
+    assert "RuntimeError at " in failures[0].getMessage()
+
+
+async def test_a_failing_connection_logs_no_request_bytes_and_a_flood_logs_one_line(
+    proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exception messages can quote what the client sent (an authorization header, decoded):
+    the log names the exception and where it was raised, never its message or traceback. Many
+    failures in a row log one line, so a client cannot flood the error log."""
+    handle = H11Protocol.handle
+
+    async def failing(self: H11Protocol, event: Event) -> None:
+        if isinstance(event, RawData) and event.data.startswith(b"BOOM"):
+            raise ValueError(f"cannot parse {event.data!r}")
+        await handle(self, event)
+
+    monkeypatch.setattr(H11Protocol, "handle", failing)
+    for _ in range(20):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            await stream.send_all(b"BOOM / HTTP/1.1\r\nauthorization: Bearer sk-secret\r\n\r\n")
+            with trio.fail_after(5):
+                assert await stream.receive_some() == b""
+    failures = [r for r in caplog.records if r.name == "tproxy.serving"]
+    assert len(failures) == 1
+    assert failures[0].exc_info is None
+    assert "ValueError at " in failures[0].getMessage()
+    assert "sk-secret" not in caplog.text
+
+
+# --- HTTP/2 clients that stop reading ------------------------------------------------------------
+
+STREAMS = 5
+
+
+def big_chat(stream: int) -> bytes:
+    """A request whose answer, one JSON body of about 100 KB, is larger than HTTP/2's initial
+    window (64 KiB): Hypercorn holds the whole answer while it waits for the window."""
+    words = " ".join(f"s{stream}w{index}" for index in range(12000))
+    return json.dumps({"model": "fake", "messages": [{"role": "user", "content": words}]}).encode()
+
+
+async def open_h2(proxy: RunningProxy) -> tuple[trio.SocketStream, h2.connection.H2Connection]:
+    """A prior-knowledge HTTP/2 connection that never opens its flow-control window."""
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    await stream.send_all(connection.data_to_send())
+    return stream, connection
+
+
+async def post_h2(
+    stream: trio.SocketStream, connection: h2.connection.H2Connection, stream_id: int
+) -> None:
+    body = big_chat(stream_id)
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "tproxy"),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+    ]
+    connection.send_headers(stream_id, headers)
+    while body:
+        window = min(
+            connection.local_flow_control_window(stream_id), connection.max_outbound_frame_size
+        )
+        if window:
+            piece, body = body[:window], body[window:]
+            connection.send_data(stream_id, piece, end_stream=not body)
+        else:  # wait for the server's WINDOW_UPDATE (it acknowledges what it read at once)
+            data = await stream.receive_some()
+            assert data
+            connection.receive_data(data)
+        await stream.send_all(connection.data_to_send())
+
+
+async def read_until_window_shut(
+    stream: trio.SocketStream, connection: h2.connection.H2Connection
+) -> None:
+    """Read what the server sends until the connection's window (64 KiB) is used up."""
+    while connection.inbound_flow_control_window > 0:
+        data = await stream.receive_some()
+        assert data
+        connection.receive_data(data)
+        await stream.send_all(connection.data_to_send())  # settings acks, never a window
+
+
+async def test_an_h2_connection_closed_with_answers_stuck_on_flow_control_ends_them_all(
+    proxy: RunningProxy,
+) -> None:
+    """Streams whose answers wait for a window the client never opens end as soon as the
+    connection closes, not at their total deadline (an hour): nothing of them stays in flight,
+    and the proxy closes its side at once rather than after its idle timer (the client
+    half-closes, so the proxy's close is seen as the end of the stream)."""
+    stream, connection = await open_h2(proxy)
+    with trio.fail_after(20):
+        async with stream:
+            for stream_id in range(1, 2 * STREAMS, 2):
+                await post_h2(stream, connection, stream_id)
+            await read_until_window_shut(stream, connection)
+            assert len(proxy.inflight) > 0
+            await stream.send_eof()
+            while await stream.receive_some():
+                pass
+        await proxy.inflight.wait_idle()
+
+
+async def test_an_h2_stream_stalled_on_flow_control_is_reset_after_client_stall_timeout(
+    start_proxy: StartProxy,
+) -> None:
+    """A client that keeps its connection and reads it, but never opens its window, is bounded
+    like a TCP client that stops reading: its streams are reset, their exchanges end."""
+    proxy = await start_proxy("[server]\nclient_stall_timeout = 0.5\n")
+    stream, connection = await open_h2(proxy)
+    reset: set[int] = set()
+    with trio.fail_after(20):
+        async with stream:
+            for stream_id in range(1, 2 * STREAMS, 2):
+                await post_h2(stream, connection, stream_id)
+            while len(reset) < STREAMS:
+                data = await stream.receive_some()
+                assert data
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset):
+                        reset.add(event.stream_id)
+                await stream.send_all(connection.data_to_send())
+            await proxy.inflight.wait_idle()
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        assert (await http.get("/v1/models")).status_code == 200
+
+
+async def test_http2_requests_that_crash_the_parser_log_no_header_and_one_line(
+    proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A path that is not ASCII makes Hypercorn's HTTP/2 code raise. Its request's headers
+    (here an authorization) appear in no log line, even at DEBUG, and repeated crashes log one
+    line."""
+    caplog.set_level(logging.DEBUG)
+    config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+    headers = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"tproxy"),
+        (b":path", b"/v1/\xff\xfe"),
+        (b"authorization", b"Bearer sk-secret-key"),
+    ]
+    for _ in range(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            connection = h2.connection.H2Connection(config)
+            connection.initiate_connection()
+            connection.send_headers(1, headers, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            with trio.fail_after(5):
+                while await stream.receive_some():
+                    pass
+    assert "sk-secret-key" not in caplog.text
+    failures = [r for r in caplog.records if r.name == "tproxy.serving"]
+    assert [r.getMessage().split(" at ")[0] for r in failures] == [
+        "a connection failed (UnicodeDecodeError"
+    ]
+
+
+async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 413 decided from the declared length, while the client still sends the body: the rest
+    of that stream's DATA is discarded, and the connection's other streams are served."""
+    proxy = await start_proxy("[server]\nmax_body_bytes = 1000\n")
+    stream, connection = await open_h2(proxy)
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+
+    async def read_until(done: Callable[[], bool]) -> None:
+        while not done():
+            data = await stream.receive_some()
+            assert data
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            await stream.send_all(connection.data_to_send())
+
+    post = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "tproxy"),
+        (":path", "/v1/chat/completions"),
+        ("content-length", "30000"),
+    ]
+    models = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
+    with trio.fail_after(10):
+        async with stream:
+            connection.send_headers(1, post)
+            connection.send_data(1, b"x" * 10000)
+            await stream.send_all(connection.data_to_send())
+            await read_until(lambda: 1 in ended)
+            connection.send_data(1, b"x" * 10000)  # the client has not noticed yet
+            connection.send_headers(3, models, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            await read_until(lambda: 3 in ended)
+    assert statuses == {1: 413, 3: 200}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -278,3 +278,49 @@ async def test_in_process_the_service_manager_hears_ready_status_watchdog_and_st
             assert stopping[1].startswith("STATUS=draining http://127.0.0.1:")
     assert "reload is not supported" in caplog.text
     assert "tproxy stopped" in caplog.text
+
+
+async def non_reading_client(url: str, words: int) -> trio.SocketStream:
+    """A client that asks for a long stream, reads its first bytes, then never reads again (its
+    receive buffer kept small, so the server's writes soon block)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect((host, int(port)))
+    stream = trio.SocketStream(sock)
+    body = json.dumps(chat(words)).encode()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    await stream.send_all(head + b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    assert await stream.receive_some(1024)  # the answer has started
+    return stream
+
+
+@pytest.mark.slow
+async def test_a_client_that_never_reads_holds_the_drain_no_longer_than_the_graceful_timeout(
+    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Hypercorn's writes wait in a cancel shield; at the drain's deadline the sockets still open
+    are closed, so the drain ends at ``graceful_timeout`` and not when the kernel gives up on the
+    client (``client_stall_timeout``, a minute by default)."""
+    async with running_tproxy(nursery, tmp_path, upstream, graceful_timeout=1.0) as tproxy:
+        client = await non_reading_client(tproxy.url, 40000)
+        async with client:
+            tproxy.process.send_signal(signal.SIGTERM)
+            await tproxy.wait_for("STOPPING=1")
+            assert await tproxy.exit_code(within=15.0) == 0
+    access = [r for r in tproxy.log_records() if r.get("logger") == "tproxy.access"]
+    assert [entry["state"] for entry in access] == ["shut_down"]
+
+
+@pytest.mark.slow
+async def test_a_second_signal_stops_at_once_even_with_a_client_that_never_reads(
+    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    async with running_tproxy(nursery, tmp_path, upstream, graceful_timeout=60.0) as tproxy:
+        client = await non_reading_client(tproxy.url, 40000)
+        async with client:
+            tproxy.process.send_signal(signal.SIGTERM)
+            await tproxy.wait_for("STOPPING=1")
+            tproxy.process.send_signal(signal.SIGTERM)
+            assert await tproxy.exit_code(within=10.0) == 0
+    assert "SIGTERM again: cancelling the drain, stopping now" in tproxy.messages()

@@ -2,8 +2,10 @@
 
 Everything that can be refused is refused here, before any upstream is involved: targets that
 are not origin-form (tproxy is never an open proxy), bodies over ``server.max_body_bytes`` (413
-before reading the rest), requests no route accepts. Answers from the cache are replayed in one
-body message: a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
+before reading the rest), requests no route accepts. A refusal decided before the body is
+wholly read closes an HTTP/1.1 connection: what follows could be that body or a next request,
+depending on whose framing one believes. Answers from the cache are replayed in one body message:
+a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Scope
+from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope
 from tproxy.config import CacheSettings, RouteSettings, Settings
 from tproxy.core.cachekey import (
     CacheDecision,
@@ -56,6 +58,14 @@ class _ClientLeftError(Exception):
     """The client disconnected while its request body was being read."""
 
 
+class _RefusedUnread(RequestRejected):
+    """A refusal decided before the request's body was wholly and unambiguously read.
+
+    What follows on the connection cannot be told apart from that body, so the answer closes it
+    (RFC 9112 §6.3, §9.6): nothing the client sent after this head is ever parsed as a request.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class _Lookup:
     """The cache's answer for one request: an entry to replay, or how to go upstream."""
@@ -91,6 +101,8 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "http":
             await self._serve_http(scope, receive, send)
+        elif scope["type"] == "websocket":  # refused in _read_request, answered as HTTP
+            await self._serve_http(scope, receive, _websocket_denial(send))
 
     async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         headers: list[Header] = scope["headers"]
@@ -99,7 +111,7 @@ class ProxyApp:
         exchange = Exchange(
             request_id.decode(),
             trio.current_time(),
-            method=scope["method"],
+            method=scope.get("method", "GET"),  # a WebSocket's scope has none
             path=scope["path"],
             client=client[0] if client else None,
         )
@@ -124,7 +136,8 @@ class ProxyApp:
                 request, route, model = await self._read_request(scope, receive, request_id)
             except RequestRejected as rejection:
                 exchange.handle(Rejected(rejection.status, rejection.code), trio.current_time())
-                await send_error(send, rejection, request_id, None)
+                close = isinstance(rejection, _RefusedUnread) and scope["http_version"] != "2"
+                await send_error(_closing(send) if close else send, rejection, request_id, None)
                 return
             except _ClientLeftError:
                 exchange.handle(ClientGone(), trio.current_time())
@@ -193,14 +206,22 @@ class ProxyApp:
         if the client disconnects while sending its body.
         """
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        method: str = scope["method"]
+        method: str = scope.get("method", "GET")
         headers: list[Header] = scope["headers"]
-        refusal = check_request_line(method, raw_path, headers)
-        if refusal is None and self._client_keys is not None:
-            refusal = self._client_keys.check(headers)
-        if refusal is not None:
-            raise refusal
-        body = await self._read_body(headers, receive)
+        try:
+            refusal = (
+                RequestRejected(400, "websocket_refused", "tproxy does not proxy WebSockets")
+                if scope["type"] == "websocket"
+                else self._check_head_size(scope, method, raw_path, headers)
+                or check_request_line(method, raw_path, headers)
+            )
+            if refusal is None and self._client_keys is not None:
+                refusal = self._client_keys.check(headers)
+            if refusal is not None:
+                raise refusal
+            body = await self._read_body(headers, receive)
+        except RequestRejected as early:
+            raise _RefusedUnread(early.status, early.code, early.message) from None
         path = raw_path.decode("latin-1")
         model = body_model(body) if self._model_routing else None
         route = choose_route(self._settings.routes, path, model)
@@ -222,6 +243,29 @@ class ProxyApp:
             total_timeout=self._settings.upstream(route.upstreams[0]).total_timeout,
         )
         return request, route, model
+
+    def _check_head_size(
+        self, scope: Scope, method: str, raw_path: bytes, headers: list[Header]
+    ) -> RequestRejected | None:
+        """431 when the head is larger than ``server.max_header_bytes``.
+
+        Hypercorn's parser only bounds a head it has not yet read whole, and it reads 64 KiB at a
+        time, so a head that arrives in one read could reach twice the limit. Counted here as
+        HTTP/1.1 writes it: ``METHOD SP target SP HTTP/1.1 CRLF``, each ``name: value CRLF``, the
+        final CRLF (whitespace h11 strips and obs-folds it unfolds are not counted).
+        """
+        limit = self._settings.server.max_header_bytes
+        query: bytes = scope.get("query_string", b"")
+        target = len(raw_path) + (1 + len(query) if query else 0)
+        size = len(method) + 1 + target + len(" HTTP/1.1\r\n") + 2
+        size += sum(len(name) + len(value) + 4 for name, value in headers)
+        if size <= limit:
+            return None
+        return RequestRejected(
+            431,
+            "header_too_large",
+            f"request line and headers larger than server.max_header_bytes ({limit})",
+        )
 
     async def _read_body(self, headers: list[Header], receive: ASGIReceive) -> bytes:
         limit = self._settings.server.max_body_bytes
@@ -319,6 +363,29 @@ def _only_cancelled(error: BaseException) -> bool:
 
 def _encode(cache_status: str | None) -> bytes | None:
     return None if cache_status is None else cache_status.encode()
+
+
+def _closing(send: ASGISend) -> ASGISend:
+    """``send``, with ``Connection: close`` on the answer's head (Hypercorn then closes the
+    connection once the answer is out); HTTP/2 streams need nothing: their framing is the
+    frames'."""
+
+    async def send_and_close(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+        await send(message)
+
+    return send_and_close
+
+
+def _websocket_denial(send: ASGISend) -> ASGISend:
+    """``send`` for an answer to a WebSocket handshake given as a plain HTTP response (the ASGI
+    ``websocket.http.response`` extension), so the client reads why it was refused."""
+
+    async def send_denial(message: Message) -> None:
+        await send({**message, "type": "websocket." + message["type"]})
+
+    return send_denial
 
 
 def _too_large(limit: int) -> RequestRejected:
