@@ -25,6 +25,7 @@ one streamed piece per word. Tests steer it with request headers the proxy forwa
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import h11
 import trio
@@ -174,10 +175,10 @@ def messages_stream(payload: dict, *, cut: bool = False, error: bool = False) ->
             events.append(sse_event({"type": "error", "error": overloaded}, "error"))
             return events
     events.append(sse_event({"type": "content_block_stop", "index": 0}, "content_block_stop"))
-    delta = {"stop_reason": "end_turn", "stop_sequence": None}
+    stop: dict[str, object] = {"stop_reason": "end_turn", "stop_sequence": None}
     usage = {"output_tokens": len(words)}
     events.append(
-        sse_event({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta")
+        sse_event({"type": "message_delta", "delta": stop, "usage": usage}, "message_delta")
     )
     if not cut:
         events.append(sse_event({"type": "message_stop"}, "message_stop"))
@@ -212,8 +213,8 @@ def ollama_line(payload: dict, path: str, piece: str, done: bool) -> dict:  # ty
 
 
 def ollama_stream(
-    payload: dict, path: str, *, cut: bool = False, error: bool = False
-) -> list[bytes]:  # type: ignore[type-arg]
+    payload: dict[str, Any], path: str, *, cut: bool = False, error: bool = False
+) -> list[bytes]:
     lines = []
     for index, piece in enumerate(_pieces(request_words(payload))):
         lines.append(_json(ollama_line(payload, path, piece, False)) + b"\n")

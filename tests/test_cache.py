@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import openai
@@ -153,7 +154,7 @@ async def test_a_15_mb_body_does_not_hold_up_cache_hits_and_is_cached_by_its_byt
     running when the upstream gets the body is not counted: the fake upstream's own json.loads
     runs on this loop too.)"""
     await post(proxy, CHAT, json=chat("hello"))
-    padding = [{}] * 5_000_000
+    padding: list[dict[str, object]] = [{}] * 5_000_000
     big = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "pad": padding}
     big_body = json.dumps(big, separators=(",", ":")).encode()
     assert len(big_body) <= 16 * 1024 * 1024  # under the default server.max_body_bytes
@@ -415,7 +416,7 @@ async def test_the_openai_sdk_reads_a_replayed_stream_as_it_read_the_live_one(
 ) -> None:
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
 
-    async def ask() -> list[object]:
+    async def ask() -> list[dict[str, Any]]:
         stream = await client.chat.completions.create(
             model="fake",
             messages=[{"role": "user", "content": "tell me again"}],

@@ -968,7 +968,7 @@ def test_every_key_of_the_new_sections_is_read(in_tmp_path: Path) -> None:
         (TelemetrySettings, loaded.telemetry),
         (PayloadLogSettings, loaded.payload_log),
     ):
-        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        for field in dataclasses.fields(cls):
             assert getattr(value, field.name) != field.default, field.name
 
 

@@ -8,6 +8,7 @@ import logging
 import re
 from functools import partial
 from pathlib import Path
+from typing import TypedDict
 
 import httpx2
 import pytest
@@ -17,7 +18,13 @@ from tproxy.cli import EXIT_OK, main
 from tproxy.core.sse import SSEDecoder
 from tproxy.demo import REPLY, DemoFailed, DemoModel, demo, reply_tokens, run_demo, stream_chat
 
-FAST = {"token_delay": 0.001, "first_token_delay": 0.01}
+
+class Pacing(TypedDict):
+    token_delay: float
+    first_token_delay: float
+
+
+FAST: Pacing = {"token_delay": 0.001, "first_token_delay": 0.01}
 
 
 @pytest.fixture
@@ -145,5 +152,6 @@ async def test_the_demo_client_refuses_anything_but_a_whole_stream(
     nursery: trio.Nursery, reply: bytes, reason: str
 ) -> None:
     port = await serve_raw(reply, nursery)
+    pieces: list[str] = []
     with pytest.raises(DemoFailed, match=re.escape(reason)):
-        await stream_chat(port, [].append)
+        await stream_chat(port, pieces.append)

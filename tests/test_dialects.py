@@ -8,6 +8,8 @@ check: whole → COMPLETE, cut before the end marker → INCOMPLETE, an error in
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +27,9 @@ from tproxy.core.dialects import (
 )
 from tproxy.core.dialects.base import Completion, media_type
 from tproxy.core.sse import ServerSentEvent
+
+# A family fake's builder: the request body (and cut=, error=) to the bytes of its answer.
+Build = Callable[..., list[bytes]]
 
 COMPLETE, INCOMPLETE, ERROR = StreamOutcome.COMPLETE, StreamOutcome.INCOMPLETE, StreamOutcome.ERROR
 ASK = {"model": "m", "messages": [{"role": "user", "content": "one two three"}], "stream": True}
@@ -67,7 +72,7 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_a_whole_stream_is_complete_and_has_ended(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_a_whole_stream_is_complete_and_has_ended(path: str, media: bytes, build: Build) -> None:
     (outcome, _reason), completion = judge(path, media, build(ASK))
     assert outcome is COMPLETE
     assert completion.ended
@@ -75,8 +80,8 @@ def test_a_whole_stream_is_complete_and_has_ended(path: str, media: bytes, build
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
 def test_a_stream_cut_before_its_end_marker_is_never_complete(
-    path: str, media: bytes, build
-) -> None:  # type: ignore[no-untyped-def]
+    path: str, media: bytes, build: Build
+) -> None:
     (outcome, reason), completion = judge(path, media, build(ASK, cut=True))
     assert outcome is INCOMPLETE
     assert reason.startswith("no ")
@@ -84,19 +89,19 @@ def test_a_stream_cut_before_its_end_marker_is_never_complete(
 
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_an_error_in_band_is_an_error(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_an_error_in_band_is_an_error(path: str, media: bytes, build: Build) -> None:
     (outcome, _reason), _completion = judge(path, media, build(ASK, error=True))
     assert outcome is ERROR
 
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_an_unclean_http_end_is_never_complete(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_an_unclean_http_end_is_never_complete(path: str, media: bytes, build: Build) -> None:
     (outcome, reason), _completion = judge(path, media, build(ASK), clean_end=False)
     assert (outcome, reason) == (INCOMPLETE, "upstream ended uncleanly")
 
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_anything_after_the_end_marker_is_suspicious(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_anything_after_the_end_marker_is_suspicious(path: str, media: bytes, build: Build) -> None:
     parts = build(ASK)
     (outcome, reason), completion = judge(path, media, [*parts, parts[-1]])
     assert outcome is INCOMPLETE
@@ -105,7 +110,7 @@ def test_anything_after_the_end_marker_is_suspicious(path: str, media: bytes, bu
 
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_usage_comes_out_in_one_shape(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_usage_comes_out_in_one_shape(path: str, media: bytes, build: Build) -> None:
     _verdict, completion = judge(path, media, build(ASK))
     usage = completion.usage
     assert usage is not None
@@ -115,7 +120,10 @@ def test_usage_comes_out_in_one_shape(path: str, media: bytes, build) -> None:  
 
 
 def test_anthropic_usage_counts_cached_input_and_the_last_output_count() -> None:
-    start = {"type": "message_start", "message": {"usage": {"input_tokens": 5, "output_tokens": 1}}}
+    start: dict[str, Any] = {
+        "type": "message_start",
+        "message": {"usage": {"input_tokens": 5, "output_tokens": 1}},
+    }
     start["message"]["usage"] |= {"cache_read_input_tokens": 100, "cache_creation_input_tokens": 7}
     delta = {
         "type": "message_delta",
@@ -171,7 +179,7 @@ def test_an_ndjson_line_that_is_not_json_is_never_stored() -> None:
 
 
 def test_the_chat_dialect_is_todays_check_with_an_ended_property() -> None:
-    chunk = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    chunk: dict[str, object] = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
     chunk["usage"] = {
         "prompt_tokens": 2,
         "completion_tokens": 1,
@@ -184,7 +192,7 @@ def test_the_chat_dialect_is_todays_check_with_an_ended_property() -> None:
 
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
-def test_every_familys_completion_reads_its_counts(path: str, media: bytes, build) -> None:  # type: ignore[no-untyped-def]
+def test_every_familys_completion_reads_its_counts(path: str, media: bytes, build: Build) -> None:
     dialect = dialect_for(path)
     decoder = dialect.decoder([(b"Content-Type", media)], 1 << 20)
     assert decoder is not None
@@ -344,8 +352,8 @@ def test_whole_answers_report_usage_in_one_shape() -> None:
 
 @pytest.mark.parametrize(("path", "media", "build"), FAMILIES)
 def test_the_assembled_answer_holds_the_text_the_stop_and_the_usage(
-    path: str, media: bytes, build
-) -> None:  # type: ignore[no-untyped-def]
+    path: str, media: bytes, build: Build
+) -> None:
     dialect = dialect_for(path)
     assert dialect.assembler is not None
     assembler = dialect.assembler(1 << 20)

@@ -7,6 +7,7 @@ could answer), so every request reaches the upstream.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import httpx2
@@ -40,9 +41,9 @@ async def uncached(start_proxy: StartProxy) -> RunningProxy:
 
 
 @pytest.fixture
-async def http(uncached: RunningProxy) -> httpx2.AsyncClient:
+async def http(uncached: RunningProxy) -> AsyncIterator[httpx2.AsyncClient]:
     async with httpx2.AsyncClient(base_url=uncached.url, timeout=10.0) as client:
-        yield client  # type: ignore[misc]
+        yield client
 
 
 async def test_a_json_answer_passes_through_with_its_status_and_headers(
@@ -251,7 +252,7 @@ async def test_a_body_over_the_limit_is_refused_with_413(start_proxy: StartProxy
     async with httpx2.AsyncClient(base_url=proxy.url) as http:
         declared = await http.post("/v1/chat/completions", content=b"x" * 5000)
 
-        async def chunked() -> object:
+        async def chunked() -> AsyncIterator[bytes]:
             for _ in range(5):
                 yield b"y" * 500
 
