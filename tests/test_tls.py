@@ -15,7 +15,7 @@ import pytest
 import trio
 import trustme
 
-from tests.tlsfiles import write_ca, write_pair
+from tests.tlsfiles import server_context, write_ca, write_pair
 from tproxy.tls import (
     TLSFileError,
     check_ca_file,
@@ -110,15 +110,6 @@ def test_read_certificate_names_the_subject_and_validity(tmp_path: Path) -> None
 
 
 # --- handshakes over loopback ----------------------------------------------------------------
-
-
-def server_context(cert: Path, key: Path, client_ca: trustme.CA | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    if client_ca is not None:
-        client_ca.configure_trust(context)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 async def handshake(

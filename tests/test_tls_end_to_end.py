@@ -27,7 +27,7 @@ from hypercorn.trio import serve
 
 from tests.conftest import StartProxy, tolerate_sdk_generators
 from tests.fakeupstream import FakeUpstream, stream_events
-from tests.tlsfiles import write_ca, write_pair
+from tests.tlsfiles import server_context, write_ca, write_pair
 from tproxy.config import Overrides, load_settings
 from tproxy.server import Listening, serve_tproxy
 
@@ -54,15 +54,6 @@ class TLSFakeUpstream(FakeUpstream):
         task_status.started()
         secured = [trio.SSLListener(listener, self.tls) for listener in listeners]
         await trio.serve_listeners(self._connection, secured)
-
-
-def server_context(cert: Path, key: Path, client_ca: trustme.CA | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    if client_ca is not None:
-        client_ca.configure_trust(context)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 @pytest.fixture

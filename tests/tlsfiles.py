@@ -3,6 +3,7 @@ way an operator keeps them: the key readable by its owner only."""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import trustme
@@ -24,3 +25,14 @@ def write_ca(ca: trustme.CA, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ca.cert_pem.write_to_path(str(path))
     return path
+
+
+def server_context(cert: Path, key: Path, client_ca: trustme.CA | None = None) -> ssl.SSLContext:
+    """A TLS server's context with this certificate; with ``client_ca``, clients must present a
+    certificate that CA signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        client_ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
