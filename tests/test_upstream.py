@@ -1,7 +1,7 @@
 """``UpstreamResponse.chunks``: the body of an upstream answer, and its idle deadline.
 
 End to end, over real sockets, the deadlines are tested in ``tests/faults``; an HTTP/1.1 upstream
-there gets its idle deadline from httpx2's read timeout. An HTTP/2 answer keeps the deadline as a
+there gets its idle deadline from httpcore2's read timeout. An HTTP/2 answer keeps the deadline as a
 cancel scope per chunk (a read timeout would fail every stream of its connection); no HTTP/2
 upstream runs in the suite, so that path is tested here on an in-memory body, with Trio's
 virtual clock.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx2
+import httpcore2
 import pytest
 import trio
 import trio.testing
@@ -20,7 +20,7 @@ from tproxy.core.errors import UpstreamTimeout
 from tproxy.upstream import UpstreamResponse
 
 
-class PausingBody(httpx2.AsyncByteStream):
+class PausingBody:
     """Two chunks with ``pause`` seconds between them."""
 
     def __init__(self, pause: float) -> None:
@@ -33,7 +33,7 @@ class PausingBody(httpx2.AsyncByteStream):
 
 
 def answer(pause: float, idle_scope: float | None) -> UpstreamResponse:
-    response = httpx2.Response(200, stream=PausingBody(pause))
+    response = httpcore2.Response(200, content=PausingBody(pause))
     return UpstreamResponse(200, [], _response=response, _idle_scope=idle_scope)
 
 
@@ -64,5 +64,5 @@ async def test_a_pause_shorter_than_the_idle_scope_is_waited_for(
 async def test_without_an_idle_scope_the_body_is_read_as_it_comes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """HTTP/1.1: the deadline is httpx2's read timeout, on the socket, not here."""
+    """HTTP/1.1: the deadline is httpcore2's read timeout, on the socket, not here."""
     assert await read_all(answer(pause=60.0, idle_scope=None)) == [b"first", b"second"]
