@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from load import LoadPool, Mode
+from load import LoadPool, Mode, request_body
 from run import (
     OFF_CONFIG,
     ROOT,
@@ -95,11 +95,11 @@ def start_tproxy(
     return server, port
 
 
-def warm(port: int, modes: set[Mode]) -> None:
+def warm(port: int, modes: set[Mode], turns: int) -> None:
     """Ask each request until the cache answers it (the store commits in the background)."""
     for mode in modes:
         for _ in range(100):
-            status, cache_status, _ = post(port, mode, INTERVAL_MS)
+            status, cache_status, _ = post(port, mode, INTERVAL_MS, turns)
             if status == 200 and "hit" in cache_status:
                 break
             time.sleep(0.05)
@@ -118,7 +118,11 @@ def export(revision: str, into: Path) -> Path:
 
 
 def measure_pair(
-    pools: tuple[LoadPool, LoadPool], targets: list[tuple[Server, int]], test: Test, duration: float
+    pools: tuple[LoadPool, LoadPool],
+    targets: list[tuple[Server, int]],
+    test: Test,
+    duration: float,
+    turns: int,
 ) -> list[tuple[float, float]]:
     """Both versions under the same load at the same time: per version, CPU µs per answer of
     its server and answers per second."""
@@ -135,6 +139,7 @@ def measure_pair(
                 warmup=max(0.5, stagger),
                 interval_ms=INTERVAL_MS,
                 stagger=stagger,
+                turns=turns,
             )
         )
     opens = max(run.window[0] for run in running)
@@ -166,6 +171,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument(
+        "--turns", type=int, default=0, help="earlier exchanges in each request (~250 B each)"
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin the servers to a core")
     args = parser.parse_args()
     tests = [parse_test(key) for key in args.tests.split(",")]
@@ -195,7 +203,7 @@ def main() -> int:
                     )
                 if hit_modes:
                     hit = start_tproxy(servers, f"{name}-hit", source, "", upstream_url, core)
-                    warm(hit[1], hit_modes)
+                    warm(hit[1], hit_modes, args.turns)
                 versions.append(Version(name, source, off, hit))
             ratios: dict[str, list[float]] = {t.key: [] for t in tests}
             rate_ratios: dict[str, list[float]] = {t.key: [] for t in tests}
@@ -206,7 +214,7 @@ def main() -> int:
                 for test in tests:
                     targets = [version.hit if test.hit else version.off for version in order]
                     assert None not in targets
-                    pair = measure_pair(pools, targets, test, args.duration)  # type: ignore[arg-type]
+                    pair = measure_pair(pools, targets, test, args.duration, args.turns)  # type: ignore[arg-type]
                     seen = {version.name: got for version, got in zip(order, pair, strict=True)}
                     for name, (cost, _) in seen.items():
                         costs.setdefault((test.key, name), []).append(cost)
@@ -224,7 +232,8 @@ def main() -> int:
             servers.stop_all()
     new = args.new or "the working tree"
     print(f"\nbase {args.base}, new {new}, {args.rounds} rounds of {args.duration:g} s,", end=" ")
-    print(f"{time.monotonic() - started:.0f} s in all; servers pinned: {not args.no_pin}\n")
+    print(f"{time.monotonic() - started:.0f} s in all; servers pinned: {not args.no_pin};", end=" ")
+    print(f"request body {len(request_body(Mode.JSON, args.turns))} bytes\n")
     print("| test | base CPU µs/answer | new CPU µs/answer | CPU ratio new/base | rate ratio |")
     print("|---|---|---|---|---|")
     for test in tests:
