@@ -8,7 +8,9 @@ the sha256 of a versioned tuple in which every field is length-prefixed::
     (KEY_VERSION, METHOD, route, path?query, tenant namespace, canonical body)
 
 so two different tuples never give the same hashed bytes, and raising ``KEY_VERSION`` retires
-every stored entry at once.
+every stored entry at once. What the decision reads of a body (canonical bytes, model, stream
+flag) may come from a :class:`BodyMemo` of recent bodies: a cache hit repeats bytes seen before,
+and parsing them is the largest part of deciding.
 
 A body larger than ``CANONICAL_BODY_LIMIT`` (256 KiB) is keyed by its bytes as they came, in a
 tuple with one more field (``b"raw"``) so it never meets a canonical one: parsing and writing
