@@ -48,12 +48,25 @@ class Mode(Enum):
     PACED = "paced"  # the 50-event stream with a gap between events; events are timed
 
 
-def request_body(mode: Mode) -> bytes:
-    """The request body of a mode: the same bytes for every target, so cache keys match."""
+# One earlier exchange of a conversation, for the requests that carry ``turns`` of them.
+_TURN = [
+    {"role": "user", "content": "Tell me one more thing about benchmarks, briefly. " * 2},
+    {"role": "assistant", "content": "A benchmark measures one thing under a fixed load. " * 2},
+]
+
+
+def request_body(mode: Mode, turns: int = 0) -> bytes:
+    """The request body of a mode: the same bytes for every target, so cache keys match.
+
+    ``turns`` earlier exchanges (~250 bytes each) make it the size of a real conversation.
+    """
     return json.dumps(
         {
             "model": "bench",
-            "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+            "messages": [
+                *(_TURN * turns),
+                {"role": "user", "content": "Say hello to the benchmark."},
+            ],
             "stream": mode is not Mode.JSON,
         },
         separators=(",", ":"),
@@ -61,10 +74,15 @@ def request_body(mode: Mode) -> bytes:
 
 
 def request_bytes(
-    host: str, port: int, mode: Mode, interval_ms: float, extra: tuple[bytes, ...] = ()
+    host: str,
+    port: int,
+    mode: Mode,
+    interval_ms: float,
+    extra: tuple[bytes, ...] = (),
+    turns: int = 0,
 ) -> bytes:
     """The whole request, built once per measurement; ``extra`` are more header lines."""
-    body = request_body(mode)
+    body = request_body(mode, turns)
     lines = [
         b"POST /v1/chat/completions HTTP/1.1",
         b"Host: %s:%d" % (host.encode(), port),
@@ -384,6 +402,7 @@ class LoadPool:
         stagger: float = 0.0,
         timeout: float = 10.0,
         headers: tuple[bytes, ...] = (),
+        turns: int = 0,
     ) -> Running:
         """Start one measurement over the processes (at most one process per connection).
 
@@ -394,7 +413,7 @@ class LoadPool:
         """
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        request = request_bytes(host, port, mode, interval_ms, headers)
+        request = request_bytes(host, port, mode, interval_ms, headers, turns)
         processes = min(self.processes, connections)
         start_at = time.time() + 0.3  # time for every process to receive its spec and connect
         shares = [

@@ -261,14 +261,14 @@ def get_status(port: int, path: str) -> int:
         connection.close()
 
 
-def post(port: int, mode: Mode, interval_ms: float) -> tuple[int, str, bytes]:
+def post(port: int, mode: Mode, interval_ms: float, turns: int = 0) -> tuple[int, str, bytes]:
     """One request as the load sends it: status, Cache-Status header, body."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Content-Type": "application/json"}
     if mode is Mode.PACED:
         headers["X-Bench-Interval-Ms"] = f"{interval_ms:g}"
     try:
-        connection.request("POST", "/v1/chat/completions", request_body(mode), headers)
+        connection.request("POST", "/v1/chat/completions", request_body(mode, turns), headers)
         response = connection.getresponse()
         return response.status, response.getheader("cache-status") or "", response.read()
     finally:

@@ -1,7 +1,7 @@
 """``UpstreamResponse.chunks``: the body of an upstream answer, and its idle deadline.
 
 End to end, over real sockets, the deadlines are tested in ``tests/faults``; an HTTP/1.1 upstream
-there gets its idle deadline from httpx2's read timeout. An HTTP/2 answer keeps the deadline as a
+there gets its idle deadline from httpcore2's read timeout. An HTTP/2 answer keeps the deadline as a
 cancel scope per chunk (a read timeout would fail every stream of its connection); no HTTP/2
 upstream runs in the suite, so that path is tested here on an in-memory body, with Trio's
 virtual clock.
@@ -10,17 +10,21 @@ virtual clock.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
 
-import httpx2
+import h11
+import httpcore2
 import pytest
 import trio
 import trio.testing
 
+from tproxy.config import Overrides, load_settings
 from tproxy.core.errors import UpstreamTimeout
-from tproxy.upstream import UpstreamResponse
+from tproxy.upstream import UpstreamResponse, open_upstream_pool
 
 
-class PausingBody(httpx2.AsyncByteStream):
+class PausingBody:
     """Two chunks with ``pause`` seconds between them."""
 
     def __init__(self, pause: float) -> None:
@@ -33,7 +37,7 @@ class PausingBody(httpx2.AsyncByteStream):
 
 
 def answer(pause: float, idle_scope: float | None) -> UpstreamResponse:
-    response = httpx2.Response(200, stream=PausingBody(pause))
+    response = httpcore2.Response(200, content=PausingBody(pause))
     return UpstreamResponse(200, [], _response=response, _idle_scope=idle_scope)
 
 
@@ -64,5 +68,64 @@ async def test_a_pause_shorter_than_the_idle_scope_is_waited_for(
 async def test_without_an_idle_scope_the_body_is_read_as_it_comes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """HTTP/1.1: the deadline is httpx2's read timeout, on the socket, not here."""
+    """HTTP/1.1: the deadline is httpcore2's read timeout, on the socket, not here."""
     assert await read_all(answer(pause=60.0, idle_scope=None)) == [b"first", b"second"]
+
+
+# --- the request as it leaves, over a real socket ----------------------------------------------
+
+
+class CookieSettingUpstream:
+    """An upstream that answers every request with a ``Set-Cookie`` and keeps the heads it read."""
+
+    def __init__(self) -> None:
+        self.heads: list[h11.Request] = []
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                connection.receive_data(data)
+            elif isinstance(event, h11.Request):
+                self.heads.append(event)
+            elif isinstance(event, h11.EndOfMessage):
+                headers = [("Content-Length", "2"), ("Set-Cookie", "session=upstream-secret")]
+                for reply in (h11.Response(status_code=200, headers=headers), h11.Data(data=b"ok")):
+                    await stream.send_all(connection.send(reply) or b"")
+                await stream.send_all(connection.send(h11.EndOfMessage()) or b"")
+                connection.start_next_cycle()
+
+
+async def test_the_request_carries_the_callers_headers_host_and_length_and_no_cookie(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Nothing is added but Host and Content-Length: no client defaults, and no cookie jar (a
+    cookie one client's answer set must never ride on another client's request)."""
+    upstream = CookieSettingUpstream()
+    (listener,) = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), upstream.serve, 0)
+    port = listener.socket.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/base"
+    settings = load_settings(None, Overrides(upstream=url, cache_dir=tmp_path))
+    async with open_upstream_pool(settings, environ={}) as pool:
+        for client in (b"first", b"second"):
+            async with pool.open_response(
+                "default",
+                method="POST",
+                target="/v1/chat/completions?x=1",
+                headers=[(b"x-client", client)],
+                body=b"{}",
+                deadline=trio.current_time() + 10,
+            ) as response:
+                assert [chunk async for chunk in response.chunks()] == [b"ok"]
+                assert (b"set-cookie", b"session=upstream-secret") in response.headers
+    assert [(head.method, head.target) for head in upstream.heads] == [
+        (b"POST", b"/base/v1/chat/completions?x=1")
+    ] * 2
+    assert [list(head.headers) for head in upstream.heads] == [
+        [(b"host", b"127.0.0.1:%d" % port), (b"content-length", b"2"), (b"x-client", client)]
+        for client in (b"first", b"second")
+    ]

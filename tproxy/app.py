@@ -19,6 +19,7 @@ import trio
 from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope
 from tproxy.config import CacheSettings, RouteSettings, Settings
 from tproxy.core.cachekey import (
+    BodyMemo,
     CacheDecision,
     Verdict,
     decide,
@@ -97,6 +98,7 @@ class ProxyApp:
         self._exchanger = exchanger
         self._store = store
         self._model_routing = needs_model(settings.routes)
+        self._bodies = BodyMemo()  # a repeated body (a cache hit) is not parsed again
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "http":
@@ -315,6 +317,7 @@ class ProxyApp:
             body=request.body,
             ignore_fields=cache.ignore_fields,
             shared=cache.shared,
+            memo=self._bodies,
         )
         if decision.verdict is not Verdict.CACHEABLE or decision.key is None:
             fwd = _BYPASS.get(decision.verdict, "miss")

@@ -1,18 +1,23 @@
-"""Talking to upstreams: the only module that uses httpx2.
+"""Talking to upstreams: the only module that uses httpcore2.
 
-One ``httpx2.AsyncClient`` per configured upstream, HTTP/1.1 unless the operator opted into
-HTTP/2 (closing an HTTP/2 stream early does not stop generation upstream). Three deadlines: the
-time to the response headers is a Trio cancel scope here; the gap between two body chunks is
-httpx2's read timeout, which is exactly that gap (httpcore2 puts a deadline around every read
-whether one is set or not, so it costs nothing more), set once the headers are in (on HTTP/2,
-where a read timeout fails the whole connection, a cancel scope per chunk); the whole exchange is
-the caller's cancel scope. httpx2's exceptions are translated here, at the edge, into
-:mod:`tproxy.core.errors`, and the upstream's header names are lower-cased here (httpx2 keeps
-them as written, and llama.cpp, Ollama and nginx write ``Content-Type``).
+One httpcore2 connection pool per configured upstream, called directly (httpx2's client on top
+of it cost ~0.3 ms of CPU per request and added nothing tproxy uses: docs/benchmarks.md),
+HTTP/1.1 unless the operator opted into HTTP/2 (closing an HTTP/2 stream early does not stop
+generation upstream). Three deadlines: the time to the response headers is a Trio cancel scope
+here; the gap between two body chunks is httpcore2's read timeout, which is exactly that gap
+(httpcore2 puts a deadline around every read whether one is set or not, so it costs nothing
+more), set once the headers are in (on HTTP/2, where a read timeout fails the whole connection, a
+cancel scope per chunk); the whole exchange is the caller's cancel scope. httpcore2's exceptions
+are translated here, at the edge, into :mod:`tproxy.core.errors`, and the upstream's header names
+are lower-cased here (httpcore2 keeps them as written, and llama.cpp, Ollama and nginx write
+``Content-Type``).
+
+The request goes upstream with the caller's headers and body as given, plus ``Host`` and
+``Content-Length``; nothing else is added (no client defaults, no cookie jar), and the target is
+forwarded as the client wrote it, after the upstream's base path.
 
 The libraries' own loggers are held at ``log.libraries`` (WARNING by default) while the pool is
-open: httpx2 logs every request at INFO with its whole URL, query string (where clients put keys)
-included, and the access line already says it; hpack logs header values at DEBUG.
+open: httpcore2 logs each step of a request at DEBUG, and hpack logs header values at DEBUG.
 
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
 connection whose last response was followed by more bytes is closed instead of recycled.
@@ -33,9 +38,9 @@ from collections.abc import (
 )
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpcore2
-import httpx2
 import trio
 
 from tproxy.config import Settings, UpstreamSettings
@@ -48,6 +53,19 @@ from tproxy.core.errors import (
 from tproxy.core.headers import Header, lowered_names
 from tproxy.tls import TLSFileError, upstream_context
 
+# Every error httpcore2 raises for a failed exchange (its whole hierarchy but the pool's
+# internal ConnectionNotAvailable, which it retries itself).
+_TRANSPORT_ERRORS = (
+    httpcore2.NetworkError,
+    httpcore2.TimeoutException,
+    httpcore2.ProtocolError,
+    httpcore2.UnsupportedProtocol,
+    httpcore2.ProxyError,
+)
+
+# Methods that announce an empty body with ``Content-Length: 0`` rather than with nothing.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
 
 @dataclass(slots=True)
 class UpstreamResponse:
@@ -55,7 +73,7 @@ class UpstreamResponse:
 
     status: int
     headers: list[Header]  # names lower-cased, as everything after this edge expects
-    _response: httpx2.Response
+    _response: httpcore2.Response
     _idle_scope: float | None  # HTTP/2: the idle deadline as a scope per chunk (see open_response)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
@@ -64,7 +82,7 @@ class UpstreamResponse:
         Raises :class:`UpstreamTimeout` (``idle``: no byte for the upstream's ``idle_timeout``)
         or :class:`UpstreamBroken`. The total deadline is the caller's to enforce.
         """
-        async with aclosing(self._response.aiter_raw()) as stream:
+        async with aclosing(self._response.aiter_stream()) as stream:
             while True:
                 if self._idle_scope is None:
                     chunk = await _next_chunk(stream)
@@ -79,34 +97,88 @@ class UpstreamResponse:
 
 
 async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
-    """The next chunk of a body, None at its end; httpx2's errors translated."""
+    """The next chunk of a body, None at its end; httpcore2's errors translated."""
     try:
         return await anext(stream)
     except StopAsyncIteration:
         return None
-    except httpx2.ReadTimeout as error:
+    except httpcore2.ReadTimeout as error:
         raise UpstreamTimeout("idle") from error
-    except (httpx2.TransportError, httpx2.StreamError) as error:
+    except _TRANSPORT_ERRORS as error:
         raise UpstreamBroken(f"upstream body broke: {_describe(error)}") from error
 
 
 def _describe(error: Exception) -> str:
-    """An httpx2 error in words, for the access log's reason: its message, or its kind when it
-    has none (``ReadError()`` often has none)."""
+    """An httpcore2 error in words, for the access log's reason: its message, or its kind when
+    it has none (``ReadError()`` often has none)."""
     return str(error) or type(error).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """Where an upstream's requests go, parsed once from its URL: the connection's origin, the
+    ``Host`` header and the base path every target is appended to."""
+
+    scheme: bytes
+    host: bytes  # without brackets: what the connection dials
+    port: int | None
+    host_header: bytes  # with brackets and a non-default port, as a client writes it
+    base_path: bytes
+
+    @classmethod
+    def of(cls, url: str) -> _Address:
+        parts = urlsplit(url)  # config.py has normalised it: scheme://host[:port][/base]
+        host = parts.hostname or ""
+        shown = f"[{host}]" if ":" in host else host
+        port = parts.port
+        default = {"http": 80, "https": 443}[parts.scheme]
+        if port is not None and port != default:
+            shown += f":{port}"
+        return cls(
+            scheme=parts.scheme.encode("ascii"),
+            host=host.encode("ascii"),
+            port=port,
+            host_header=shown.encode("ascii"),
+            base_path=parts.path.encode("latin-1"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class _Upstream:
     settings: UpstreamSettings
-    client: httpx2.AsyncClient
+    address: _Address
+    pool: httpcore2.AsyncConnectionPool
     authorization: bytes | None
     extra_headers: tuple[Header, ...]
-    extensions: dict[str, object]  # httpcore2's per-request extensions: the TLS server name
+    server_name: str | None  # the TLS server name (httpcore2's ``sni_hostname`` extension)
+
+    def request(
+        self, method: str, target: str, headers: Sequence[Header], body: bytes
+    ) -> httpcore2.Request:
+        """The request to send: ``Host`` and ``Content-Length`` (as RFC 9110 asks: none for an
+        empty GET), then the caller's headers; the connect timeout, the read timeout unset
+        until the headers are in, and the TLS server name."""
+        address = self.address
+        head: list[Header] = [(b"host", address.host_header)]
+        if body or method in _BODY_METHODS:
+            head.append((b"content-length", b"%d" % len(body)))
+        head.extend(headers)
+        extensions: dict[str, object] = {
+            "timeout": {"connect": self.settings.connect_timeout, "read": None}
+        }
+        if self.server_name is not None:
+            extensions["sni_hostname"] = self.server_name
+        url = httpcore2.URL(
+            scheme=address.scheme,
+            host=address.host,
+            port=address.port,
+            target=address.base_path + target.encode("latin-1"),
+        )
+        return httpcore2.Request(method, url, headers=head, content=body, extensions=extensions)
 
 
 class UpstreamPool:
-    """The HTTP clients for every configured upstream, opened and closed together."""
+    """The connection pools of every configured upstream, opened and closed together."""
 
     def __init__(self, upstreams: Mapping[str, _Upstream]) -> None:
         self._upstreams = upstreams
@@ -141,25 +213,19 @@ class UpstreamPool:
         """
         upstream = self._upstreams[name]
         settings = upstream.settings
-        request = upstream.client.build_request(
-            method,
-            settings.url + target,
-            headers=list(headers),
-            content=body,
-            extensions=upstream.extensions,
-        )
+        request = upstream.request(method, target, headers, body)
         first_byte_deadline = min(deadline, trio.current_time() + settings.first_byte_timeout)
-        response: httpx2.Response | None = None
+        response: httpcore2.Response | None = None
         with trio.CancelScope(deadline=first_byte_deadline) as scope:
             try:
-                response = await upstream.client.send(request, stream=True)
-            except httpx2.ConnectTimeout as error:
+                response = await upstream.pool.handle_async_request(request)
+            except httpcore2.ConnectTimeout as error:
                 raise UpstreamTimeout("connect") from error
-            except (httpx2.ConnectError, httpx2.UnsupportedProtocol) as error:
+            except (httpcore2.ConnectError, httpcore2.UnsupportedProtocol) as error:
                 raise UpstreamConnectError(
                     f"cannot connect to {name}: {_describe(error)}"
                 ) from error
-            except httpx2.TransportError as error:
+            except _TRANSPORT_ERRORS as error:
                 raise UpstreamBroken(
                     f"{name} failed before its response: {_describe(error)}"
                 ) from error
@@ -170,13 +236,13 @@ class UpstreamPool:
         # here on it bounds the gap between two chunks. On HTTP/2 a read timeout would fail every
         # stream of the shared connection, so there the idle deadline stays a scope of ours.
         idle_scope: float | None = settings.idle_timeout
-        if response.http_version == "HTTP/1.1":
+        if response.extensions.get("http_version") != b"HTTP/2":
             request.extensions["timeout"]["read"] = settings.idle_timeout
             idle_scope = None
         try:
             yield UpstreamResponse(
-                status=response.status_code,
-                headers=lowered_names(response.headers.raw),
+                status=response.status,
+                headers=lowered_names(response.headers),
                 _response=response,
                 _idle_scope=idle_scope,
             )
@@ -261,26 +327,9 @@ class _LeftoverGuardPool(httpcore2.AsyncConnectionPool):
         return _LeftoverGuardConnection(super().create_connection(origin))
 
 
-class _GuardedTransport(httpx2.AsyncHTTPTransport):
-    """httpx2's transport over a :class:`_LeftoverGuardPool` with the same settings."""
-
-    def __init__(self, *, http2: bool, limits: httpx2.Limits, ssl_context: ssl.SSLContext) -> None:
-        super().__init__(
-            http1=True, http2=http2, limits=limits, trust_env=False, verify=ssl_context
-        )
-        self._pool = _LeftoverGuardPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            http1=True,
-            http2=http2,
-        )
-
-
 def _system_roots() -> ssl.SSLContext:
-    """A new context trusting the system's CAs, as httpx2 makes it (ignoring SSL_CERT_FILE)."""
-    return httpx2.create_ssl_context(trust_env=False)
+    """A new context trusting the system's CAs, as httpcore2 makes it (ignoring SSL_CERT_FILE)."""
+    return httpcore2.default_ssl_context(_trust_env=False)
 
 
 def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
@@ -309,8 +358,9 @@ def _authorization(settings: UpstreamSettings, environ: Mapping[str, str]) -> by
     return b"Bearer " + key.encode("latin-1")
 
 
-# The loggers of httpx2 and of the libraries under it (h2 and hpack also serve Hypercorn's HTTP/2).
-LIBRARY_LOGGERS = ("httpx2", "httpcore2", "h2", "hpack")
+# The loggers of httpcore2 and of the libraries under it (h2 and hpack also serve Hypercorn's
+# HTTP/2).
+LIBRARY_LOGGERS = ("httpcore2", "h2", "hpack")
 
 
 @contextmanager
@@ -331,8 +381,8 @@ def _library_log_level(level: str) -> Iterator[None]:
 async def open_upstream_pool(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> AsyncIterator[UpstreamPool]:
-    """Open one client per upstream; close them all on exit. Meanwhile the libraries' loggers
-    are held at ``settings.log.libraries``.
+    """Open one connection pool per upstream; close them all on exit. Meanwhile the libraries'
+    loggers are held at ``settings.log.libraries``.
 
     Raises :class:`UpstreamError` when an upstream's API key variable is missing or its TLS
     files cannot be loaded, so a misconfigured service fails at start, not on the first request.
@@ -342,35 +392,25 @@ async def open_upstream_pool(
         stack.enter_context(_library_log_level(settings.log.libraries))
         upstreams: dict[str, _Upstream] = {}
         for upstream in settings.upstreams:
-            limits = httpx2.Limits(
+            pool = _LeftoverGuardPool(
+                ssl_context=_ssl_context(upstream),
                 max_connections=upstream.max_connections,
                 max_keepalive_connections=upstream.max_connections,
                 keepalive_expiry=30.0,
+                http1=True,
+                http2=upstream.http2,
             )
-            client = httpx2.AsyncClient(
-                transport=_GuardedTransport(
-                    http2=upstream.http2, limits=limits, ssl_context=_ssl_context(upstream)
-                ),
-                timeout=httpx2.Timeout(
-                    connect=upstream.connect_timeout, read=None, write=None, pool=None
-                ),
-                trust_env=False,
-                follow_redirects=False,
-            )
-            await stack.enter_async_context(client)
+            await stack.enter_async_context(pool)
             upstreams[upstream.name] = _Upstream(
                 settings=upstream,
-                client=client,
+                address=_Address.of(upstream.url),
+                pool=pool,
                 authorization=_authorization(upstream, env),
                 extra_headers=tuple(
                     lowered_names(
                         (n.encode("latin-1"), v.encode("latin-1")) for n, v in upstream.headers
                     )
                 ),
-                extensions=(
-                    {}
-                    if upstream.tls_server_name is None
-                    else {"sni_hostname": upstream.tls_server_name}
-                ),
+                server_name=upstream.tls_server_name,
             )
         yield UpstreamPool(upstreams)
