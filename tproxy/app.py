@@ -4,6 +4,11 @@ Everything that can be refused is refused here, before any upstream is involved:
 are not origin-form (tproxy is never an open proxy), bodies over ``server.max_body_bytes`` (413
 before reading the rest), requests no route accepts. Answers from the cache are replayed in one
 body message: a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
+
+The cache has one or two tiers: the local store, read inline (microseconds), then, when it has
+nothing usable and ``[shared_store]`` is configured, the shared tier, under its own short
+deadline. A shared hit is replayed the same way, its ``Cache-Status`` says ``detail=shared``, and
+it is copied into the local store off the client's path.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from tproxy.core.target import check_request_line
 from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
 from tproxy.routing import body_model, choose_route, needs_model
+from tproxy.sharedstore import SharedTier
 from tproxy.store import CacheStore
 from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
@@ -79,8 +85,10 @@ class ProxyApp:
         inflight: Inflight,
         telemetry: Telemetry,
         client_keys: ClientKeys | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         self._settings = settings
+        self._shared = shared
         self._client_keys = client_keys
         self._inflight = inflight
         self._telemetry = telemetry
@@ -135,7 +143,7 @@ class ProxyApp:
                 request.body, dialect_for(request.target.partition("?")[0])
             )
             exchange.tenant = tenant_namespace(request.headers, shared=False)
-            lookup = self._look_up(request, route, model)
+            lookup = await self._look_up(request, route, model)
             exchange.model = lookup.model or model
             exchange.cache_status = lookup.cache_status
             if lookup.entry is not None:
@@ -255,7 +263,9 @@ class ProxyApp:
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    def _look_up(self, request: ProxyRequest, route: RouteSettings, model: str | None) -> _Lookup:
+    async def _look_up(
+        self, request: ProxyRequest, route: RouteSettings, model: str | None
+    ) -> _Lookup:
         cache = self._settings.cache
         path, _, query = request.target.partition("?")
         decision = decide(
@@ -280,17 +290,38 @@ class ProxyApp:
             now = time.time()
             entry = self._store.get(decision.key, now)
             if entry is not None:
-                age = max(0.0, now - entry.created_at)
-                if decision.max_age is None or age <= decision.max_age:
-                    ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
-                    status = format_cache_status(hit=True, ttl=ttl)
-                    return _Lookup(entry, age, None, status, model=decision.model)
+                if _fresh_enough(entry, now, decision.max_age):
+                    return _hit(entry, now, decision, tier=None)
                 fwd = "stale"
+            if self._shared is not None:
+                entry = await self._shared.get(decision.key, now)
+                if entry is not None:
+                    if _fresh_enough(entry, now, decision.max_age):
+                        self._keep_locally(decision.key, entry)
+                        return _hit(entry, now, decision, tier="shared")
+                    fwd = "stale"
         status = format_cache_status(hit=False, fwd=fwd)
         if decision.only_if_cached:
             return _Lookup(None, 0.0, None, status, refuse_miss=True, model=decision.model)
         plan = _plan(cache, route, decision) if decision.store else None
         return _Lookup(None, 0.0, plan, status, model=decision.model)
+
+    def _keep_locally(self, key: str, entry: StoredEntry) -> None:
+        """Copy a shared hit into the local store, off the client's path (dropped when busy)."""
+        writer = self._exchanger.store_writer
+        if writer is not None:
+            writer.submit(key, entry, share=False)
+
+
+def _fresh_enough(entry: StoredEntry, now: float, max_age: float | None) -> bool:
+    return max_age is None or max(0.0, now - entry.created_at) <= max_age
+
+
+def _hit(entry: StoredEntry, now: float, decision: CacheDecision, tier: str | None) -> _Lookup:
+    """A hit from the local store (``tier`` None) or from the tier ``tier`` names."""
+    ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
+    status = format_cache_status(hit=True, ttl=ttl, detail=tier)
+    return _Lookup(entry, max(0.0, now - entry.created_at), None, status, model=decision.model)
 
 
 def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -> CachePlan:

@@ -128,6 +128,27 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedStoreSettings:
+    """The shared cache tier (Valkey/Redis) behind the local store; see docs/operations.md.
+
+    Exactly one of ``url`` and ``cluster_nodes`` is set. The password is read from the
+    environment variable ``password_env`` names when the tier is opened, never from the file.
+    """
+
+    url: str | None = None
+    cluster_nodes: tuple[str, ...] = ()
+    password_env: str | None = None
+    key_prefix: str = "tproxy:"
+    lookup_timeout: float = 0.01
+    write_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    max_entry_bytes: int = 1024 * 1024
+    queue_size: int = 256
+    breaker_failures: int = 5
+    breaker_reset: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     """How much is logged and in which form."""
 
@@ -225,6 +246,7 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     payload_log: PayloadLogSettings = field(default_factory=PayloadLogSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    shared_store: SharedStoreSettings | None = None  # None: no [shared_store] table, no tier 2
     # Settings that are allowed but unsafe: shown by check-config and logged at start.
     warnings: tuple[str, ...] = ()
 
@@ -439,6 +461,31 @@ def _upstream_url(value: object) -> str:
             f" write {_show(base)}"
         )
     return url
+
+
+def _redis_url(value: object) -> str:
+    """A Valkey/Redis URL; a password in it is refused (``password_env`` holds its name)."""
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _BadValueError(f"expected a redis://, rediss:// or unix:// URL, got {_show(text)}")
+    if parts.password is not None:
+        # Not echoed: it holds a credential.
+        raise _BadValueError("a URL must not hold a password; name a variable in password_env")
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise _BadValueError(f"expected unix:///absolute/path.sock, got {_show(text)}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise _BadValueError(f"expected a host in the URL, got {_show(text)}")
+    return text
+
+
+def _key_prefix(value: object) -> str:
+    text = _string(value)
+    if not text.isprintable() or len(text) > 64 or "{" in text or "}" in text:
+        raise _BadValueError(
+            f"expected up to 64 printable characters without braces, got {_show(text)}"
+        )
+    return text
 
 
 def _choice(options: Sequence[str]) -> _Checker:
@@ -712,6 +759,19 @@ _PAYLOAD_LOG: dict[str, _Checker] = {
     "max_record_bytes": _size,
     "raw_events": _boolean,
 }
+_SHARED_STORE: dict[str, _Checker] = {
+    "url": _redis_url,
+    "cluster_nodes": _array(_address, non_empty=True),
+    "password_env": _env_name,
+    "key_prefix": _key_prefix,
+    "lookup_timeout": _seconds,
+    "write_timeout": _seconds,
+    "connect_timeout": _seconds,
+    "max_entry_bytes": _size,
+    "queue_size": _size,
+    "breaker_failures": _size,
+    "breaker_reset": _seconds,
+}
 _SECTIONS = (
     "server",
     "cache",
@@ -722,6 +782,7 @@ _SECTIONS = (
     "telemetry",
     "payload_log",
     "auth",
+    "shared_store",
 )
 
 
@@ -768,6 +829,19 @@ def _read_auth(table: Mapping[str, object], base: Path, problems: _Problems) -> 
                 " client authentication off)",
             )
     return auth
+
+
+def _read_shared_store(
+    document: Mapping[str, object], problems: _Problems
+) -> SharedStoreSettings | None:
+    """The ``[shared_store]`` table, or None when the file has none (no shared tier)."""
+    if "shared_store" not in document:
+        return None
+    table = _table(document, "shared_store", problems)
+    values = _read_table(table, "shared_store", _SHARED_STORE, problems)
+    if ("url" in table) == ("cluster_nodes" in table):
+        problems.at("shared_store", "set exactly one of url and cluster_nodes")
+    return dataclasses.replace(SharedStoreSettings(), **values)
 
 
 def _read_key_file(path: Path, problems: _Problems) -> list[str]:
@@ -1000,6 +1074,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     )
 
     auth = _read_auth(_table(document, "auth", problems), base, problems)
+    shared_store = _read_shared_store(document, problems)
 
     flags: dict[str, Any] = {}
     _apply_flag(flags, "url", "--upstream", _upstream_url, overrides.upstream, problems)
@@ -1049,6 +1124,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         telemetry=dataclasses.replace(TelemetrySettings(), **telemetry_values),
         payload_log=payload_log,
         auth=auth,
+        shared_store=shared_store,
         warnings=tuple(warning for warning in warnings if warning is not None),
     )
 

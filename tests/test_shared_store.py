@@ -1,0 +1,293 @@
+"""The shared cache tier against a real redis-server: hosts share answers, tenants stay apart,
+and every way the tier can fail costs a request no more than the tier's own deadline.
+
+Each test starts its own redis-server on a free loopback port (:mod:`tests.redisserver`) and
+one or two tproxy servers, each with its own LMDB store: two of them are two hosts of a fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import RunningProxy, StartProxy
+from tests.fakeupstream import FakeUpstream
+from tests.redisserver import RedisServer, free_port, needs_redis
+
+pytestmark = needs_redis
+
+CHAT = "/v1/chat/completions"
+# Generous: a hang guard for tests, far above every deadline the tier is given here.
+HANG = 20.0
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def shared_table(url: str, **extra: object) -> str:
+    """A ``[shared_store]`` table. Lookups get seconds unless a test says otherwise: only the
+    fault tests are about the deadline, and a loaded CI machine must not turn hits into misses."""
+    extra = {"lookup_timeout": 5, **extra}
+    lines = [f'url = "{url}"', *(f"{key} = {value}" for key, value in extra.items())]
+    return "[shared_store]\n" + "\n".join(lines) + "\n"
+
+
+def chat(content: str, *, stream: bool = False) -> dict[str, object]:
+    return {"model": "fake", "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+async def ask(
+    proxy: RunningProxy, body: dict[str, object], headers: dict[str, str] | None = None
+) -> httpx2.Response:
+    """One request; then wait until what it stores is in both tiers."""
+    with trio.fail_after(HANG):
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=HANG) as http:
+            response = await http.post(CHAT, json=body, headers=headers)
+        await settle(proxy)
+    return response
+
+
+async def settle(proxy: RunningProxy) -> None:
+    await proxy.flush()
+    assert proxy.store_writer is not None
+    if proxy.store_writer.shared is not None:
+        await proxy.store_writer.shared.flush()
+    await proxy.store_writer.flush()  # a shared hit's copy into the local store
+
+
+async def metrics(proxy: RunningProxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx2.AsyncClient(base_url=proxy.admin_url, timeout=HANG) as http:
+        text = (await http.get("/metrics")).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def lookups(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], result: str) -> float:
+    return found[("tproxy_shared_store_lookups_total", (("result", result),))]
+
+
+def writes(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcome: str) -> float:
+    return found[("tproxy_shared_store_writes_total", (("outcome", outcome),))]
+
+
+async def test_the_second_host_is_answered_by_the_first_hosts_upstream_call(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    first_host = await start_proxy(shared_table(redis.url), store="host-a")
+    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    for stream in (False, True):
+        body = chat(f"shared across hosts, stream={stream}", stream=stream)
+        fetched = await ask(first_host, body)
+        assert fetched.headers["cache-status"] == "tproxy; fwd=miss"
+        shared = await ask(second_host, body)
+        assert shared.headers["cache-status"].startswith("tproxy; hit; ttl=")
+        assert shared.headers["cache-status"].endswith("; detail=shared")
+        assert shared.content == fetched.content
+        assert shared.headers["content-type"] == fetched.headers["content-type"]
+        # The shared hit was copied into the second host's own store: its next hit is local.
+        local = await ask(second_host, body)
+        assert "detail=shared" not in local.headers["cache-status"]
+        assert local.content == fetched.content
+    assert upstream.calls[CHAT] == 2
+    found = await metrics(second_host)
+    assert lookups(found, "hit") == 2
+    assert found[("tproxy_shared_store_up", ())] == 1
+    assert writes(await metrics(first_host), "written") == 2
+
+
+async def test_redis_expires_a_shared_entry_when_the_entry_does(
+    start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    proxy = await start_proxy(shared_table(redis.url, key_prefix='"fleet:"'))
+    await ask(proxy, chat("ttl"))
+    keys = redis.command("--scan", "--pattern", "fleet:*").split()
+    assert len(keys) == 1
+    assert 0 < int(redis.command("PTTL", keys[0])) <= 86400 * 1000
+
+
+async def test_tenants_stay_apart_across_hosts(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    first_host = await start_proxy(shared_table(redis.url), store="host-a")
+    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    body = chat("whose answer is this")
+    alice = {"authorization": "Bearer alice-key"}
+    bob = {"authorization": "Bearer bob-key"}
+    await ask(first_host, body, alice)
+    assert (await ask(second_host, body, bob)).headers["cache-status"] == "tproxy; fwd=miss"
+    assert "detail=shared" in (await ask(second_host, body, alice)).headers["cache-status"]
+    assert upstream.calls[CHAT] == 2
+
+
+async def test_a_foreign_or_torn_value_under_a_key_is_a_miss(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    first_host = await start_proxy(shared_table(redis.url), store="host-a")
+    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    body = chat("overwritten by someone else")
+    await ask(first_host, body)
+    (key,) = redis.command("--scan", "--pattern", "tproxy:*").split()
+    redis.command("SET", key, "not an entry at all")
+    answer = await ask(second_host, body)
+    assert answer.headers["cache-status"] == "tproxy; fwd=miss"
+    assert upstream.calls[CHAT] == 2
+    assert lookups(await metrics(second_host), "miss") == 1
+
+
+async def test_only_if_cached_and_max_age_mean_the_same_for_the_shared_tier(
+    start_proxy: StartProxy, redis: RedisServer
+) -> None:
+    first_host = await start_proxy(shared_table(redis.url), store="host-a")
+    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    third_host = await start_proxy(shared_table(redis.url), store="host-c")
+    body = chat("only if cached")
+    only_if_cached = {"cache-control": "only-if-cached"}
+    assert (await ask(first_host, body, only_if_cached)).status_code == 504
+    await ask(first_host, body)
+    answer = await ask(second_host, body, only_if_cached)
+    assert answer.status_code == 200
+    assert "detail=shared" in answer.headers["cache-status"]
+    refused = await ask(third_host, body, {"cache-control": "max-age=0"})
+    assert refused.headers["cache-status"] == "tproxy; fwd=stale"
+
+
+async def test_a_tier_down_at_start_is_logged_and_tproxy_serves_without_it(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    nowhere = RedisServer(tmp_path, free_port())
+    proxy = await start_proxy(shared_table(nowhere.url, breaker_reset=60))
+    assert any("is down" in record.getMessage() for record in caplog.records)
+    body = chat("served anyway")
+    assert (await ask(proxy, body)).headers["cache-status"] == "tproxy; fwd=miss"
+    assert (await ask(proxy, body)).headers["cache-status"].startswith("tproxy; hit; ttl=")
+    async with httpx2.AsyncClient(base_url=proxy.admin_url, timeout=HANG) as http:
+        assert (await http.get("/readyz")).status_code == 200
+    found = await metrics(proxy)
+    assert found[("tproxy_shared_store_up", ())] == 0
+    assert found[("tproxy_shared_store_breaker", (("state", "open"),))] == 1
+    assert writes(found, "skipped") == 1  # the breaker kept the write from waiting on it
+    assert upstream.calls[CHAT] == 1
+
+
+async def test_a_tier_that_comes_up_later_is_used_after_the_breaker_probes(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    late = RedisServer(tmp_path, free_port())
+    proxy = await start_proxy(shared_table(late.url, breaker_reset=0.2))
+    late.start()
+    try:
+        await trio.sleep(0.2)  # the breaker's wait: the next lookup is its probe
+        await ask(proxy, chat("after the probe"))
+        found = await metrics(proxy)
+        assert found[("tproxy_shared_store_up", ())] == 1
+        assert writes(found, "written") == 1
+    finally:
+        late.stop()
+
+
+async def test_a_killed_and_restarted_tier_costs_nothing_stored_locally(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    proxy = await start_proxy(shared_table(redis.url, breaker_reset=0.2))
+    kept = chat("kept locally")
+    await ask(proxy, kept)
+    redis.kill()
+    assert (await ask(proxy, kept)).headers["cache-status"].startswith("tproxy; hit; ttl=")
+    fresh = chat("asked while the tier is gone")
+    assert (await ask(proxy, fresh)).headers["cache-status"] == "tproxy; fwd=miss"
+    assert (await ask(proxy, fresh)).headers["cache-status"].startswith("tproxy; hit; ttl=")
+    found = await metrics(proxy)
+    assert found[("tproxy_shared_store_up", ())] == 0
+    assert lookups(found, "error") == 1  # the refused connection opened the breaker at once
+    redis.start()
+    await trio.sleep(0.2)
+    await ask(proxy, chat("after the restart"))
+    found = await metrics(proxy)
+    assert found[("tproxy_shared_store_up", ())] == 1
+    assert upstream.calls[CHAT] == 3
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "debug-sleep"])
+async def test_a_stalled_tier_costs_a_lookup_its_deadline_then_the_breaker_stops_asking(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer, fault: str
+) -> None:
+    settings = shared_table(
+        redis.url, lookup_timeout=0.05, write_timeout=0.2, breaker_failures=2, breaker_reset=60
+    )
+    first_host = await start_proxy(settings, store="host-a")
+    second_host = await start_proxy(settings, store="host-b")
+    kept = chat("kept locally on the first host")
+    await ask(first_host, kept)
+    if fault == "sigstop":
+        redis.pause()
+    else:
+        redis.stall(seconds=3)
+    try:
+        for index in range(4):
+            answer = await ask(second_host, chat(f"stalled {index}"))
+            assert answer.headers["cache-status"] == "tproxy; fwd=miss"
+        hit = await ask(first_host, kept)
+        assert hit.headers["cache-status"].startswith("tproxy; hit; ttl=")
+    finally:
+        redis.resume()
+    found = await metrics(second_host)
+    # The first lookup timed out, then so did the write of its answer: two failures in a row.
+    assert lookups(found, "timeout") == 1
+    assert writes(found, "failed") == 1
+    assert lookups(found, "skipped") == 3
+    assert writes(found, "skipped") == 3
+    assert found[("tproxy_shared_store_breaker", (("state", "open"),))] == 1
+    assert upstream.calls[CHAT] == 5
+
+
+async def test_an_out_of_memory_tier_refuses_writes_and_still_answers_lookups(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    first_host = await start_proxy(shared_table(redis.url), store="host-a")
+    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    before = chat("stored before the tier filled up")
+    await ask(first_host, before)
+    redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    redis.command("CONFIG", "SET", "maxmemory", "1")
+    after = chat("refused by a full tier")
+    await ask(first_host, after)
+    assert (await ask(first_host, after)).headers["cache-status"].startswith("tproxy; hit;")
+    assert "detail=shared" in (await ask(second_host, before)).headers["cache-status"]
+    assert (await ask(second_host, after)).headers["cache-status"] == "tproxy; fwd=miss"
+    found = await metrics(first_host)
+    assert writes(found, "failed") == 1
+    assert found[("tproxy_shared_store_up", ())] == 1
+    assert upstream.calls[CHAT] == 3
+
+
+async def test_an_answer_over_the_tiers_size_limit_stays_local(
+    start_proxy: StartProxy, redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    proxy = await start_proxy(shared_table(redis.url, max_entry_bytes=100))
+    body = chat("too big to share")
+    await ask(proxy, body)
+    assert (await ask(proxy, body)).headers["cache-status"].startswith("tproxy; hit;")
+    assert writes(await metrics(proxy), "too_large") == 1
+    assert redis.command("DBSIZE") == "0"
+    assert any("not sharing" in record.getMessage() for record in caplog.records)

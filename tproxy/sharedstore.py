@@ -1,0 +1,342 @@
+"""The shared cache tier: finished answers in Valkey/Redis for a fleet; the only module that
+imports coredis.
+
+Tier 1 is the local LMDB store (:mod:`tproxy.store`); this is tier 2, asked when tier 1 has no
+usable entry. It is an optimisation, never a dependency, so nothing here may cost a client more
+than ``shared_store.lookup_timeout``:
+
+- :meth:`SharedTier.get` runs under its own deadline; a timeout, an error, a missing, torn or
+  foreign value are all a miss. A :class:`~tproxy.core.breaker.CircuitBreaker` stops asking a
+  failing tier (one refused connection opens it, as do ``breaker_failures`` errors in a row) and
+  lets one request probe it again after ``breaker_reset`` seconds.
+- :meth:`SharedTier.submit` never waits: the entry joins a bounded queue (dropped and counted
+  when full) that :meth:`SharedTier.serve` writes, one ``SET key value PX ttl`` per entry, each
+  under ``write_timeout``.
+- Values use the self-checking encoding of LMDB entries (:mod:`tproxy.core.entry`); the server
+  expires them (``PX``), so no sweep is needed. One key per entry and no multi-key command: the
+  same code works on a Redis Cluster.
+
+A server that is down when tproxy starts is logged and tproxy serves without it; the breaker
+keeps probing, so the tier comes back by itself. coredis runs on Trio through anyio; what was
+checked of it is in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeAlias
+from urllib.parse import urlsplit
+
+import coredis
+import trio
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import RedisError
+from coredis.retry import NoRetryPolicy
+from trio_util import AsyncValue
+
+from tproxy.config import SharedStoreSettings, parse_host_port
+from tproxy.core.breaker import BreakerState, CircuitBreaker, Outcome
+from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
+from tproxy.core.errors import ConfigError, CorruptEntry
+
+log = logging.getLogger("tproxy.shared_store")
+
+# Upper bounds (seconds) of the lookup latency histogram's buckets.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+# Lookups by result and writes by outcome, in the order /metrics lists them.
+LOOKUP_RESULTS = ("hit", "miss", "error", "timeout", "skipped")
+WRITE_OUTCOMES = ("written", "dropped", "too_large", "failed", "skipped")
+
+# Keys read per SCAN round trip by the cache commands.
+SCAN_COUNT = 500
+
+Client: TypeAlias = "coredis.Redis[bytes] | coredis.RedisCluster[bytes]"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedStatistics:
+    """Counts of this process since it started, and the breaker's state now."""
+
+    lookups: dict[str, int]  # by LOOKUP_RESULTS
+    writes: dict[str, int]  # by WRITE_OUTCOMES
+    bytes_written: int
+    breaker: BreakerState
+    latency_buckets: tuple[int, ...]  # cumulative counts, one per LATENCY_BUCKETS, then +Inf
+    latency_sum: float
+    queued: int
+
+
+class SharedTier:
+    """Tier 2 on one coredis client: deadline-bound lookups and a queue of writes."""
+
+    def __init__(self, client: Client, settings: SharedStoreSettings) -> None:
+        self._client = client
+        self._settings = settings
+        self._breaker = CircuitBreaker(
+            threshold=settings.breaker_failures, reset_after=settings.breaker_reset
+        )
+        self._send, self._receive = trio.open_memory_channel[tuple[str, StoredEntry]](
+            settings.queue_size
+        )
+        self._lookups: Counter[str] = Counter()
+        self._writes: Counter[str] = Counter()
+        self._bytes_written = 0
+        self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._submitted = 0
+        self._handled = AsyncValue(0)
+        self._last_error: BaseException | None = None  # what the tier last failed with, for logs
+
+    @property
+    def last_error(self) -> BaseException | None:
+        return self._last_error
+
+    def redis_key(self, key: str) -> bytes:
+        """The Redis key of the cache key ``key`` (tenants are already part of it)."""
+        return (self._settings.key_prefix + key).encode()
+
+    async def get(self, key: str, now: float) -> StoredEntry | None:
+        """The live entry under ``key``, or None: missing, expired, undecodable, failed, late."""
+        if not self._breaker.admit(trio.current_time()):
+            self._lookups["skipped"] += 1
+            return None
+        started = trio.current_time()
+        with trio.move_on_after(self._settings.lookup_timeout) as deadline:
+            outcome, raw = await self._call_get(key)
+        self._observe(trio.current_time() - started)
+        if deadline.cancelled_caught:
+            self._lookups["timeout"] += 1
+            self._last_error = TimeoutError("a lookup took longer than lookup_timeout")
+            self._report(Outcome.FAILED)
+            return None
+        self._report(outcome)
+        if outcome is not Outcome.SUCCEEDED:
+            self._lookups["error"] += 1
+            return None
+        entry = _live_entry(key, raw, now)
+        self._lookups["hit" if entry is not None else "miss"] += 1
+        return entry
+
+    async def _call_get(self, key: str) -> tuple[Outcome, bytes | None]:
+        try:
+            return Outcome.SUCCEEDED, await self._client.get(self.redis_key(key))
+        except RedisConnectionError as error:
+            self._last_error = error
+            return Outcome.UNREACHABLE, None
+        except (RedisError, OSError) as error:
+            self._last_error = error
+            return Outcome.FAILED, None
+
+    def submit(self, key: str, entry: StoredEntry) -> bool:
+        """Queue ``entry`` for the tier without waiting; False when the queue was full."""
+        try:
+            self._send.send_nowait((key, entry))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self._writes["dropped"] += 1
+            return False
+        self._submitted += 1
+        return True
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write queued entries until :meth:`close` is called and the queue is drained."""
+        task_status.started()
+        async with self._receive:
+            async for key, entry in self._receive:
+                self._writes[await self._write(key, entry)] += 1
+                self._handled.value += 1
+
+    async def _write(self, key: str, entry: StoredEntry) -> str:
+        value = encode_entry(entry)
+        if len(value) > self._settings.max_entry_bytes:
+            log.info(
+                "not sharing %s: %d bytes encoded, over shared_store.max_entry_bytes (%d)",
+                key,
+                len(value),
+                self._settings.max_entry_bytes,
+            )
+            return "too_large"
+        remaining = entry.expires_at - time.time()
+        if remaining <= 0:
+            return "skipped"
+        if not self._breaker.admit(trio.current_time()):
+            return "skipped"
+        expiry = max(1, math.ceil(remaining * 1000)) if math.isfinite(remaining) else None
+        with trio.move_on_after(self._settings.write_timeout) as deadline:
+            outcome = await self._call_set(key, value, expiry)
+        if deadline.cancelled_caught:
+            self._last_error = TimeoutError("a write took longer than write_timeout")
+            self._report(Outcome.FAILED)
+            return "failed"
+        if outcome is Outcome.SUCCEEDED:
+            self._report(outcome)
+            self._bytes_written += len(value)
+            return "written"
+        if outcome is Outcome.UNREACHABLE:
+            self._report(outcome)
+        else:
+            # The server answered (out of memory, read-only replica): it is up, lookups still work.
+            log.warning("shared store refused a write of %s: %s", key, self._last_error)
+        return "failed"
+
+    async def _call_set(self, key: str, value: bytes, expiry_ms: int | None) -> Outcome:
+        try:
+            await self._client.set(self.redis_key(key), value, px=expiry_ms)
+        except RedisConnectionError as error:
+            self._last_error = error
+            return Outcome.UNREACHABLE
+        except (RedisError, OSError) as error:
+            self._last_error = error
+            return Outcome.FAILED
+        return Outcome.SUCCEEDED
+
+    def _report(self, outcome: Outcome) -> None:
+        change = self._breaker.handle(outcome, trio.current_time())
+        if change is BreakerState.OPEN:
+            log.warning(
+                "shared store is failing (%s); not asking it for %gs",
+                self._last_error,
+                self._settings.breaker_reset,
+            )
+        elif change is BreakerState.CLOSED:
+            log.info("shared store answers again")
+
+    def _observe(self, seconds: float) -> None:
+        self._latency_sum += seconds
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                self._latency[index] += 1
+        self._latency[-1] += 1
+
+    async def check(self) -> bool:
+        """Ask the tier once (PING, under ``connect_timeout``); False and logged when it fails."""
+        with trio.move_on_after(self._settings.connect_timeout):
+            try:
+                await self._client.ping()
+            except RedisConnectionError as error:
+                self._last_error = error
+                self._report(Outcome.UNREACHABLE)
+                return False
+            except (RedisError, OSError) as error:
+                self._last_error = error
+                self._report(Outcome.FAILED)
+                return False
+            self._report(Outcome.SUCCEEDED)
+            return True
+        self._last_error = TimeoutError("PING took longer than connect_timeout")
+        self._report(Outcome.UNREACHABLE)
+        return False
+
+    def close(self) -> None:
+        """Accept no more entries; :meth:`serve` returns once the queue is written."""
+        self._send.close()
+
+    async def flush(self) -> None:
+        """Wait until every entry submitted so far has been written or given up."""
+        target = self._submitted
+        await self._handled.wait_value(lambda handled: handled >= target)
+
+    def statistics(self) -> SharedStatistics:
+        cumulative = tuple(self._latency)
+        return SharedStatistics(
+            lookups={result: self._lookups[result] for result in LOOKUP_RESULTS},
+            writes={outcome: self._writes[outcome] for outcome in WRITE_OUTCOMES},
+            bytes_written=self._bytes_written,
+            breaker=self._breaker.state,
+            latency_buckets=cumulative,
+            latency_sum=self._latency_sum,
+            queued=self._submitted - self._handled.value,
+        )
+
+
+def _live_entry(key: str, raw: bytes | None, now: float) -> StoredEntry | None:
+    if raw is None:
+        return None
+    try:
+        entry = decode_entry(raw)
+    except CorruptEntry as error:
+        log.warning("shared entry %s is not a tproxy entry (%s): a miss", key, error)
+        return None
+    return entry if entry.expires_at > now else None
+
+
+def _password(settings: SharedStoreSettings, environ: Mapping[str, str]) -> str:
+    if settings.password_env is None:
+        return ""
+    password = environ.get(settings.password_env, "")
+    if not password:
+        raise ConfigError(
+            [
+                f"shared_store.password_env: the environment variable {settings.password_env}"
+                " is not set or empty"
+            ]
+        )
+    return password
+
+
+def _client(settings: SharedStoreSettings, password: str | None) -> Client:
+    # No retries inside coredis: our deadlines are short, and a retry would only hide a failure
+    # from the breaker.
+    if settings.cluster_nodes:
+        nodes = [parse_host_port(node) for node in settings.cluster_nodes]
+        return coredis.RedisCluster(
+            startup_nodes=[{"host": host, "port": port} for host, port in nodes],
+            password=password,
+            connect_timeout=settings.connect_timeout,
+            stream_timeout=settings.write_timeout,
+            retry_policy=NoRetryPolicy(),
+        )
+    assert settings.url is not None
+    return coredis.Redis.from_url(
+        settings.url,
+        password=password,
+        connect_timeout=settings.connect_timeout,
+        stream_timeout=settings.write_timeout,
+        retry_policy=NoRetryPolicy(),
+    )
+
+
+def describe(settings: SharedStoreSettings) -> str:
+    """Where the tier is, for log lines (never a credential)."""
+    if settings.cluster_nodes:
+        return "cluster " + ", ".join(settings.cluster_nodes)
+    assert settings.url is not None
+    parts = urlsplit(settings.url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+@asynccontextmanager
+async def open_shared_tier(
+    settings: SharedStoreSettings, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[SharedTier]:
+    """The shared tier, its writer running; on exit the queue gets ``write_timeout`` to drain.
+
+    Raises ConfigError when ``password_env`` names an unset variable. A tier that cannot be
+    reached is logged, not raised: tproxy serves without it until it answers.
+    """
+    password = _password(settings, os.environ if environ is None else environ)
+    client = _client(settings, password or None)
+    async with client:
+        tier = SharedTier(client, settings)
+        if await tier.check():
+            log.info("shared store %s: connected", describe(settings))
+        else:
+            log.warning(
+                "shared store %s is down (%s); serving from the local store until it answers",
+                describe(settings),
+                tier.last_error,
+            )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tier.serve)
+            try:
+                yield tier
+            finally:
+                tier.close()
+                nursery.cancel_scope.deadline = trio.current_time() + settings.write_timeout
