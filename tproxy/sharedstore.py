@@ -26,12 +26,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import coredis
@@ -44,7 +45,7 @@ from trio_util import AsyncValue
 from tproxy.config import SharedStoreSettings, parse_host_port
 from tproxy.core.breaker import BreakerState, CircuitBreaker, Outcome
 from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
-from tproxy.core.errors import ConfigError, CorruptEntry
+from tproxy.core.errors import ConfigError, CorruptEntry, TproxyError
 
 log = logging.getLogger("tproxy.shared_store")
 
@@ -57,6 +58,8 @@ WRITE_OUTCOMES = ("written", "dropped", "too_large", "failed", "skipped")
 
 # Keys read per SCAN round trip by the cache commands.
 SCAN_COUNT = 500
+
+_T = TypeVar("_T")
 
 Client: TypeAlias = "coredis.Redis[bytes] | coredis.RedisCluster[bytes]"
 
@@ -310,6 +313,100 @@ def describe(settings: SharedStoreSettings) -> str:
     assert settings.url is not None
     parts = urlsplit(settings.url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class SharedEntry:
+    """One value found under the key prefix, for ``tproxy cache ... --tier shared``."""
+
+    key: str  # the cache key, without the prefix
+    size: int  # bytes of the encoded value
+    entry: StoredEntry | None  # None: not a tproxy entry (foreign, torn or another version)
+
+
+class SharedStoreUnavailable(TproxyError):
+    """The shared tier did not answer a command within its deadline, or refused it."""
+
+
+class SharedAdmin:
+    """Whole-tier reads and deletes for the cache commands: ``SCAN`` (never ``KEYS``), then one
+    single-key command per entry, so it works on a Redis Cluster too. Each round trip gets
+    ``write_timeout``; raises SharedStoreUnavailable when one fails or is late."""
+
+    def __init__(self, client: Client, settings: SharedStoreSettings) -> None:
+        self._client = client
+        self._settings = settings
+
+    async def entries(self) -> list[SharedEntry]:
+        """Every value under the key prefix (Redis has already dropped the expired ones)."""
+        prefix = self._settings.key_prefix.encode()
+        keys: list[bytes] = []
+        # coredis declares an AsyncIterator; it is an async generator, to be closed early.
+        scan = cast(
+            AsyncGenerator[bytes, None],
+            self._client.scan_iter(match=_glob_escape(prefix) + b"*", count=SCAN_COUNT),
+        )
+        async with aclosing(scan):
+            while True:
+                try:
+                    keys.append(await self._within(anext(scan)))
+                except StopAsyncIteration:
+                    break
+        found: list[SharedEntry] = []
+        for redis_key in keys:
+            raw = await self._within(self._client.get(redis_key))
+            if raw is None:
+                continue  # expired or deleted since the scan
+            try:
+                entry: StoredEntry | None = decode_entry(raw)
+            except CorruptEntry:
+                entry = None
+            key = redis_key[len(prefix) :].decode("utf-8", "replace")
+            found.append(SharedEntry(key, len(raw), entry))
+        return found
+
+    async def delete(self, keys: Sequence[str]) -> int:
+        """Delete the entries under ``keys``, one ``DEL`` each; how many were there."""
+        removed = 0
+        for key in keys:
+            redis_key = (self._settings.key_prefix + key).encode()
+            removed += await self._within(self._client.delete([redis_key]))
+        return removed
+
+    async def _within(self, call: Awaitable[_T]) -> _T:
+        where = f"shared store {describe(self._settings)}"
+        with trio.move_on_after(self._settings.write_timeout):
+            try:
+                return await call
+            except (RedisError, OSError) as error:
+                raise SharedStoreUnavailable(f"{where}: {error}") from error
+        limit = self._settings.write_timeout
+        raise SharedStoreUnavailable(f"{where}: no answer within write_timeout ({limit:g}s)")
+
+
+def _glob_escape(text: bytes) -> bytes:
+    """``text`` matched literally by a SCAN pattern."""
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
+
+
+@asynccontextmanager
+async def open_shared_admin(
+    settings: SharedStoreSettings, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[SharedAdmin]:
+    """A client for the cache commands; raises ConfigError for an unset ``password_env``."""
+    password = _password(settings, os.environ if environ is None else environ)
+    try:
+        async with _client(settings, password or None) as client:
+            yield SharedAdmin(client, settings)
+    except BaseExceptionGroup as group:
+        # coredis's pool runs a task group: our own error, leaving the block, comes out wrapped.
+        unavailable, rest = group.split(SharedStoreUnavailable)
+        if unavailable is None or rest is not None:
+            raise
+        first: BaseException = unavailable
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
 
 
 @asynccontextmanager
