@@ -20,7 +20,6 @@ NOW_TTL_MS = 3_600_000
 UPSTREAM = '[upstreams.local]\nurl = "http://127.0.0.1:8081"\n'
 
 
-
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A server holding a fresh stream, a two-hour-old body and a value that is no entry."""
