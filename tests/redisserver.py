@@ -9,11 +9,13 @@ Debian's ``redis-server`` (``.ci/run`` installs it when missing); nothing is sav
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,19 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def free_cluster_port() -> int:
+    """A free port P with P + 10000 free too (a cluster node's bus), so P is at most 55535."""
+    for candidate in random.sample(range(20000, 55535), 200):
+        try:
+            with socket.socket() as client, socket.socket() as bus:
+                client.bind(("127.0.0.1", candidate))
+                bus.bind(("127.0.0.1", candidate + 10000))
+        except OSError:
+            continue
+        return candidate
+    raise RuntimeError("no free pair of ports for a cluster node")
 
 
 class RedisServer:
@@ -90,6 +105,10 @@ class RedisServer:
         finally:
             watchdog.cancel()
         if not seen or READY not in seen[-1]:
+            process.kill()
+            process.wait(10)
+            process.stdout.close()
+            self._process = None
             raise RuntimeError("redis-server did not start:\n" + "".join(seen))
         # Keep reading its log, so that a full pipe never blocks the server.
         self._drain = threading.Thread(target=process.stdout.read, daemon=True)
@@ -157,3 +176,41 @@ class RedisServer:
         if self._process is not None:
             self.resume()
             self.kill()
+
+
+CREATE_OPTIONS = ("--cluster-replicas", "0", "--cluster-yes")
+
+
+class RedisCluster:
+    """A Redis Cluster of three primaries (no replicas) on free loopback ports."""
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.nodes = [RedisServer(directory, free_cluster_port()) for _ in range(size)]
+        self.directory = directory
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    def start(self) -> None:
+        """Start the nodes, join them, and return once every slot is served."""
+        for node in self.nodes:
+            config = self.directory / f"nodes-{node.port}.conf"
+            node.start("--cluster-enabled", "yes", "--cluster-config-file", str(config))
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *self.addresses, *CREATE_OPTIONS],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        # `--cluster create` returns once the nodes agree on the slots; each node then learns
+        # that the cluster is up within a few of its cron ticks. No event says so: ask, bounded.
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all("cluster_state:ok" in node.command("CLUSTER", "INFO") for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not come up")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
-from tests.redisserver import RedisServer, free_port, needs_redis
+from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
 
 pytestmark = needs_redis
 
@@ -291,3 +291,52 @@ async def test_an_answer_over_the_tiers_size_limit_stays_local(
     assert writes(await metrics(proxy), "too_large") == 1
     assert redis.command("DBSIZE") == "0"
     assert any("not sharing" in record.getMessage() for record in caplog.records)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    nodes = RedisCluster(tmp_path)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def cluster_table(addresses: list[str], **extra: object) -> str:
+    listed = ", ".join(f'"{address}"' for address in addresses)
+    extra = {"lookup_timeout": 5, **extra}
+    lines = [f"cluster_nodes = [{listed}]", *(f"{key} = {value}" for key, value in extra.items())]
+    return "[shared_store]\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+async def test_hosts_share_answers_through_a_redis_cluster(
+    start_proxy: StartProxy, upstream: FakeUpstream, cluster: RedisCluster
+) -> None:
+    """Each entry is one key in its own slot: answers land on every node, and the second host,
+    told of one node only, finds them all."""
+    first_host = await start_proxy(cluster_table(cluster.addresses), store="host-a")
+    second_host = await start_proxy(cluster_table(cluster.addresses[:1]), store="host-b")
+    bodies = [chat(f"question {index}") for index in range(12)]
+    answers = [await ask(first_host, body) for body in bodies]
+    for body, answer in zip(bodies, answers, strict=True):
+        shared = await ask(second_host, body)
+        assert "detail=shared" in shared.headers["cache-status"]
+        assert shared.content == answer.content
+    assert upstream.calls[CHAT] == len(bodies)
+    held = [int(node.command("DBSIZE")) for node in cluster.nodes]
+    assert sum(held) == len(bodies)
+    assert all(held), f"entries by node: {held}"
+
+
+async def test_a_cluster_down_at_start_is_logged_and_tproxy_serves_without_it(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    proxy = await start_proxy(cluster_table([f"127.0.0.1:{free_port()}"], connect_timeout=1))
+    assert any("is down" in record.getMessage() for record in caplog.records)
+    body = chat("served without the cluster")
+    await ask(proxy, body)
+    assert (await ask(proxy, body)).headers["cache-status"].startswith("tproxy; hit; ttl=")
+    assert (await metrics(proxy))[("tproxy_shared_store_up", ())] == 0

@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar, cast
@@ -78,11 +78,16 @@ class SharedStatistics:
 
 
 class SharedTier:
-    """Tier 2 on one coredis client: deadline-bound lookups and a queue of writes."""
+    """Tier 2 on one coredis client: deadline-bound lookups and a queue of writes.
 
-    def __init__(self, client: Client, settings: SharedStoreSettings) -> None:
-        self._client = client
+    :meth:`connect` holds the client and :meth:`serve` writes; :func:`open_shared_tier` runs
+    both.
+    """
+
+    def __init__(self, settings: SharedStoreSettings, password: str | None = None) -> None:
         self._settings = settings
+        self._password = password
+        self._client: Client | None = None  # None until opened, and while it cannot be
         self._breaker = CircuitBreaker(
             threshold=settings.breaker_failures, reset_after=settings.breaker_reset
         )
@@ -113,7 +118,7 @@ class SharedTier:
             return None
         started = trio.current_time()
         with trio.move_on_after(self._settings.lookup_timeout) as deadline:
-            outcome, raw = await self._call_get(key)
+            outcome, raw = await self._call(lambda client: client.get(self.redis_key(key)))
         self._observe(trio.current_time() - started)
         if deadline.cancelled_caught:
             self._lookups["timeout"] += 1
@@ -128,9 +133,13 @@ class SharedTier:
         self._lookups["hit" if entry is not None else "miss"] += 1
         return entry
 
-    async def _call_get(self, key: str) -> tuple[Outcome, bytes | None]:
+    async def _call(self, command: Callable[[Client], Awaitable[_T]]) -> tuple[Outcome, _T | None]:
+        """Run one command; what it did (for the breaker) and its reply."""
+        client = self._client
+        if client is None:
+            return Outcome.UNREACHABLE, None  # not open: :meth:`connect` says why
         try:
-            return Outcome.SUCCEEDED, await self._client.get(self.redis_key(key))
+            return Outcome.SUCCEEDED, await command(client)
         except RedisConnectionError as error:
             self._last_error = error
             return Outcome.UNREACHABLE, None
@@ -173,7 +182,9 @@ class SharedTier:
             return "skipped"
         expiry = max(1, math.ceil(remaining * 1000)) if math.isfinite(remaining) else None
         with trio.move_on_after(self._settings.write_timeout) as deadline:
-            outcome = await self._call_set(key, value, expiry)
+            outcome, _ = await self._call(
+                lambda client: client.set(self.redis_key(key), value, px=expiry)
+            )
         if deadline.cancelled_caught:
             self._last_error = TimeoutError("a write took longer than write_timeout")
             self._report(Outcome.FAILED)
@@ -188,17 +199,6 @@ class SharedTier:
             # The server answered (out of memory, read-only replica): it is up, lookups still work.
             log.warning("shared store refused a write of %s: %s", key, self._last_error)
         return "failed"
-
-    async def _call_set(self, key: str, value: bytes, expiry_ms: int | None) -> Outcome:
-        try:
-            await self._client.set(self.redis_key(key), value, px=expiry_ms)
-        except RedisConnectionError as error:
-            self._last_error = error
-            return Outcome.UNREACHABLE
-        except (RedisError, OSError) as error:
-            self._last_error = error
-            return Outcome.FAILED
-        return Outcome.SUCCEEDED
 
     def _report(self, outcome: Outcome) -> None:
         change = self._breaker.handle(outcome, trio.current_time())
@@ -218,24 +218,62 @@ class SharedTier:
                 self._latency[index] += 1
         self._latency[-1] += 1
 
-    async def check(self) -> bool:
-        """Ask the tier once (PING, under ``connect_timeout``); False and logged when it fails."""
+    async def connect(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold the client open for the tier's life; started once the tier answered a PING or
+        was found down (logged either way).
+
+        A plain server's client opens without connecting; a Redis Cluster's fetches the slot
+        map first, and fails when no node answers: it is tried again every ``breaker_reset``
+        seconds, and the breaker keeps requests from waiting on it meanwhile.
+        """
+        announced = False
+        while True:
+            client = _client(self._settings, self._password)
+            opening_deadline = trio.current_time() + self._settings.connect_timeout
+            with trio.CancelScope(deadline=opening_deadline) as opening:
+                try:
+                    async with client:
+                        opening.deadline = math.inf
+                        self._client = client
+                        if not announced:
+                            self._announce(await self._ping())
+                            announced = True
+                            task_status.started()
+                        await trio.sleep_forever()
+                except* (RedisError, OSError) as group:
+                    self._last_error = group.exceptions[0]
+                finally:
+                    self._client = None
+            if opening.cancelled_caught:
+                self._last_error = TimeoutError("opening took longer than connect_timeout")
+            self._report(Outcome.UNREACHABLE)
+            if not announced:
+                self._announce(False)
+                announced = True
+                task_status.started()
+            await trio.sleep(self._settings.breaker_reset)
+
+    async def _ping(self) -> bool:
         with trio.move_on_after(self._settings.connect_timeout):
-            try:
-                await self._client.ping()
-            except RedisConnectionError as error:
-                self._last_error = error
-                self._report(Outcome.UNREACHABLE)
-                return False
-            except (RedisError, OSError) as error:
-                self._last_error = error
-                self._report(Outcome.FAILED)
-                return False
-            self._report(Outcome.SUCCEEDED)
-            return True
+            outcome, _ = await self._call(lambda client: client.ping())
+            self._report(outcome)
+            return outcome is Outcome.SUCCEEDED
         self._last_error = TimeoutError("PING took longer than connect_timeout")
         self._report(Outcome.UNREACHABLE)
         return False
+
+    def _announce(self, answered: bool) -> None:
+        where = describe(self._settings)
+        if answered:
+            log.info("shared store %s: connected", where)
+        else:
+            log.warning(
+                "shared store %s is down (%s); serving from the local store until it answers",
+                where,
+                self._last_error,
+            )
 
     def close(self) -> None:
         """Accept no more entries; :meth:`serve` returns once the queue is written."""
@@ -419,21 +457,16 @@ async def open_shared_tier(
     reached is logged, not raised: tproxy serves without it until it answers.
     """
     password = _password(settings, os.environ if environ is None else environ)
-    client = _client(settings, password or None)
-    async with client:
-        tier = SharedTier(client, settings)
-        if await tier.check():
-            log.info("shared store %s: connected", describe(settings))
-        else:
-            log.warning(
-                "shared store %s is down (%s); serving from the local store until it answers",
-                describe(settings),
-                tier.last_error,
-            )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(tier.serve)
-            try:
-                yield tier
-            finally:
-                tier.close()
-                nursery.cancel_scope.deadline = trio.current_time() + settings.write_timeout
+    tier = SharedTier(settings, password or None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(tier.connect)
+        try:
+            async with trio.open_nursery() as writer:
+                await writer.start(tier.serve)
+                try:
+                    yield tier
+                finally:
+                    tier.close()
+                    writer.cancel_scope.deadline = trio.current_time() + settings.write_timeout
+        finally:
+            nursery.cancel_scope.cancel()
