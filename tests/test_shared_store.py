@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
 from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
+from tproxy.core.errors import ConfigError
 
 pytestmark = needs_redis
 
@@ -340,3 +341,44 @@ async def test_a_cluster_down_at_start_is_logged_and_tproxy_serves_without_it(
     await ask(proxy, body)
     assert (await ask(proxy, body)).headers["cache-status"].startswith("tproxy; hit; ttl=")
     assert (await metrics(proxy))[("tproxy_shared_store_up", ())] == 0
+
+
+async def test_the_password_comes_from_the_variable_password_env_names(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guarded = RedisServer(tmp_path)
+    guarded.start("--requirepass", "fleet-secret")
+    try:
+        monkeypatch.setenv("TPROXY_TEST_REDIS_PASSWORD", "fleet-secret")
+        table = shared_table(guarded.url, password_env='"TPROXY_TEST_REDIS_PASSWORD"')
+        first_host = await start_proxy(table, store="host-a")
+        second_host = await start_proxy(table, store="host-b")
+        body = chat("behind a password")
+        await ask(first_host, body)
+        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+    finally:
+        guarded.stop()
+
+
+async def test_an_unset_password_variable_stops_tproxy_at_start(
+    start_proxy: StartProxy, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TPROXY_TEST_REDIS_PASSWORD", raising=False)
+    table = shared_table(redis.url, password_env='"TPROXY_TEST_REDIS_PASSWORD"')
+    with pytest.raises(ConfigError, match="TPROXY_TEST_REDIS_PASSWORD is not set"):
+        await start_proxy(table)
+
+
+async def test_a_unix_socket_url_reaches_the_tier(start_proxy: StartProxy, tmp_path: Path) -> None:
+    socket_path = tmp_path / "redis.sock"
+    local = RedisServer(tmp_path)
+    local.start("--unixsocket", str(socket_path), "--unixsocketperm", "700")
+    try:
+        table = shared_table(f"unix://{socket_path}")
+        first_host = await start_proxy(table, store="host-a")
+        second_host = await start_proxy(table, store="host-b")
+        body = chat("over a unix socket")
+        await ask(first_host, body)
+        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+    finally:
+        local.stop()
