@@ -110,6 +110,11 @@ async def test_the_second_host_is_answered_by_the_first_hosts_upstream_call(
     assert lookups(found, "hit") == 2
     assert found[("tproxy_shared_store_up", ())] == 1
     assert writes(await metrics(first_host), "written") == 2
+    documented = (Path(__file__).parent.parent / "docs" / "telemetry.md").read_text()
+    for name, _ in found:
+        if name.startswith("tproxy_shared_store"):
+            family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert f"`{family}" in documented, name
 
 
 async def test_redis_expires_a_shared_entry_when_the_entry_does(
