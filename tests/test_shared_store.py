@@ -108,6 +108,7 @@ async def test_the_second_host_is_answered_by_the_first_hosts_upstream_call(
     assert upstream.calls[CHAT] == 2
     found = await metrics(second_host)
     assert lookups(found, "hit") == 2
+    assert writes(found, "written") == 0  # a shared hit is copied locally, not shared again
     assert found[("tproxy_shared_store_up", ())] == 1
     assert writes(await metrics(first_host), "written") == 2
     documented = (Path(__file__).parent.parent / "docs" / "telemetry.md").read_text()
