@@ -50,6 +50,14 @@ def chat(content: str, *, stream: bool = False) -> dict[str, object]:
     return {"model": "fake", "messages": [{"role": "user", "content": content}], "stream": stream}
 
 
+async def two_hosts(start_proxy: StartProxy, table: str) -> tuple[RunningProxy, RunningProxy]:
+    """Two tproxy servers with the same settings, each with its own LMDB store: two hosts."""
+    return (
+        await start_proxy(table, store="host-a"),
+        await start_proxy(table, store="host-b"),
+    )
+
+
 async def ask(
     proxy: RunningProxy, body: dict[str, object], headers: dict[str, str] | None = None
 ) -> httpx2.Response:
@@ -90,8 +98,7 @@ def writes(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], outcome:
 async def test_the_second_host_is_answered_by_the_first_hosts_upstream_call(
     start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
 ) -> None:
-    first_host = await start_proxy(shared_table(redis.url), store="host-a")
-    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
     for stream in (False, True):
         body = chat(f"shared across hosts, stream={stream}", stream=stream)
         fetched = await ask(first_host, body)
@@ -131,8 +138,7 @@ async def test_redis_expires_a_shared_entry_when_the_entry_does(
 async def test_tenants_stay_apart_across_hosts(
     start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
 ) -> None:
-    first_host = await start_proxy(shared_table(redis.url), store="host-a")
-    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
     body = chat("whose answer is this")
     alice = {"authorization": "Bearer alice-key"}
     bob = {"authorization": "Bearer bob-key"}
@@ -145,8 +151,7 @@ async def test_tenants_stay_apart_across_hosts(
 async def test_a_foreign_or_torn_value_under_a_key_is_a_miss(
     start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
 ) -> None:
-    first_host = await start_proxy(shared_table(redis.url), store="host-a")
-    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
     body = chat("overwritten by someone else")
     await ask(first_host, body)
     (key,) = redis.command("--scan", "--pattern", "tproxy:*").split()
@@ -160,8 +165,7 @@ async def test_a_foreign_or_torn_value_under_a_key_is_a_miss(
 async def test_only_if_cached_and_max_age_mean_the_same_for_the_shared_tier(
     start_proxy: StartProxy, redis: RedisServer
 ) -> None:
-    first_host = await start_proxy(shared_table(redis.url), store="host-a")
-    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
     third_host = await start_proxy(shared_table(redis.url), store="host-c")
     body = chat("only if cached")
     only_if_cached = {"cache-control": "only-if-cached"}
@@ -241,8 +245,7 @@ async def test_a_stalled_tier_costs_a_lookup_its_deadline_then_the_breaker_stops
     settings = shared_table(
         redis.url, lookup_timeout=0.05, write_timeout=0.2, breaker_failures=2, breaker_reset=60
     )
-    first_host = await start_proxy(settings, store="host-a")
-    second_host = await start_proxy(settings, store="host-b")
+    first_host, second_host = await two_hosts(start_proxy, settings)
     kept = chat("kept locally on the first host")
     await ask(first_host, kept)
     if fault == "sigstop":
@@ -270,8 +273,7 @@ async def test_a_stalled_tier_costs_a_lookup_its_deadline_then_the_breaker_stops
 async def test_an_out_of_memory_tier_refuses_writes_and_still_answers_lookups(
     start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
 ) -> None:
-    first_host = await start_proxy(shared_table(redis.url), store="host-a")
-    second_host = await start_proxy(shared_table(redis.url), store="host-b")
+    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
     before = chat("stored before the tier filled up")
     await ask(first_host, before)
     redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
@@ -357,8 +359,7 @@ async def test_the_password_comes_from_the_variable_password_env_names(
     try:
         monkeypatch.setenv("TPROXY_TEST_REDIS_PASSWORD", "fleet-secret")
         table = shared_table(guarded.url, password_env='"TPROXY_TEST_REDIS_PASSWORD"')
-        first_host = await start_proxy(table, store="host-a")
-        second_host = await start_proxy(table, store="host-b")
+        first_host, second_host = await two_hosts(start_proxy, table)
         body = chat("behind a password")
         await ask(first_host, body)
         assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
@@ -381,10 +382,23 @@ async def test_a_unix_socket_url_reaches_the_tier(start_proxy: StartProxy, tmp_p
     local.start("--unixsocket", str(socket_path), "--unixsocketperm", "700")
     try:
         table = shared_table(f"unix://{socket_path}")
-        first_host = await start_proxy(table, store="host-a")
-        second_host = await start_proxy(table, store="host-b")
+        first_host, second_host = await two_hosts(start_proxy, table)
         body = chat("over a unix socket")
         await ask(first_host, body)
         assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
     finally:
         local.stop()
+
+
+@pytest.mark.parametrize("tier_up", [True, False], ids=["tier-up", "tier-down"])
+async def test_a_server_with_a_shared_tier_stops_when_told(
+    start_proxy: StartProxy, redis: RedisServer, tier_up: bool
+) -> None:
+    """The tier's client task and its writer end with the server, the tier up or not."""
+    if not tier_up:
+        redis.kill()
+    proxy = await start_proxy(shared_table(redis.url, breaker_reset=60))
+    await ask(proxy, chat("stored before the stop"))
+    proxy.stop.set()
+    with trio.fail_after(HANG):
+        await proxy.stopped.wait()
