@@ -8,6 +8,7 @@ one or two tproxy servers, each with its own LMDB store: two of them are two hos
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
 from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
+from tests.test_shutdown import running_tproxy
 from tproxy.core.errors import ConfigError
 
 pytestmark = needs_redis
@@ -402,3 +404,28 @@ async def test_a_server_with_a_shared_tier_stops_when_told(
     proxy.stop.set()
     with trio.fail_after(HANG):
         await proxy.stopped.wait()
+
+
+@pytest.mark.slow
+async def test_two_tproxy_processes_share_an_answer_and_a_stop_drains_the_shared_writes(
+    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    """Real ``tproxy serve`` processes, one host after the other: the first one's SIGTERM
+    drains its shared queue before it exits, and the second one's first request is a hit."""
+    table = shared_table(redis.url)
+    body = chat("asked of two processes", stream=True)
+    answers: list[httpx2.Response] = []
+    for host in ("host-a", "host-b"):
+        (tmp_path / host).mkdir()
+        async with (
+            running_tproxy(nursery, tmp_path / host, upstream, 5.0, table) as tproxy,
+            httpx2.AsyncClient(base_url=tproxy.url, timeout=HANG) as http,
+        ):
+            answers.append(await http.post(CHAT, json=body))
+            tproxy.process.send_signal(signal.SIGTERM)
+            assert await tproxy.exit_code(within=HANG) == 0
+    fetched, shared = answers
+    assert fetched.headers["cache-status"] == "tproxy; fwd=miss"
+    assert "detail=shared" in shared.headers["cache-status"]
+    assert shared.content == fetched.content
+    assert upstream.calls[CHAT] == 1
