@@ -1209,6 +1209,8 @@ def test_the_shared_store_table_takes_a_url_or_cluster_nodes() -> None:
         ('url = "redis://:hunter2@h:1"\n', "shared_store.url: a URL must not hold a password"),
         ('url = "redis://h:1"\nkey_prefix = "{a}"\n', "shared_store.key_prefix: expected"),
         ('url = "redis://h:1"\nlookup_timeout = 0\n', "shared_store.lookup_timeout: expected"),
+        ('url = "redis://h:1?ssl_cert_reqs=none"\n', "shared_store.url: expected no query"),
+        ('url = "redis://h:1"\nca_file = "ca.pem"\n', "shared_store.ca_file: "),
     ],
 )
 def test_a_bad_shared_store_table_is_refused(table: str, problem: str) -> None:

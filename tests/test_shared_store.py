@@ -15,12 +15,14 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
 from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
 from tests.test_shutdown import running_tproxy
+from tests.tlsfiles import write_ca, write_pair
 from tproxy.core.errors import ConfigError
 
 pytestmark = needs_redis
@@ -429,3 +431,32 @@ async def test_two_tproxy_processes_share_an_answer_and_a_stop_drains_the_shared
     assert "detail=shared" in shared.headers["cache-status"]
     assert shared.content == fetched.content
     assert upstream.calls[CHAT] == 1
+
+
+async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
+    start_proxy: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    authority = trustme.CA()
+    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
+    ca_file = write_ca(authority, tmp_path / "tls" / "ca.pem")
+    secure = RedisServer(tmp_path)
+    # Only a TLS port: nothing reaches this server in the clear.
+    secure.start(
+        *("--port", "0", "--tls-port", str(secure.port), "--tls-auth-clients", "no"),
+        *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
+        *("--tls-ca-cert-file", str(ca_file)),
+    )
+    try:
+        url = f"rediss://127.0.0.1:{secure.port}/0"
+        table = shared_table(url, ca_file=f'"{ca_file}"')
+        first_host, second_host = await two_hosts(start_proxy, table)
+        body = chat("over TLS")
+        await ask(first_host, body)
+        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        # Without the CA, the server's certificate is refused: the tier is down, tproxy serves.
+        untrusting = await start_proxy(shared_table(url), store="host-c")
+        assert any("is down" in record.getMessage() for record in caplog.records)
+        assert (await ask(untrusting, body)).headers["cache-status"] == "tproxy; fwd=miss"
+    finally:
+        secure.stop()

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import platformdirs
 
@@ -138,6 +138,7 @@ class SharedStoreSettings:
     url: str | None = None
     cluster_nodes: tuple[str, ...] = ()
     password_env: str | None = None
+    ca_file: Path | None = None  # for rediss://: the CAs to check the server against
     key_prefix: str = "tproxy:"
     lookup_timeout: float = 0.01
     write_timeout: float = 1.0
@@ -476,6 +477,11 @@ def _redis_url(value: object) -> str:
         raise _BadValueError(f"expected unix:///absolute/path.sock, got {_show(text)}")
     if parts.scheme != "unix" and not parts.hostname:
         raise _BadValueError(f"expected a host in the URL, got {_show(text)}")
+    if parts.fragment or any(name != "db" for name in parse_qs(parts.query)):
+        raise _BadValueError(
+            f"expected no query but ?db=N (the other settings are keys of the table),"
+            f" got {_show(text)}"
+        )
     return text
 
 
@@ -832,15 +838,18 @@ def _read_auth(table: Mapping[str, object], base: Path, problems: _Problems) -> 
 
 
 def _read_shared_store(
-    document: Mapping[str, object], problems: _Problems
+    document: Mapping[str, object], base: Path, problems: _Problems
 ) -> SharedStoreSettings | None:
     """The ``[shared_store]`` table, or None when the file has none (no shared tier)."""
     if "shared_store" not in document:
         return None
     table = _table(document, "shared_store", problems)
-    values = _read_table(table, "shared_store", _SHARED_STORE, problems)
+    checkers = {**_SHARED_STORE, "ca_file": _file(base)}
+    values = _read_table(table, "shared_store", checkers, problems)
     if ("url" in table) == ("cluster_nodes" in table):
         problems.at("shared_store", "set exactly one of url and cluster_nodes")
+    if "ca_file" in values and not str(values.get("url", "")).startswith("rediss://"):
+        problems.at("shared_store.ca_file", "only used with a rediss:// url")
     return dataclasses.replace(SharedStoreSettings(), **values)
 
 
@@ -1074,7 +1083,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     )
 
     auth = _read_auth(_table(document, "auth", problems), base, problems)
-    shared_store = _read_shared_store(document, problems)
+    shared_store = _read_shared_store(document, base, problems)
 
     flags: dict[str, Any] = {}
     _apply_flag(flags, "url", "--upstream", _upstream_url, overrides.upstream, problems)

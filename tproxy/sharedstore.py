@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -335,8 +336,13 @@ def _client(settings: SharedStoreSettings, password: str | None) -> Client:
             retry_policy=NoRetryPolicy(),
         )
     assert settings.url is not None
+    context = None
+    if settings.url.startswith("rediss://"):
+        cafile = None if settings.ca_file is None else str(settings.ca_file)
+        context = ssl.create_default_context(cafile=cafile)
     return coredis.Redis.from_url(
         settings.url,
+        ssl_context=context,
         password=password,
         connect_timeout=settings.connect_timeout,
         stream_timeout=settings.write_timeout,
