@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
+import trio.testing
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -460,3 +461,23 @@ async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
         assert (await ask(untrusting, body)).headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()
+
+
+async def test_a_tier_killed_in_the_middle_of_a_lookup_is_a_miss(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    proxy = await start_proxy(shared_table(redis.url, breaker_reset=60))
+    redis.pause()
+    async with trio.open_nursery() as nursery:
+        answers: list[httpx2.Response] = []
+
+        async def ask_once() -> None:
+            answers.append(await ask(proxy, chat("asked while the tier dies")))
+
+        nursery.start_soon(ask_once)
+        await trio.testing.wait_all_tasks_blocked()  # the lookup waits on the stopped server
+        redis.kill()
+    (answer,) = answers
+    assert answer.headers["cache-status"] == "tproxy; fwd=miss"
+    assert lookups(await metrics(proxy), "error") == 1
+    assert upstream.calls[CHAT] == 1
