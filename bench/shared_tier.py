@@ -11,7 +11,10 @@ upstream (``upstream.py``) and tproxy processes, and measures:
 2. A hit through the proxy, from a client's side: two tproxy processes (hosts A and B, each its
    own LMDB store, one Redis). Host A fetches N distinct answers; then, key by key, host A
    answers from its local store and host B, which has never seen the key, from the shared tier.
-3. Two hosts answering the same N questions, one after the other, with paced upstream streams
+3. A miss while the tier stalls (redis-server under SIGSTOP): with the breaker kept closed, every
+   lookup waits ``lookup_timeout`` (10 ms) and then goes upstream; with the default breaker,
+   only the first five do. Against misses with the tier healthy.
+4. Two hosts answering the same N questions, one after the other, with paced upstream streams
    (50 events, ``--interval-ms`` apart, standing in for a model): alone (no shared tier), host B
    calls the upstream N times again; sharing Redis, it calls it for none. Requests per second of
    host B's pass and the upstream calls of both passes.
@@ -27,6 +30,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -111,14 +115,13 @@ class Host:
         name: str,
         upstream_port: int,
         redis_url: str | None,
+        tier_settings: str = "lookup_timeout = 0.05\n",
     ) -> None:
         self.port = free_port()
         self.admin_port = free_port()
         config = workdir / f"{name}.toml"
         table = (
-            f'[shared_store]\nurl = "{redis_url}"\nlookup_timeout = 0.05\n'
-            if redis_url is not None
-            else ""
+            f'[shared_store]\nurl = "{redis_url}"\n{tier_settings}' if redis_url is not None else ""
         )
         config.write_text("[telemetry]\naccess_log = false\n" + table)
         command = [
@@ -177,7 +180,7 @@ class Host:
         )
 
 
-def start_redis(processes: Processes, workdir: Path) -> str:
+def start_redis(processes: Processes, workdir: Path) -> tuple[str, subprocess.Popen[bytes]]:
     if shutil.which("redis-server") is None:
         raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
     port = free_port()
@@ -186,7 +189,7 @@ def start_redis(processes: Processes, workdir: Path) -> str:
         port,
         "redis-server",
     )
-    return f"redis://127.0.0.1:{port}/0"
+    return f"redis://127.0.0.1:{port}/0", processes.running[-1]
 
 
 def quantiles(seconds: list[float]) -> str:
@@ -277,7 +280,46 @@ def hit_latency(
     ]
 
 
-# --- 3. two hosts, the same questions -----------------------------------------------------------
+# --- 3. a stalled tier -----------------------------------------------------------------------
+
+
+def stalled_tier(
+    processes: Processes,
+    workdir: Path,
+    redis_url: str,
+    redis: subprocess.Popen[bytes],
+    count: int,
+    port: int,
+) -> list[str]:
+    deadline = "lookup_timeout = 0.01\n"
+    healthy = Host(processes, workdir, "stall-healthy", port, redis_url, deadline)
+    no_breaker = Host(
+        processes,
+        workdir,
+        "stall-nobreaker",
+        port,
+        redis_url,
+        deadline + "breaker_failures = 1000000\n",
+    )
+    with_breaker = Host(processes, workdir, "stall-breaker", port, redis_url, deadline)
+    rows = [f"| tier healthy | {quantiles([healthy.ask(f'h{i}')[0] for i in range(count)])} |"]
+    os.kill(redis.pid, signal.SIGSTOP)
+    try:
+        waited = [no_breaker.ask(f"n{i}")[0] for i in range(count)]
+        saved = [with_breaker.ask(f"b{i}")[0] for i in range(count)]
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+    rows.append(f"| tier stalled, breaker kept closed | {quantiles(waited)} |")
+    rows.append(f"| tier stalled, default breaker (5 failures) | {quantiles(saved)} |")
+    return [
+        f"| a miss (JSON, fast upstream), lookup_timeout 10 ms, {count} requests | p50 µs | p90 µs"
+        " | p99 µs |",
+        "|---|---|---|---|",
+        *rows,
+    ]
+
+
+# --- 4. two hosts, the same questions -----------------------------------------------------------
 
 
 def answer_all(host: Host, questions: list[str], interval_ms: float, clients: int) -> float:
@@ -339,7 +381,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tproxy-shared-bench-") as directory:
         workdir = Path(directory)
         try:
-            redis_url = start_redis(processes, workdir)
+            redis_url, redis = start_redis(processes, workdir)
             upstream_port = free_port()
             processes.start(
                 [sys.executable, str(BENCH / "upstream.py"), "--port", str(upstream_port)],
@@ -355,6 +397,8 @@ def main() -> None:
                 *lookup_alone(workdir, redis_url, lookups),
                 "",
                 *hit_latency(processes, workdir, redis_url, hits, upstream_port),
+                "",
+                *stalled_tier(processes, workdir, redis_url, redis, hits, upstream_port),
                 "",
                 *two_hosts(
                     processes,
