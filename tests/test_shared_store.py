@@ -481,3 +481,17 @@ async def test_a_tier_killed_in_the_middle_of_a_lookup_is_a_miss(
     assert answer.headers["cache-status"] == "tproxy; fwd=miss"
     assert lookups(await metrics(proxy), "error") == 1
     assert upstream.calls[CHAT] == 1
+
+
+async def test_a_tier_that_stays_down_is_logged_once_not_at_every_probe(
+    start_proxy: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    nowhere = RedisServer(tmp_path, free_port())
+    proxy = await start_proxy(shared_table(nowhere.url, breaker_reset=0.05))
+    for index in range(3):
+        await trio.sleep(0.05)  # the breaker's wait: the next lookup is a probe, and fails
+        await ask(proxy, chat(f"probe {index}"))
+    assert lookups(await metrics(proxy), "error") == 3
+    failing = [record for record in caplog.records if "is failing" in record.getMessage()]
+    assert len(failing) == 1

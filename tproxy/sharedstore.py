@@ -202,9 +202,13 @@ class SharedTier:
         return "failed"
 
     def _report(self, outcome: Outcome) -> None:
+        """Tell the breaker; log when the tier starts failing and when it answers again (a
+        probe that fails again is only a debug line: one every ``breaker_reset`` while down)."""
+        before = self._breaker.state
         change = self._breaker.handle(outcome, trio.current_time())
         if change is BreakerState.OPEN:
-            log.warning(
+            log.log(
+                logging.WARNING if before is BreakerState.CLOSED else logging.DEBUG,
                 "shared store is failing (%s); not asking it for %gs",
                 self._last_error,
                 self._settings.breaker_reset,
