@@ -167,6 +167,23 @@ async def test_a_foreign_or_torn_value_under_a_key_is_a_miss(
     assert lookups(await metrics(second_host), "miss") == 1
 
 
+async def test_an_error_answered_by_the_tier_is_a_miss(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+) -> None:
+    """A key of another type under an entry's name: GET answers WRONGTYPE."""
+    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
+    body = chat("a list where an entry belongs")
+    await ask(first_host, body)
+    (key,) = redis.command("--scan", "--pattern", "tproxy:*").split()
+    redis.command("DEL", key)
+    redis.command("RPUSH", key, "not", "a", "string")
+    assert (await ask(second_host, body)).headers["cache-status"] == "tproxy; fwd=miss"
+    found = await metrics(second_host)
+    assert lookups(found, "error") == 1
+    assert found[("tproxy_shared_store_up", ())] == 1  # one error does not open the breaker
+    assert upstream.calls[CHAT] == 2
+
+
 async def test_only_if_cached_and_max_age_mean_the_same_for_the_shared_tier(
     start_proxy: StartProxy, redis: RedisServer
 ) -> None:
