@@ -104,10 +104,6 @@ class SharedTier:
         self._handled = AsyncValue(0)
         self._last_error: BaseException | None = None  # what the tier last failed with, for logs
 
-    @property
-    def last_error(self) -> BaseException | None:
-        return self._last_error
-
     def redis_key(self, key: str) -> bytes:
         """The Redis key of the cache key ``key`` (tenants are already part of it)."""
         return (self._settings.key_prefix + key).encode()
