@@ -412,15 +412,19 @@ async def test_a_unix_socket_url_reaches_the_tier(start_proxy: StartProxy, tmp_p
         local.stop()
 
 
-@pytest.mark.parametrize("tier_up", [True, False], ids=["tier-up", "tier-down"])
+@pytest.mark.parametrize("tier", ["up", "down", "stalled"])
 async def test_a_server_with_a_shared_tier_stops_when_told(
-    start_proxy: StartProxy, redis: RedisServer, tier_up: bool
+    start_proxy: StartProxy, redis: RedisServer, tier: str
 ) -> None:
-    """The tier's client task and its writer end with the server, the tier up or not."""
-    if not tier_up:
+    """The tier's client task and its writer end with the server, whatever the tier does."""
+    if tier == "down":
         redis.kill()
-    proxy = await start_proxy(shared_table(redis.url, breaker_reset=60))
+    proxy = await start_proxy(shared_table(redis.url, breaker_reset=60, write_timeout=0.5))
     await ask(proxy, chat("stored before the stop"))
+    if tier == "stalled":
+        redis.pause()
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=HANG) as http:
+            await http.post(CHAT, json=chat("its shared write will stall"))
     proxy.stop.set()
     with trio.fail_after(HANG):
         await proxy.stopped.wait()
