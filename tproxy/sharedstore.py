@@ -197,14 +197,17 @@ class SharedTier:
             log.warning("shared store refused a write of %s: %s", key, self._last_error)
         return "failed"
 
-    def _report(self, outcome: Outcome) -> None:
+    def _report(self, outcome: Outcome, *, starting: bool = False) -> None:
         """Tell the breaker; log when the tier starts failing and when it answers again (a
-        probe that fails again is only a debug line: one every ``breaker_reset`` while down)."""
+        probe that fails again is only a debug line: one every ``breaker_reset`` while down;
+        so is a failure at start, which :meth:`_announce` reports)."""
         before = self._breaker.state
         change = self._breaker.handle(outcome, trio.current_time())
         if change is BreakerState.OPEN:
             log.log(
-                logging.WARNING if before is BreakerState.CLOSED else logging.DEBUG,
+                logging.WARNING
+                if before is BreakerState.CLOSED and not starting
+                else logging.DEBUG,
                 "shared store is failing (%s); not asking it for %gs",
                 self._last_error,
                 self._settings.breaker_reset,
@@ -249,7 +252,7 @@ class SharedTier:
                     self._client = None
             if opening.cancelled_caught:
                 self._last_error = TimeoutError("opening took longer than connect_timeout")
-            self._report(Outcome.UNREACHABLE)
+            self._report(Outcome.UNREACHABLE, starting=not announced)
             if not announced:
                 self._announce(False)
                 announced = True
@@ -259,10 +262,10 @@ class SharedTier:
     async def _ping(self) -> bool:
         with trio.move_on_after(self._settings.connect_timeout):
             outcome, _ = await self._call(lambda client: client.ping())
-            self._report(outcome)
+            self._report(outcome, starting=True)
             return outcome is Outcome.SUCCEEDED
         self._last_error = TimeoutError("PING took longer than connect_timeout")
-        self._report(Outcome.UNREACHABLE)
+        self._report(Outcome.UNREACHABLE, starting=True)
         return False
 
     def _announce(self, answered: bool) -> None:
