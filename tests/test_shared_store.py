@@ -153,33 +153,29 @@ async def test_tenants_stay_apart_across_hosts(
     assert upstream.calls[CHAT] == 2
 
 
-async def test_a_foreign_or_torn_value_under_a_key_is_a_miss(
-    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
-) -> None:
-    first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
-    body = chat("overwritten by someone else")
-    await ask(first_host, body)
-    (key,) = redis.command("--scan", "--pattern", "tproxy:*").split()
-    redis.command("SET", key, "not an entry at all")
-    answer = await ask(second_host, body)
-    assert answer.headers["cache-status"] == "tproxy; fwd=miss"
-    assert upstream.calls[CHAT] == 2
-    assert lookups(await metrics(second_host), "miss") == 1
+# What someone else may have left under an entry's key, and how the lookup counts it.
+NOT_OURS = {
+    "foreign": (("SET", "{key}", "not an entry at all"), "miss"),
+    "torn": (("SETRANGE", "{key}", "40", "torn bytes"), "miss"),  # the checksum fails
+    "wrong-type": (("RPUSH", "{key}", "a", "list"), "error"),  # GET answers WRONGTYPE
+}
 
 
-async def test_an_error_answered_by_the_tier_is_a_miss(
-    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer
+@pytest.mark.parametrize("kind", NOT_OURS)
+async def test_a_value_that_is_not_a_whole_entry_of_ours_is_a_miss(
+    start_proxy: StartProxy, upstream: FakeUpstream, redis: RedisServer, kind: str
 ) -> None:
-    """A key of another type under an entry's name: GET answers WRONGTYPE."""
     first_host, second_host = await two_hosts(start_proxy, shared_table(redis.url))
-    body = chat("a list where an entry belongs")
+    body = chat(f"overwritten: {kind}")
     await ask(first_host, body)
     (key,) = redis.command("--scan", "--pattern", "tproxy:*").split()
-    redis.command("DEL", key)
-    redis.command("RPUSH", key, "not", "a", "string")
+    command, result = NOT_OURS[kind]
+    if kind != "torn":
+        redis.command("DEL", key)
+    redis.command(*(word.format(key=key) for word in command))
     assert (await ask(second_host, body)).headers["cache-status"] == "tproxy; fwd=miss"
     found = await metrics(second_host)
-    assert lookups(found, "error") == 1
+    assert lookups(found, result) == 1
     assert found[("tproxy_shared_store_up", ())] == 1  # one error does not open the breaker
     assert upstream.calls[CHAT] == 2
 
