@@ -76,10 +76,15 @@ def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path) -
     """Start a tproxy in front of ``upstream``; ``toml`` adds settings to its config file."""
 
     async def start(
-        toml: str = "", *, upstream_url: str | None = None, upstream_flag: bool = True
+        toml: str = "",
+        *,
+        upstream_url: str | None = None,
+        upstream_flag: bool = True,
+        store: str = "store",
     ) -> RunningProxy:
         """``upstream_flag=False`` leaves upstreams and routes to ``toml`` (as ``--upstream``
-        would replace them); ``{upstream}`` in ``toml`` is the fake upstream's URL."""
+        would replace them); ``{upstream}`` in ``toml`` is the fake upstream's URL. ``store``
+        names the LMDB directory: proxies started with different ones are different hosts."""
         config = tmp_path / "tproxy.toml"
         config.write_text(toml.replace("{upstream}", upstream.url))
         settings = load_settings(
@@ -88,7 +93,7 @@ def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path) -
                 listen="127.0.0.1:0",
                 admin_listen="127.0.0.1:0",
                 upstream=(upstream_url or upstream.url) if upstream_flag else None,
-                cache_dir=tmp_path / "store",
+                cache_dir=tmp_path / store,
             ),
         )
         stop = trio.Event()

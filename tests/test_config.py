@@ -25,6 +25,7 @@ from tproxy.config import (
     RouteSettings,
     ServerSettings,
     Settings,
+    SharedStoreSettings,
     TelemetrySettings,
     UpstreamSettings,
     check_config,
@@ -919,6 +920,7 @@ NEW_SECTIONS = {
     "[auth]": AuthSettings,
     "[telemetry]": TelemetrySettings,
     "[payload_log]": PayloadLogSettings,
+    "[shared_store]": SharedStoreSettings,
 }
 
 
@@ -1181,3 +1183,38 @@ def test_an_upstream_url_ending_in_v1_is_refused_with_the_url_to_write(url: str,
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://h:1/v12", "http://h:1/v1/x"])
 def test_other_upstream_paths_are_accepted(url: str) -> None:
     assert load(f'[upstreams.local]\nurl = "{url}"\n').upstreams[0].url == url
+
+
+def test_no_shared_store_table_means_no_shared_tier() -> None:
+    assert load(LOCAL).shared_store is None
+
+
+def test_the_shared_store_table_takes_a_url_or_cluster_nodes() -> None:
+    loaded = load(LOCAL + '[shared_store]\nurl = "redis://10.0.0.5:6379/0"\n').shared_store
+    assert loaded == SharedStoreSettings(url="redis://10.0.0.5:6379/0")
+    nodes = load(LOCAL + '[shared_store]\ncluster_nodes = ["10.0.0.5:7000"]\n').shared_store
+    assert nodes is not None
+    assert nodes.cluster_nodes == ("10.0.0.5:7000",)
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("", "shared_store: set exactly one of url and cluster_nodes"),
+        (
+            'url = "redis://h:1"\ncluster_nodes = ["h:2"]\n',
+            "shared_store: set exactly one of url and cluster_nodes",
+        ),
+        ('url = "http://h:1"\n', "shared_store.url: expected a redis://, rediss:// or unix://"),
+        ('url = "redis://:hunter2@h:1"\n', "shared_store.url: a URL must not hold a password"),
+        ('url = "redis://h:1"\nkey_prefix = "{a}"\n', "shared_store.key_prefix: expected"),
+        ('url = "redis://h:1"\nlookup_timeout = 0\n', "shared_store.lookup_timeout: expected"),
+        ('url = "redis://h:1?ssl_cert_reqs=none"\n', "shared_store.url: expected no query"),
+        ('url = "redis://h:1"\nca_file = "ca.pem"\n', "shared_store.ca_file: "),
+    ],
+)
+def test_a_bad_shared_store_table_is_refused(table: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(LOCAL + "[shared_store]\n" + table)
+    assert any(problem in line for line in raised.value.problems), raised.value.problems
+    assert "hunter2" not in str(raised.value)

@@ -3,8 +3,8 @@
 - ``tproxy.core`` is sans-IO: it imports no Trio, httpx2, LMDB or Hypercorn, and nothing of
   tproxy outside ``tproxy.core``.
 - Each third-party I/O library has one home: httpx2 and httpcore2 only in ``upstream.py``, lmdb
-  only in ``store.py``, hypercorn only in ``server.py`` and ``serving.py``, cryptography only in
-  ``tls.py``.
+  only in ``store.py``, coredis only in ``sharedstore.py``, hypercorn only in ``server.py`` and
+  ``serving.py``, cryptography only in ``tls.py``.
 - Data flows one way: a module imports only modules below it in ``LAYERS``.
 """
 
@@ -16,13 +16,23 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tproxy"
-IO_LIBRARIES = {"trio", "httpx2", "httpcore2", "httpx", "lmdb", "hypercorn", "trio_util"}
+IO_LIBRARIES = {
+    "trio",
+    "httpx2",
+    "httpcore2",
+    "httpx",
+    "lmdb",
+    "hypercorn",
+    "trio_util",
+    "coredis",
+}
 LIBRARY_HOME = {
     "httpx2": {"upstream"},
     "httpcore2": {"upstream"},
     "lmdb": {"store"},
     "hypercorn": {"server", "serving"},
     "cryptography": {"tls"},
+    "coredis": {"sharedstore"},
 }
 
 # Lower layers first. A module may import from its own layer's peers only where listed lower.
@@ -30,7 +40,7 @@ LAYERS = [
     {"core"},
     {"tls"},
     {"asgi", "config", "notify"},
-    {"store", "upstream", "routing", "inflight"},
+    {"store", "upstream", "routing", "inflight", "sharedstore"},
     {"storewriter", "cache_commands"},
     {"telemetry"},
     {"pipeline"},

@@ -73,10 +73,15 @@ async def wait_for(notifications: trio.socket.SocketType, assignment: str) -> li
 
 @asynccontextmanager
 async def running_tproxy(
-    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream, graceful_timeout: float
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    upstream: FakeUpstream,
+    graceful_timeout: float,
+    more_toml: str = "",
 ) -> AsyncIterator[Tproxy]:
+    """A ``tproxy serve`` process with its config and store in ``tmp_path``, ready."""
     config = tmp_path / "tproxy.toml"
-    config.write_text(f"[server]\ngraceful_timeout = {graceful_timeout}\n")
+    config.write_text(f"[server]\ngraceful_timeout = {graceful_timeout}\n{more_toml}")
     store = tmp_path / "store"
     name = f"@tproxy-test-{uuid.uuid4().hex}"
     env = {key: value for key, value in os.environ.items() if not key.startswith("WATCHDOG_")}

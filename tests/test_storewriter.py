@@ -7,7 +7,9 @@ from pathlib import Path
 
 import trio
 
+from tproxy.config import SharedStoreSettings
 from tproxy.core.entry import StoredEntry
+from tproxy.sharedstore import SharedTier
 from tproxy.store import LmdbStore, PutOutcome
 from tproxy.storewriter import StoreWriter
 
@@ -101,5 +103,22 @@ async def test_each_entry_learns_what_the_commit_did_with_it(tmp_path: Path) -> 
             writer.close()
         stats = writer.statistics()
         assert (stats.submitted, stats.written, stats.map_full, stats.failed) == (3, 1, 2, 0)
+    finally:
+        store.close()
+
+
+def test_entries_go_to_the_shared_tier_too_unless_they_came_from_it(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    shared = SharedTier(SharedStoreSettings(url="redis://127.0.0.1:1/0", queue_size=1))
+    writer = StoreWriter(store, shared=shared)
+    try:
+        assert writer.submit("fetched", entry("from the upstream")) is not None
+        assert shared.statistics().queued == 1
+        assert writer.submit("copied", entry("from the shared tier"), share=False) is not None
+        assert shared.statistics().queued == 1
+        # The shared tier's queue is its own: when it is full, only the shared copy is dropped.
+        assert writer.submit("another", entry("from the upstream")) is not None
+        assert shared.statistics().writes["dropped"] == 1
+        assert writer.statistics().submitted == 3
     finally:
         store.close()

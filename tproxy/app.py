@@ -6,6 +6,11 @@ before reading the rest), requests no route accepts. A refusal decided before th
 wholly read closes an HTTP/1.1 connection: what follows could be that body or a next request,
 depending on whose framing one believes. Answers from the cache are replayed in one body message:
 a cache hit has nothing to wait for, and each ASGI message has a fixed cost.
+
+The cache has one or two tiers: the local store, read inline (microseconds), then, when it has
+nothing usable and ``[shared_store]`` is configured, the shared tier, under its own short
+deadline. A shared hit is replayed the same way, its ``Cache-Status`` says ``detail=shared``, and
+it is copied into the local store off the client's path.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from tproxy.core.target import check_request_line
 from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
 from tproxy.routing import body_model, choose_route, needs_model
+from tproxy.sharedstore import SharedTier
 from tproxy.store import CacheStore
 from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
@@ -90,8 +96,10 @@ class ProxyApp:
         inflight: Inflight,
         telemetry: Telemetry,
         client_keys: ClientKeys | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         self._settings = settings
+        self._shared = shared
         self._client_keys = client_keys
         self._inflight = inflight
         self._telemetry = telemetry
@@ -332,17 +340,38 @@ class ProxyApp:
                 decision.key
             )
             if entry is not None:
-                age = max(0.0, now - entry.created_at)
-                if decision.max_age is None or age <= decision.max_age:
-                    ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
-                    status = format_cache_status(hit=True, ttl=ttl)
-                    return _Lookup(entry, age, None, status, model=decision.model)
+                if _fresh_enough(entry, now, decision.max_age):
+                    return _hit(entry, now, decision, tier=None)
                 fwd = "stale"
+            if self._shared is not None:
+                entry = await self._shared.get(decision.key, now)
+                if entry is not None:
+                    if _fresh_enough(entry, now, decision.max_age):
+                        self._keep_locally(decision.key, entry)
+                        return _hit(entry, now, decision, tier="shared")
+                    fwd = "stale"
         status = format_cache_status(hit=False, fwd=fwd)
         if decision.only_if_cached:
             return _Lookup(None, 0.0, None, status, refuse_miss=True, model=decision.model)
         plan = _plan(cache, route, decision) if decision.store else None
         return _Lookup(None, 0.0, plan, status, model=decision.model)
+
+    def _keep_locally(self, key: str, entry: StoredEntry) -> None:
+        """Copy a shared hit into the local store, off the client's path (dropped when busy)."""
+        writer = self._exchanger.store_writer
+        if writer is not None:
+            writer.submit(key, entry, share=False)
+
+
+def _fresh_enough(entry: StoredEntry, now: float, max_age: float | None) -> bool:
+    return max_age is None or max(0.0, now - entry.created_at) <= max_age
+
+
+def _hit(entry: StoredEntry, now: float, decision: CacheDecision, tier: str | None) -> _Lookup:
+    """A hit from the local store (``tier`` None) or from the tier ``tier`` names."""
+    ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
+    status = format_cache_status(hit=True, ttl=ttl, detail=tier)
+    return _Lookup(entry, max(0.0, now - entry.created_at), None, status, model=decision.model)
 
 
 def _plan(cache: CacheSettings, route: RouteSettings, decision: CacheDecision) -> CachePlan:

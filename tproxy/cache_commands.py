@@ -5,6 +5,11 @@ create a directory, and a store written by another schema is reported, not moved
 a server of another version may be using it. Every command but ``purge`` opens it read-only.
 Human output is aligned for reading at a glance; ``--json`` prints one JSON document instead.
 ``verify`` exits 1 when it finds a problem, so scripts and tests can rely on its status.
+
+``--tier shared --config FILE`` runs ``stats``, ``ls``, ``show`` and ``purge`` on the shared
+tier that file's ``[shared_store]`` names: its keys are found with ``SCAN`` (never ``KEYS``,
+which blocks a server) and read and deleted one by one, so it works on a Redis Cluster. The
+shared tier keeps no last-use time: Redis expires entries by their TTL, not by use.
 """
 
 from __future__ import annotations
@@ -15,13 +20,23 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import trio
+
+from tproxy.config import SharedStoreSettings, load_settings
 from tproxy.core.entry import StoredEntry
-from tproxy.core.errors import CorruptEntry, StoreError
-from tproxy.store import EntryInfo, LmdbStore, VerifyReport
+from tproxy.core.errors import ConfigError, CorruptEntry, StoreError
+from tproxy.sharedstore import (
+    SharedAdmin,
+    SharedEntry,
+    SharedStoreUnavailable,
+    describe,
+    open_shared_admin,
+)
+from tproxy.store import EntryInfo, LmdbStore, VerifyReport, info_of
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -88,11 +103,22 @@ def _with_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="the cache store directory (default: tproxy's default cache directory)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--tier",
+        choices=("local", "shared"),
+        default="local",
+        help="the local LMDB store (default) or the shared tier of --config's [shared_store]",
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="the settings file, for --tier shared"
+    )
     return parser
 
 
 def run_cache_command(args: argparse.Namespace, default_cache_dir: Path) -> int:
     """Run the parsed ``cache`` subcommand: 0 ok, 1 failure (e.g. no store), 2 usage error."""
+    if args.tier == "shared":
+        return _run_shared(args)
     directory: Path = args.cache_dir if args.cache_dir is not None else default_cache_dir
     command: str = args.cache_command
     try:
@@ -107,9 +133,9 @@ def run_cache_command(args: argparse.Namespace, default_cache_dir: Path) -> int:
         if command == "stats":
             return _stats(store, now, args.json)
         if command == "ls":
-            return _ls(store, now, args.json)
+            return _ls(list(store.entries()), store.stats().path, now, args.json)
         if command == "show":
-            return _show(store, args.key, now, args.json)
+            return _show(list(store.entries()), store.peek, args.key, now, args.json)
         if command == "verify":
             return _verify(store, now, args.json)
         return _purge(store, older_than, now, args.json)
@@ -190,12 +216,14 @@ def _stats(store: LmdbStore, now: float, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _ls(store: LmdbStore, now: float, as_json: bool) -> int:
-    infos = sorted(store.entries(), key=lambda info: info.created_at, reverse=True)
+def _ls(
+    infos: list[EntryInfo], where: str, now: float, as_json: bool, *, last_used: bool = True
+) -> int:
+    infos = sorted(infos, key=lambda info: info.created_at, reverse=True)
     if as_json:
-        return _emit({"entries": [_info_document(info, now) for info in infos]})
+        return _emit({"entries": [_info_document(info, now, last_used) for info in infos]})
     if not infos:
-        print(f"no entries in {store.stats().path}")
+        print(f"no entries in {where}")
         return EXIT_OK
     header = ("KEY", "STATUS", "KIND", "SIZE", "AGE", "EXPIRES", "LAST USED", "MODEL")
     rows = [
@@ -206,7 +234,7 @@ def _ls(store: LmdbStore, now: float, as_json: bool) -> int:
             format_size(info.size),
             format_age(now - info.created_at),
             _expiry(info.expires_at, now),
-            f"{format_age(now - info.last_used_at)} ago",
+            f"{format_age(now - info.last_used_at)} ago" if last_used else "-",
             info.model or "-",
         )
         for info in infos
@@ -215,8 +243,16 @@ def _ls(store: LmdbStore, now: float, as_json: bool) -> int:
     return EXIT_OK
 
 
-def _show(store: LmdbStore, prefix: str, now: float, as_json: bool) -> int:
-    matches = [info for info in store.entries() if info.key.startswith(prefix)]
+def _show(
+    infos: list[EntryInfo],
+    peek: Callable[[str], StoredEntry | None],
+    prefix: str,
+    now: float,
+    as_json: bool,
+    *,
+    last_used: bool = True,
+) -> int:
+    matches = [info for info in infos if info.key.startswith(prefix)]
     exact = [info for info in matches if info.key == prefix]
     matches = exact or matches
     if not matches:
@@ -227,7 +263,7 @@ def _show(store: LmdbStore, prefix: str, now: float, as_json: bool) -> int:
         )
     info = matches[0]
     try:
-        entry = store.peek(info.key)
+        entry = peek(info.key)
     except CorruptEntry as error:
         return _fail(f"cache entry {info.key} is corrupt: {error}", EXIT_FAILURE)
     if entry is None:
@@ -236,7 +272,7 @@ def _show(store: LmdbStore, prefix: str, now: float, as_json: bool) -> int:
     data_lines = _data_lines(entry)[:SHOWN_DATA_LINES] if entry.streamed else []
     preview = None if entry.streamed else _preview(b"".join(entry.chunks))
     if as_json:
-        document = _info_document(info, now)
+        document = _info_document(info, now, last_used)
         document.update(
             body_bytes=entry.body_size,
             headers={
@@ -256,8 +292,9 @@ def _show(store: LmdbStore, prefix: str, now: float, as_json: bool) -> int:
         ("size", f"{format_size(entry.body_size)} body, {format_size(info.size)} stored"),
         ("created", f"{_timestamp(info.created_at)} ({format_age(now - info.created_at)} ago)"),
         ("expires", _expiry(info.expires_at, now, long=True)),
-        ("last used", f"{format_age(now - info.last_used_at)} ago"),
     ]
+    if last_used:
+        rows.append(("last used", f"{format_age(now - info.last_used_at)} ago"))
     rows += [
         ("header", f"{name.decode('latin-1')}: {value.decode('latin-1')}")
         for name, value in entry.headers
@@ -300,12 +337,116 @@ def _verify_document(report: VerifyReport) -> dict[str, object]:
 
 
 def _purge(store: LmdbStore, older_than: float | None, now: float, as_json: bool) -> int:
-    removed = store.purge(older_than=older_than, now=now)
+    return _report_purge(store.purge(older_than=older_than, now=now), older_than, as_json)
+
+
+def _report_purge(removed: int, older_than: float | None, as_json: bool) -> int:
     if as_json:
         return _emit({"removed": removed})
     what = "every entry" if older_than is None else f"expired or {format_age(older_than)} old"
     print(f"removed {removed} {'entry' if removed == 1 else 'entries'} ({what})")
     return EXIT_OK
+
+
+# -- the shared tier --------------------------------------------------------------------
+
+
+def _run_shared(args: argparse.Namespace) -> int:
+    try:
+        settings = _shared_settings(args)
+        older_than = _purge_age(args) if args.cache_command == "purge" else None
+        return trio.run(_shared_command, settings, args, older_than)
+    except _UsageError as error:
+        return _fail(str(error), EXIT_USAGE)
+    except (SharedStoreUnavailable, ConfigError) as error:
+        return _fail(str(error), EXIT_FAILURE)
+
+
+def _shared_settings(args: argparse.Namespace) -> SharedStoreSettings:
+    """The ``[shared_store]`` of ``--config``; raises _UsageError when there is none."""
+    if args.cache_command == "verify":
+        raise _UsageError("verify checks the local store; the shared tier has nothing to verify")
+    if args.config is None:
+        raise _UsageError("--tier shared needs --config FILE with a [shared_store] table")
+    try:
+        settings = load_settings(args.config).shared_store
+    except ConfigError as error:
+        raise _UsageError("\n".join(error.problems)) from error
+    if settings is None:
+        raise _UsageError(f"{args.config} has no [shared_store] table")
+    return settings
+
+
+async def _shared_command(
+    settings: SharedStoreSettings, args: argparse.Namespace, older_than: float | None
+) -> int:
+    async with open_shared_admin(settings) as admin:
+        found = await admin.entries()
+        now = time.time()
+        where = describe(settings)
+        if args.cache_command == "purge":
+            return await _purge_shared(admin, found, older_than, now, args.json)
+    infos = [_shared_info(item) for item in found if item.entry is not None]
+    if args.cache_command == "stats":
+        return _shared_stats(infos, len(found) - len(infos), where, now, args.json)
+    if args.cache_command == "ls":
+        return _ls(infos, where, now, args.json, last_used=False)
+    entries = {item.key: item.entry for item in found}
+    return _show(infos, entries.get, args.key, now, args.json, last_used=False)
+
+
+def _shared_info(item: SharedEntry) -> EntryInfo:
+    assert item.entry is not None
+    key = item.key.encode()
+    return info_of(key, item.entry, last_used_at=item.entry.created_at, size=item.size)
+
+
+def _shared_stats(
+    infos: list[EntryInfo], foreign: int, where: str, now: float, as_json: bool
+) -> int:
+    stored = sum(info.size for info in infos)
+    streams = sum(1 for info in infos if info.streamed)
+    oldest = min((info.created_at for info in infos), default=None)
+    if as_json:
+        return _emit(
+            {
+                "where": where,
+                "entries": len(infos),
+                "streamed_entries": streams,
+                "foreign_values": foreign,
+                "bytes": stored,
+                "oldest_created_at": oldest,
+            }
+        )
+    rows = [
+        ("where", where),
+        ("entries", f"{len(infos)} ({streams} streamed)"),
+        ("stored", format_size(stored)),
+    ]
+    if foreign:
+        rows.append(("not entries", f"{foreign} values under the prefix (ignored by lookups)"))
+    if oldest is not None:
+        rows.append(("oldest entry", f"{format_age(now - oldest)} old"))
+    _print_pairs(rows)
+    return EXIT_OK
+
+
+async def _purge_shared(
+    admin: SharedAdmin,
+    found: list[SharedEntry],
+    older_than: float | None,
+    now: float,
+    as_json: bool,
+) -> int:
+    """``--all`` removes every value under the prefix; ``--older-than`` the entries that old
+    (Redis removes expired ones itself)."""
+    doomed = [
+        item.key
+        for item in found
+        if older_than is None
+        or (item.entry is not None and now - item.entry.created_at >= older_than)
+    ]
+    return _report_purge(await admin.delete(doomed), older_than, as_json)
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -351,8 +492,10 @@ def _timestamp(moment: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
 
 
-def _info_document(info: EntryInfo, now: float) -> dict[str, object]:
+def _info_document(info: EntryInfo, now: float, last_used: bool = True) -> dict[str, object]:
     document: dict[str, object] = asdict(info)
+    if not last_used:
+        del document["last_used_at"]
     document["expires_at"] = None if math.isinf(info.expires_at) else info.expires_at
     document["expired"] = info.expires_at <= now
     return document

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import platformdirs
 
@@ -125,6 +125,28 @@ class CacheSettings:
     on_disconnect: str = "cancel"
     finish_timeout: float = 300.0
     max_background: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SharedStoreSettings:
+    """The shared cache tier (Valkey/Redis) behind the local store; see docs/operations.md.
+
+    Exactly one of ``url`` and ``cluster_nodes`` is set. The password is read from the
+    environment variable ``password_env`` names when the tier is opened, never from the file.
+    """
+
+    url: str | None = None
+    cluster_nodes: tuple[str, ...] = ()
+    password_env: str | None = None
+    ca_file: Path | None = None  # for rediss://: the CAs to check the server against
+    key_prefix: str = "tproxy:"
+    lookup_timeout: float = 0.01
+    write_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    max_entry_bytes: int = 1024 * 1024
+    queue_size: int = 256
+    breaker_failures: int = 5
+    breaker_reset: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +247,7 @@ class Settings:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     payload_log: PayloadLogSettings = field(default_factory=PayloadLogSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    shared_store: SharedStoreSettings | None = None  # None: no [shared_store] table, no tier 2
     # Settings that are allowed but unsafe: shown by check-config and logged at start.
     warnings: tuple[str, ...] = ()
 
@@ -439,6 +462,36 @@ def _upstream_url(value: object) -> str:
             f" write {_show(base)}"
         )
     return url
+
+
+def _redis_url(value: object) -> str:
+    """A Valkey/Redis URL; a password in it is refused (``password_env`` holds its name)."""
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _BadValueError(f"expected a redis://, rediss:// or unix:// URL, got {_show(text)}")
+    if parts.password is not None:
+        # Not echoed: it holds a credential.
+        raise _BadValueError("a URL must not hold a password; name a variable in password_env")
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise _BadValueError(f"expected unix:///absolute/path.sock, got {_show(text)}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise _BadValueError(f"expected a host in the URL, got {_show(text)}")
+    if parts.fragment or any(name != "db" for name in parse_qs(parts.query)):
+        raise _BadValueError(
+            f"expected no query but ?db=N (the other settings are keys of the table),"
+            f" got {_show(text)}"
+        )
+    return text
+
+
+def _key_prefix(value: object) -> str:
+    text = _string(value)
+    if not text.isprintable() or len(text) > 64 or "{" in text or "}" in text:
+        raise _BadValueError(
+            f"expected up to 64 printable characters without braces, got {_show(text)}"
+        )
+    return text
 
 
 def _choice(options: Sequence[str]) -> _Checker:
@@ -712,6 +765,19 @@ _PAYLOAD_LOG: dict[str, _Checker] = {
     "max_record_bytes": _size,
     "raw_events": _boolean,
 }
+_SHARED_STORE: dict[str, _Checker] = {
+    "url": _redis_url,
+    "cluster_nodes": _array(_address, non_empty=True),
+    "password_env": _env_name,
+    "key_prefix": _key_prefix,
+    "lookup_timeout": _seconds,
+    "write_timeout": _seconds,
+    "connect_timeout": _seconds,
+    "max_entry_bytes": _size,
+    "queue_size": _size,
+    "breaker_failures": _size,
+    "breaker_reset": _seconds,
+}
 _SECTIONS = (
     "server",
     "cache",
@@ -722,6 +788,7 @@ _SECTIONS = (
     "telemetry",
     "payload_log",
     "auth",
+    "shared_store",
 )
 
 
@@ -768,6 +835,22 @@ def _read_auth(table: Mapping[str, object], base: Path, problems: _Problems) -> 
                 " client authentication off)",
             )
     return auth
+
+
+def _read_shared_store(
+    document: Mapping[str, object], base: Path, problems: _Problems
+) -> SharedStoreSettings | None:
+    """The ``[shared_store]`` table, or None when the file has none (no shared tier)."""
+    if "shared_store" not in document:
+        return None
+    table = _table(document, "shared_store", problems)
+    checkers = {**_SHARED_STORE, "ca_file": _file(base)}
+    values = _read_table(table, "shared_store", checkers, problems)
+    if ("url" in table) == ("cluster_nodes" in table):
+        problems.at("shared_store", "set exactly one of url and cluster_nodes")
+    if "ca_file" in values and not str(values.get("url", "")).startswith("rediss://"):
+        problems.at("shared_store.ca_file", "only used with a rediss:// url")
+    return dataclasses.replace(SharedStoreSettings(), **values)
 
 
 def _read_key_file(path: Path, problems: _Problems) -> list[str]:
@@ -1000,6 +1083,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     )
 
     auth = _read_auth(_table(document, "auth", problems), base, problems)
+    shared_store = _read_shared_store(document, base, problems)
 
     flags: dict[str, Any] = {}
     _apply_flag(flags, "url", "--upstream", _upstream_url, overrides.upstream, problems)
@@ -1049,6 +1133,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
         telemetry=dataclasses.replace(TelemetrySettings(), **telemetry_values),
         payload_log=payload_log,
         auth=auth,
+        shared_store=shared_store,
         warnings=tuple(warning for warning in warnings if warning is not None),
     )
 

@@ -1,10 +1,13 @@
 """Serving: the only module that touches Hypercorn's configuration and the process's signals.
 
-:func:`serve_tproxy` opens everything a server needs (store, upstream clients, the store writer),
+:func:`serve_tproxy` opens everything a server needs (store, the shared tier when configured,
+upstream clients, the store writer),
 serves the proxy and the admin listener with Hypercorn on Trio, and on shutdown closes them in
 reverse order: stop accepting, let in-flight exchanges finish for ``server.graceful_timeout``,
 cancel what remains (those exchanges end as ``shut_down``), write the queued cache entries, close
-the store. The admin listener stays up until the proxy's drain is over, so ``/readyz`` and the
+the store. The shared tier is opened after the store and closed before it, its queue given
+``shared_store.write_timeout`` to drain; a shared tier that is down never stops tproxy from
+starting. The admin listener stays up until the proxy's drain is over, so ``/readyz`` and the
 metrics can be read while streams finish.
 
 :func:`run_until_signalled` is the process around it: SIGTERM or SIGINT starts the drain, a
@@ -39,6 +42,7 @@ from tproxy.inflight import Inflight
 from tproxy.notify import Notifier, open_notifier
 from tproxy.pipeline import Exchanger, open_exchanger
 from tproxy.serving import SocketOptions, serve_asgi
+from tproxy.sharedstore import SharedTier, open_shared_tier
 from tproxy.store import CacheStore, LmdbStore
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import Telemetry, open_telemetry
@@ -199,6 +203,18 @@ async def open_store(settings: Settings) -> AsyncIterator[CacheStore | None]:
         store.close()
 
 
+@asynccontextmanager
+async def open_shared(
+    settings: Settings, store: CacheStore | None
+) -> AsyncIterator[SharedTier | None]:
+    """The shared tier when ``[shared_store]`` is configured and the cache is on."""
+    if store is None or settings.shared_store is None:
+        yield None
+        return
+    async with open_shared_tier(settings.shared_store) as shared:
+        yield shared
+
+
 async def serve_tproxy(
     settings: Settings,
     stop: trio.Event,
@@ -206,8 +222,12 @@ async def serve_tproxy(
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``stop`` is set, then drain and close; reports where it listens once ready."""
-    async with open_store(settings) as store, open_upstream_pool(settings) as pool:
-        writer = StoreWriter(store) if store is not None else None
+    async with (
+        open_store(settings) as store,
+        open_shared(settings, store) as shared,
+        open_upstream_pool(settings) as pool,
+    ):
+        writer = StoreWriter(store, shared=shared) if store is not None else None
         admin_token = read_admin_token(settings)
         client_keys = ClientKeys(settings.auth.client_keys) if settings.auth.enabled else None
         if client_keys is not None:
@@ -229,7 +249,8 @@ async def serve_tproxy(
                 )
                 status = ServerStatus([], inflight, store, stop)
                 proxy_app = _CountingApp(
-                    ProxyApp(settings, exchanger, store, inflight, telemetry, client_keys), status
+                    ProxyApp(settings, exchanger, store, inflight, telemetry, client_keys, shared),
+                    status,
                 )
                 server = settings.server
                 proxy_config = _hypercorn_config(settings, server.listen, server.tls)

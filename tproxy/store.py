@@ -788,7 +788,7 @@ class LmdbStore:
             freed, count = self._evict(txn, needed=total + len(value) - self._max_total_bytes)
             total -= freed
             evicted += count
-            info = _info_of(key, entry, last_used_at=max(now, 0.0), size=len(value))
+            info = info_of(key, entry, last_used_at=max(now, 0.0), size=len(value))
             txn.put(key, value, db=self._entries)
             txn.put(key, _encode_info(info), db=self._info)
             txn.put(_STAMP.pack(info.last_used_at) + key, b"", db=self._lru)
@@ -949,7 +949,7 @@ def _disagreements(key: bytes, size: int, entry: StoredEntry | None, info: Entry
     if info.size != size:
         problems.append(f"entry_info {_shown(key)}: size {info.size}, the entry is {size} bytes")
     if entry is not None:
-        expected = _info_of(key, entry, last_used_at=info.last_used_at, size=info.size)
+        expected = info_of(key, entry, last_used_at=info.last_used_at, size=info.size)
         fields = [
             name
             for name in ("created_at", "expires_at", "streamed", "model", "status")
@@ -984,7 +984,8 @@ def _doomed(info: EntryInfo, older_than: float, now: float) -> bool:
     return info.expires_at <= now or now - info.created_at >= older_than
 
 
-def _info_of(key: bytes, entry: StoredEntry, *, last_used_at: float, size: int) -> EntryInfo:
+def info_of(key: bytes, entry: StoredEntry, *, last_used_at: float, size: int) -> EntryInfo:
+    """The metadata of ``entry`` stored under ``key`` in ``size`` bytes."""
     return EntryInfo(
         key=key.decode(),
         size=size,

@@ -6,6 +6,11 @@ whatever has queued up and commits it as one batch, in one write transaction, in
 an fsync is paid once per batch rather than once per entry, and the event loop never blocks on the
 disk. Each entry's :class:`PendingWrite` then tells what the commit did with it (written, or
 skipped and why), so logs and metrics report the commit, not the hand-over.
+
+With a shared tier (:mod:`tproxy.sharedstore`), :meth:`StoreWriter.submit` hands each entry to
+it as well, to its own queue: a completed answer reaches both tiers, and the pipeline, which only
+knows the store writer, does not learn about Redis. An entry that came from the shared tier is
+copied locally with ``share=False``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from trio_util import AsyncValue
 
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import StoreError
+from tproxy.sharedstore import SharedTier
 from tproxy.store import CacheStore, PutOutcome
 
 log = logging.getLogger("tproxy.store")
@@ -76,8 +82,16 @@ _Queued = tuple[str, StoredEntry, PendingWrite]
 class StoreWriter:
     """A bounded queue of entries to store, drained in batches by :meth:`serve`."""
 
-    def __init__(self, store: CacheStore, *, capacity: int = 256, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        store: CacheStore,
+        *,
+        capacity: int = 256,
+        max_batch: int = 64,
+        shared: SharedTier | None = None,
+    ) -> None:
         self._store = store
+        self.shared = shared
         self._max_batch = max_batch
         self._send, self._receive = trio.open_memory_channel[_Queued](capacity)
         self._submitted = 0
@@ -87,8 +101,14 @@ class StoreWriter:
         self._evicted = 0
         self._handled = AsyncValue(0)
 
-    def submit(self, key: str, entry: StoredEntry) -> PendingWrite | None:
-        """Queue ``entry`` under ``key`` without waiting. None when it was dropped."""
+    def submit(self, key: str, entry: StoredEntry, *, share: bool = True) -> PendingWrite | None:
+        """Queue ``entry`` under ``key`` without waiting. None when it was dropped locally.
+
+        With ``share`` (and a shared tier) the entry is queued for the shared tier too, whose
+        own statistics count what becomes of it there.
+        """
+        if share and self.shared is not None:
+            self.shared.submit(key, entry)
         pending = PendingWrite()
         try:
             self._send.send_nowait((key, entry, pending))

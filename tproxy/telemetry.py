@@ -61,12 +61,18 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from trio_util import AsyncValue
 
 from tproxy import __version__
 from tproxy.config import LogSettings, PayloadLogSettings, Settings
 from tproxy.core.assemble import DEFAULT_MAX_CHARS, Answer, normalise_usage
+from tproxy.core.breaker import BreakerState
 from tproxy.core.cachekey import ANONYMOUS, SHARED
 from tproxy.core.dialects import JSON_ONLY, Dialect
 from tproxy.core.dialects.base import Assembler
@@ -75,6 +81,7 @@ from tproxy.core.errors import ConfigError, StoreError
 from tproxy.core.exchange import Exchange, State
 from tproxy.core.sse import ServerSentEvent, SSEDecoder
 from tproxy.inflight import Inflight
+from tproxy.sharedstore import LATENCY_BUCKETS, SharedStatistics
 from tproxy.store import CacheStore
 from tproxy.storewriter import STORE_WRITER_OUTCOMES, StoreWriter
 
@@ -900,6 +907,8 @@ class _ScrapeCollector:
         yield CounterMetricFamily(
             "tproxy_store_writer_batches", "Write transactions committed.", value=stats.batches
         )
+        if self._store_writer.shared is not None:
+            yield from _shared_metrics(self._store_writer.shared.statistics())
 
     def _collect_sinks(self) -> Iterable[Metric]:
         written = CounterMetricFamily(
@@ -920,6 +929,57 @@ class _ScrapeCollector:
             for reason, count in stats.dropped.items():
                 dropped.add_metric([sink.name, reason], count)
         yield from (written, dropped, queued)
+
+
+def _shared_metrics(stats: SharedStatistics) -> Iterable[Metric]:
+    """The shared cache tier (``[shared_store]``): lookups, writes, latency, the breaker."""
+    lookups = CounterMetricFamily(
+        "tproxy_shared_store_lookups",
+        "Shared-tier lookups, by result (skipped: the breaker was open).",
+        labels=["result"],
+    )
+    for result, count in stats.lookups.items():
+        lookups.add_metric([result], count)
+    writes = CounterMetricFamily(
+        "tproxy_shared_store_writes",
+        "Answers handed to the shared tier, by outcome (dropped: its queue was full).",
+        labels=["outcome"],
+    )
+    for outcome, count in stats.writes.items():
+        writes.add_metric([outcome], count)
+    buckets = [
+        (str(bound), count)
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), stats.latency_buckets, strict=True)
+    ]
+    latency = HistogramMetricFamily(
+        "tproxy_shared_store_lookup_seconds",
+        "Time a shared-tier lookup took, its deadline included.",
+        buckets=buckets,
+        sum_value=stats.latency_sum,
+    )
+    breaker = GaugeMetricFamily(
+        "tproxy_shared_store_breaker",
+        "The shared tier's circuit breaker: 1 for its current state.",
+        labels=["state"],
+    )
+    for state in BreakerState:
+        breaker.add_metric([state.value], 1 if stats.breaker is state else 0)
+    yield from (lookups, writes, latency, breaker)
+    yield GaugeMetricFamily(
+        "tproxy_shared_store_up",
+        "1 when the shared tier is being asked (breaker closed), 0 when it is failing.",
+        value=1 if stats.breaker is BreakerState.CLOSED else 0,
+    )
+    yield CounterMetricFamily(
+        "tproxy_shared_store_written_bytes",
+        "Encoded bytes written to the shared tier.",
+        value=stats.bytes_written,
+    )
+    yield GaugeMetricFamily(
+        "tproxy_shared_store_queue_entries",
+        "Answers waiting to be written to the shared tier.",
+        value=stats.queued,
+    )
 
 
 # --- the facade the app calls ------------------------------------------------------------------
