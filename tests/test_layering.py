@@ -37,7 +37,7 @@ LAYERS = [
     {"app"},
     {"admin", "serving"},
     {"server"},
-    {"demo"},
+    {"workers", "demo"},
     {"cli"},
     {"__main__"},
 ]

@@ -1,0 +1,302 @@
+"""``tproxy serve --workers N``: a supervisor and its workers, as real processes on 127.0.0.1.
+
+Each test starts ``python -m tproxy serve --workers 2`` and follows it by its log (JSON lines on
+stderr, read as they come): where it listens, which worker has which pid and admin address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import httpx2
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakeupstream import FakeUpstream
+from tproxy.notify import socket_address
+from tproxy.workers import merge_scrapes
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 30.0
+_LISTENING = re.compile(r"tproxy listening on (\S+) with \d+ workers \(admin \['([^']+)'\]\)")
+_WORKER = re.compile(r"worker (\d+) \(pid (\d+)\) listening, admin (\S+)")
+
+
+@dataclass
+class Service:
+    """A running supervisor: its process, its log so far, its addresses."""
+
+    process: trio.Process
+    messages: list[str] = field(default_factory=list)
+    logged: trio.Event = field(default_factory=trio.Event)
+    url: str = ""
+    admin: str = ""
+
+    async def read_log(self, stderr: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stderr:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    self.messages.append(line.decode(errors="replace"))
+                else:
+                    self.messages.append(str(record.get("message", "")))
+            self.logged.set()
+            self.logged = trio.Event()
+        self.logged.set()
+
+    async def wait_for(self, pattern: re.Pattern[str] | str, *, after: int = 0) -> re.Match[str]:
+        """The first message from index ``after`` on that matches ``pattern``."""
+        with trio.fail_after(STARTUP_TIMEOUT):
+            while True:
+                for message in self.messages[after:]:
+                    found = re.search(pattern, message)
+                    if found:
+                        return found
+                if self.process.returncode is not None and self.logged.is_set():
+                    raise AssertionError(f"no {pattern!r} in {self.messages}")
+                await self.logged.wait()
+
+    async def workers(self, *, after: int = 0) -> dict[int, tuple[int, str]]:
+        """Each worker's pid and admin URL, from the log."""
+        found: dict[int, tuple[int, str]] = {}
+        while len(found) < 2:
+            match = await self.wait_for(_WORKER, after=after)
+            found.setdefault(int(match[1]), (int(match[2]), match[3]))
+            after = self.messages.index(match.string, after) + 1
+        return found
+
+    async def exit_code(self) -> int:
+        with trio.fail_after(STARTUP_TIMEOUT):
+            return await self.process.wait()
+
+
+def command(upstream: FakeUpstream, tmp_path: Path, listen: str = "127.0.0.1:0") -> list[str]:
+    config = tmp_path / "tproxy.toml"
+    config.write_text('[server]\nworkers = 2\ngraceful_timeout = 5\n[log]\nformat = "json"\n')
+    return [
+        *(sys.executable, "-m", "tproxy", "serve", "--config", str(config)),
+        *("--listen", listen, "--admin-listen", "127.0.0.1:0"),
+        *("--upstream", upstream.url, "--cache-dir", str(tmp_path / "store")),
+    ]
+
+
+@asynccontextmanager
+async def running(
+    nursery: trio.Nursery, argv: list[str], environ: dict[str, str] | None = None
+) -> AsyncIterator[Service]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    process: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            argv,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**env, **(environ or {})},
+            cwd=REPO,
+        )
+    )
+    assert process.stderr is not None
+    service = Service(process)
+    nursery.start_soon(service.read_log, process.stderr)
+    try:
+        yield service
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM)
+            await service.exit_code()
+
+
+async def started(nursery: trio.Nursery, service: Service) -> Service:
+    listening = await service.wait_for(_LISTENING)
+    service.url, service.admin = f"http://{listening[1]}", listening[2]
+    return service
+
+
+def chat() -> dict[str, object]:
+    return {"model": "fake", "messages": [{"role": "user", "content": "shared store"}]}
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """The sum of a family's samples named ``name`` whose labels include ``labels``."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+async def scrape(http: httpx2.AsyncClient, admin: str) -> str:
+    response = await http.get(f"{admin}/metrics")
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+async def test_two_workers_answer_on_one_port_share_one_store_and_the_admin_sums(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    async with running(nursery, command(upstream, tmp_path)) as service:
+        await started(nursery, service)
+        workers = await service.workers()
+        statuses: list[str] = []
+        async with httpx2.AsyncClient(timeout=10) as http:
+            first = await http.post(f"{service.url}/v1/chat/completions", json=chat())
+            statuses.append(first.headers["cache-status"])
+            with trio.fail_after(STARTUP_TIMEOUT):  # the store writer commits after the answer
+                while total(await scrape(http, service.admin), "tproxy_cache_entries") < 1:
+                    await trio.sleep(0.02)
+            answered: dict[int, float] = {}
+            for _ in range(60):  # a new connection each time: the kernel picks a worker
+                if len(answered) == 2 and all(answered.values()):
+                    break
+                async with httpx2.AsyncClient(timeout=10) as fresh:
+                    response = await fresh.post(f"{service.url}/v1/chat/completions", json=chat())
+                statuses.append(response.headers["cache-status"])
+                for number, (_, admin) in workers.items():
+                    answered[number] = total(await scrape(http, admin), "tproxy_cache_hits_total")
+            merged = await scrape(http, service.admin)
+            per_worker = [await scrape(http, admin) for _, admin in workers.values()]
+    assert all(answered.values()), answered  # each worker had a hit...
+    assert upstream.calls["/v1/chat/completions"] == 1  # ...on the one entry the first stored
+    assert all("hit" in status for status in statuses[1:]), statuses
+    requests = [total(text, "tproxy_requests_total") for text in per_worker]
+    assert total(merged, "tproxy_requests_total") == sum(requests) == len(statuses)
+    assert total(merged, "tproxy_cache_entries") == 1  # the shared store, counted once
+    assert total(merged, "tproxy_workers") == 2
+    assert total(merged, "tproxy_build_info") == 1
+
+
+async def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    async with running(nursery, command(upstream, tmp_path)) as service:
+        await started(nursery, service)
+        workers = await service.workers()
+        pid, _ = workers[1]
+        mark = len(service.messages)
+        os.kill(pid, signal.SIGKILL)
+        await service.wait_for(rf"worker 1 \(pid {pid}\) was killed by SIGKILL; restarting")
+        replaced = await service.wait_for(_WORKER, after=mark)
+        assert replaced[1] == "1" and int(replaced[2]) != pid
+        async with httpx2.AsyncClient(timeout=10) as http:
+            for index in range(10):
+                async with httpx2.AsyncClient(timeout=10) as fresh:
+                    response = await fresh.get(f"{service.url}/v1/models/{index}")
+                assert response.status_code == 200
+            merged = await scrape(http, service.admin)
+    assert total(merged, "tproxy_worker_restarts_total") == 1
+
+
+async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    body = {**chat(), "stream": True}
+    async with running(nursery, command(upstream, tmp_path)) as service:
+        await started(nursery, service)
+        await service.workers()
+        async with (
+            httpx2.AsyncClient(timeout=10) as http,
+            http.stream(
+                "POST",
+                f"{service.url}/v1/chat/completions",
+                json=body,
+                headers={"x-fake-delay": "0.05"},
+            ) as response,
+        ):
+            received = b""
+            async for chunk in response.aiter_raw():
+                if not received:
+                    service.process.send_signal(signal.SIGTERM)
+                received += chunk
+        assert received.rstrip().endswith(b"data: [DONE]")  # the stream finished in the drain
+        assert await service.exit_code() == 0
+    assert "SIGTERM: every worker drains for up to 5s" in service.messages
+    assert service.messages.count("SIGTERM: stopped accepting; draining for up to 5s") == 2
+    assert "tproxy stopped: every worker has exited" in service.messages
+
+
+async def test_ready_and_stopping_come_from_the_supervisor_alone(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    name = f"@tproxy-test-{uuid.uuid4().hex}"
+    with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as manager:
+        await manager.bind(socket_address(name))
+        argv = command(upstream, tmp_path)
+        async with running(nursery, argv, {"NOTIFY_SOCKET": name}) as service:
+            with trio.fail_after(STARTUP_TIMEOUT):
+                ready = (await manager.recv(65536)).decode().split("\n")
+            assert ready[0] == "READY=1"
+            assert re.fullmatch(r"STATUS=http://127\.0\.0\.1:\d+: 2 of 2 workers, .*", ready[1])
+            service.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(STARTUP_TIMEOUT):
+                stopping = (await manager.recv(65536)).decode().split("\n")
+            assert stopping[0] == "STOPPING=1"
+            assert await service.exit_code() == 0
+        with trio.move_on_after(0.1):  # workers that had NOTIFY_SOCKET would have sent more
+            extra = await manager.recv(65536)
+            raise AssertionError(f"unexpected notification {extra!r}")
+
+
+async def test_a_port_in_use_stops_the_supervisor_with_a_clear_message_and_exit_1(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        async with running(nursery, command(upstream, tmp_path, listen=address)) as service:
+            assert await service.exit_code() == 1
+    failure = await service.wait_for("tproxy cannot serve: worker 1 could not start")
+    assert f"cannot listen on {address}: [Errno " in failure.string
+    assert not any("restarting" in message for message in service.messages)
+
+
+def test_merged_metrics_add_up_series_and_take_shared_gauges_once() -> None:
+    scrape = """\
+# HELP tproxy_requests_total Requests.
+# TYPE tproxy_requests_total counter
+tproxy_requests_total{cache="hit"} %d
+# HELP tproxy_ttfb_seconds Time to first byte.
+# TYPE tproxy_ttfb_seconds histogram
+tproxy_ttfb_seconds_bucket{le="0.1"} %d
+tproxy_ttfb_seconds_bucket{le="+Inf"} %d
+tproxy_ttfb_seconds_sum 0.5
+tproxy_ttfb_seconds_count %d
+# HELP tproxy_cache_entries Entries.
+# TYPE tproxy_cache_entries gauge
+tproxy_cache_entries 7
+# HELP process_start_time_seconds Start time.
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds %d
+"""
+    families = {
+        family.name: {(s.name, tuple(s.labels.items())): s.value for s in family.samples}
+        for family in merge_scrapes([scrape % (1, 1, 2, 2, 100), scrape % (3, 2, 2, 2, 90)])
+    }
+    assert families["tproxy_requests"] == {("tproxy_requests_total", (("cache", "hit"),)): 4}
+    assert families["tproxy_ttfb_seconds"] == {
+        ("tproxy_ttfb_seconds_bucket", (("le", "0.1"),)): 3,
+        ("tproxy_ttfb_seconds_bucket", (("le", "+Inf"),)): 4,
+        ("tproxy_ttfb_seconds_sum", ()): 1.0,
+        ("tproxy_ttfb_seconds_count", ()): 4,
+    }
+    assert families["tproxy_cache_entries"] == {("tproxy_cache_entries", ()): 7}
+    assert families["process_start_time_seconds"] == {("process_start_time_seconds", ()): 90}
