@@ -163,6 +163,7 @@ max_header_bytes = 4096
 body_timeout = 5
 client_stall_timeout = 7
 reuse_port = true
+workers = 3
 tls_cert = "tls/server.pem"
 tls_key = "tls/server.key"
 tls_client_ca = "tls/ca.pem"
@@ -242,6 +243,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(tls_files: Path) -> Non
             body_timeout=5.0,
             client_stall_timeout=7.0,
             reuse_port=True,
+            workers=3,
             tls_cert=tls_files / "server.pem",
             tls_key=tls_files / "server.key",
             tls_client_ca=tls_files / "ca.pem",
@@ -376,7 +378,8 @@ def test_an_upstream_url_is_stored_in_lower_case_without_a_trailing_slash(
             "[server]\nzzz = 1\n",
             "x.toml: server.zzz: unknown key (known keys: listen, admin_listen, max_body_bytes,"
             " graceful_timeout, stream_buffer_chunks, keep_alive_timeout, max_header_bytes,"
-            " body_timeout, client_stall_timeout, reuse_port, tls_cert, tls_key, tls_client_ca)",
+            " body_timeout, client_stall_timeout, reuse_port, workers, tls_cert, tls_key,"
+            " tls_client_ca)",
         ),
         ("[sever]\n", 'x.toml: sever: unknown key (did you mean "server"?)'),
         ("server = 1\n", "x.toml: server: expected a table, got 1"),

@@ -331,9 +331,9 @@ class Supervisor:
         admin = dataclasses.replace(admin, tls_client_ca=None)
         return dataclasses.replace(self.settings, server=server, admin=admin, warnings=())
 
-    def _drain(self, slot: WorkerSlot) -> None:
+    def _drain(self, slot: WorkerSlot, signum: int = signal.SIGTERM) -> None:
         """Start a worker's drain, bounded by the drain's timeout and :data:`EXIT_MARGIN`."""
-        _signal(slot, signal.SIGTERM)
+        _signal(slot, signum)
         slot.scope.deadline = (
             trio.current_time() + self.settings.server.graceful_timeout + EXIT_MARGIN
         )
@@ -356,7 +356,7 @@ class Supervisor:
                 log.info("%s: every worker drains for up to %gs", name, graceful)
                 self.stop.set()
                 for slot in self.slots:
-                    self._drain(slot)
+                    self._drain(slot, signum)
                 await notifier.stopping(await self.summary())
             else:
                 log.warning("%s again: every worker stops now", name)
