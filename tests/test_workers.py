@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import httpx2
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -233,6 +234,40 @@ async def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     assert "SIGTERM: every worker drains for up to 5s" in service.messages
     assert service.messages.count("SIGTERM: stopped accepting; draining for up to 5s") == 2
     assert "tproxy stopped: every worker has exited" in service.messages
+
+
+async def test_a_second_sigterm_stops_every_worker_at_once(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    words = " ".join(f"word{index}" for index in range(100))
+    body = {"model": "fake", "messages": [{"role": "user", "content": words}], "stream": True}
+    async with running(nursery, command(upstream, tmp_path)) as service:
+        await started(nursery, service)
+        await service.workers()
+        async with (
+            httpx2.AsyncClient(timeout=10) as http,
+            http.stream(
+                "POST",
+                f"{service.url}/v1/chat/completions",
+                json=body,
+                headers={"x-fake-delay": "0.1"},  # 10 s: longer than the 5 s drain
+            ) as response,
+        ):
+            chunks = response.aiter_raw()
+            await anext(chunks)
+            mark = len(service.messages)
+            service.process.send_signal(signal.SIGTERM)
+            for _ in range(2):  # each worker has taken the first signal
+                found = await service.wait_for("SIGTERM: stopped accepting", after=mark)
+                mark = service.messages.index(found.string, mark) + 1
+            service.process.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx2.RemoteProtocolError):
+                async for _ in chunks:
+                    pass
+        assert await service.exit_code() == 0
+    assert "SIGTERM again: every worker stops now" in service.messages
+    # the worker with the stream (the idle one may have drained and exited already)
+    assert "SIGTERM again: cancelling the drain, stopping now" in service.messages
 
 
 async def test_ready_and_stopping_come_from_the_supervisor_alone(

@@ -28,6 +28,7 @@ whole service: at the first start at once, later after :data:`MAX_FAILED_STARTS`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -243,7 +244,9 @@ class Supervisor:
         while not self.stop.is_set():
             began = trio.current_time()
             ended = await self._run_process(slot, task_status.started if first else _nothing)
-            if first and not ended.listened:
+            if first and not ended.listened and self.stop.is_set():
+                task_status.started()  # stopped while starting: not a failure
+            elif first and not ended.listened:
                 raise WorkerFailed(f"worker {slot.number} could not start: {ended.reason}")
             first = False
             if self.stop.is_set():
@@ -288,7 +291,8 @@ class Supervisor:
                 slot.process = process
                 if self.stop.is_set():
                     self._drain(slot)
-                await process.stdin.send_all(pickle.dumps(self._worker_settings()))
+                with contextlib.suppress(trio.BrokenResourceError):  # it died at once
+                    await process.stdin.send_all(pickle.dumps(self._worker_settings()))
                 reports = _LineReader(process.stdout)
                 with trio.move_on_after(START_TIMEOUT) as starting:
                     report = await reports.next_message()
