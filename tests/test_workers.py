@@ -87,9 +87,13 @@ class Service:
             return await self.process.wait()
 
 
-def command(upstream: FakeUpstream, tmp_path: Path, listen: str = "127.0.0.1:0") -> list[str]:
+def command(
+    upstream: FakeUpstream, tmp_path: Path, listen: str = "127.0.0.1:0", extra: str = ""
+) -> list[str]:
     config = tmp_path / "tproxy.toml"
-    config.write_text('[server]\nworkers = 2\ngraceful_timeout = 5\n[log]\nformat = "json"\n')
+    config.write_text(
+        f'[server]\nworkers = 2\ngraceful_timeout = 5\n[log]\nformat = "json"\n{extra}'
+    )
     return [
         *(sys.executable, "-m", "tproxy", "serve", "--config", str(config)),
         *("--listen", listen, "--admin-listen", "127.0.0.1:0"),
@@ -176,6 +180,14 @@ async def test_two_workers_answer_on_one_port_share_one_store_and_the_admin_sums
                     answered[number] = total(await scrape(http, admin), "tproxy_cache_hits_total")
             merged = await scrape(http, service.admin)
             per_worker = [await scrape(http, admin) for _, admin in workers.values()]
+            ready = await http.get(f"{service.admin}/readyz")
+            inflight = (await http.get(f"{service.admin}/inflight")).json()
+            healthy = await http.get(f"{service.admin}/healthz")
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert sorted(ready.json()["workers"]) == ["1", "2"]
+    assert inflight == {"count": 0, "exchanges": []}
+    assert healthy.status_code == 200
     assert all(answered.values()), answered  # each worker had a hit...
     assert upstream.calls["/v1/chat/completions"] == 1  # ...on the one entry the first stored
     assert all("hit" in status for status in statuses[1:]), statuses
@@ -268,6 +280,55 @@ async def test_a_second_sigterm_stops_every_worker_at_once(
     assert "SIGTERM again: every worker stops now" in service.messages
     # the worker with the stream (the idle one may have drained and exited already)
     assert "SIGTERM again: cancelling the drain, stopping now" in service.messages
+
+
+async def test_the_admin_token_guards_the_supervisor_and_is_passed_to_the_workers(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    argv = command(upstream, tmp_path, extra='[admin]\ntoken_env = "TEST_ADMIN_TOKEN"\n')
+    async with running(nursery, argv, {"TEST_ADMIN_TOKEN": "s3cret"}) as service:
+        await started(nursery, service)
+        workers = await service.workers()
+        async with httpx2.AsyncClient(timeout=10) as http:
+            refused = await http.get(f"{service.admin}/metrics")
+            worker_refused = await http.get(f"{workers[1][1]}/metrics")
+            http.headers["authorization"] = "Bearer s3cret"
+            merged = await scrape(http, service.admin)
+            ready = await http.get(f"{service.admin}/readyz")
+    assert refused.status_code == 401
+    assert worker_refused.status_code == 401  # a worker's own listener asks for it too
+    assert total(merged, "tproxy_workers") == 2
+    assert ready.status_code == 200
+
+
+async def test_sighup_is_passed_on_to_every_worker(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    async with running(nursery, command(upstream, tmp_path)) as service:
+        await started(nursery, service)
+        await service.workers()
+        mark = len(service.messages)
+        service.process.send_signal(signal.SIGHUP)
+        await service.wait_for("SIGHUP: passed on to every worker", after=mark)
+        for _ in range(2):  # without TLS each worker says that it reloads nothing
+            found = await service.wait_for("SIGHUP: reload is not supported", after=mark)
+            mark = service.messages.index(found.string, mark) + 1
+        service.process.send_signal(signal.SIGTERM)
+        assert await service.exit_code() == 0
+
+
+async def test_the_supervisor_pings_the_watchdog_while_its_workers_answer(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    name = f"@tproxy-test-{uuid.uuid4().hex}"
+    with trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM) as manager:
+        await manager.bind(socket_address(name))
+        environ = {"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000"}
+        async with running(nursery, command(upstream, tmp_path), environ):
+            with trio.fail_after(STARTUP_TIMEOUT):
+                assert (await manager.recv(65536)).startswith(b"READY=1\n")
+                for _ in range(2):
+                    assert await manager.recv(65536) == b"WATCHDOG=1"
 
 
 async def test_ready_and_stopping_come_from_the_supervisor_alone(
