@@ -367,6 +367,24 @@ async def test_a_port_in_use_stops_the_supervisor_with_a_clear_message_and_exit_
     assert not any("restarting" in message for message in service.messages)
 
 
+@pytest.mark.slow
+async def test_a_worker_that_keeps_failing_to_start_stops_the_service_instead_of_looping(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    async with running(nursery, command(upstream, tmp_path)) as service:
+        await started(nursery, service)
+        workers = await service.workers()
+        store = tmp_path / "store"
+        store.rename(tmp_path / "moved")  # the running workers keep the files they opened
+        store.write_text("")  # a new worker finds a file where its store should be
+        os.kill(workers[1][0], signal.SIGKILL)
+        assert await service.exit_code() == 1  # after five failed starts, ~8 s of backoff
+    failure = await service.wait_for("worker 1 could not start 5 times in a row")
+    assert "tproxy cannot serve" in failure.string
+    assert f"cannot open the cache store at {store}" in failure.string
+    assert service.messages.count(failure.string) == 1
+
+
 def test_merged_metrics_add_up_series_and_take_shared_gauges_once() -> None:
     scrape = """\
 # HELP tproxy_requests_total Requests.
