@@ -367,6 +367,36 @@ def test_an_upstream_url_is_stored_in_lower_case_without_a_trailing_slash(
     assert load(f'[upstreams.u]\nurl = "{written}"\n').upstream("u").url == stored
 
 
+@pytest.mark.parametrize(
+    ("text", "flag", "workers"),
+    [
+        ("", None, None),
+        ('[server]\nworkers = "auto"\n', None, None),
+        ("", "3", 3),
+        ("[server]\nworkers = 1\n", None, 1),
+        ("[server]\nworkers = 4\n", "auto", None),
+    ],
+    ids=["default-auto", "auto", "flag", "one", "flag-auto-wins"],
+)
+def test_workers_is_a_count_or_auto_from_the_file_or_the_flag(
+    text: str, flag: str | None, workers: int | None
+) -> None:
+    flags = Overrides(upstream="http://127.0.0.1:8081", workers=flag)
+    assert load(text, flags).server.workers == workers
+
+
+@pytest.mark.parametrize("value", ["0", "257", '"many"', "true", "1.5"])
+def test_workers_out_of_range_is_refused(value: str) -> None:
+    expected = 'x.toml: server.workers: expected "auto" or an integer from 1 to 256, got'
+    assert problems(f"[server]\nworkers = {value}\n")[0].startswith(expected)
+
+
+def test_the_workers_flag_is_refused_like_the_key() -> None:
+    assert problems("", Overrides(upstream="http://127.0.0.1:8081", workers="0")) == [
+        '--workers: expected "auto" or an integer from 1 to 256, got 0'
+    ]
+
+
 # --- problems: every kind, with the exact text users read --------------------------------------
 
 
