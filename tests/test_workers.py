@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import uuid
@@ -23,9 +24,11 @@ from pathlib import Path
 import httpx2
 import pytest
 import trio
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakeupstream import FakeUpstream
+from tests.tlsfiles import write_pair
 from tproxy.notify import socket_address
 from tproxy.workers import merge_scrapes
 
@@ -299,6 +302,26 @@ async def test_the_admin_token_guards_the_supervisor_and_is_passed_to_the_worker
     assert worker_refused.status_code == 401  # a worker's own listener asks for it too
     assert total(merged, "tproxy_workers") == 2
     assert ready.status_code == 200
+
+
+async def test_the_supervisors_admin_listener_serves_https_with_admin_tls(
+    nursery: trio.Nursery, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path / "admin-tls")
+    extra = f'[admin]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    async with running(nursery, command(upstream, tmp_path, extra=extra)) as service:
+        await started(nursery, service)
+        workers = await service.workers()
+        trusting = ssl.create_default_context()
+        ca.configure_trust(trusting)
+        async with httpx2.AsyncClient(verify=trusting, timeout=10) as https:
+            merged = await scrape(https, service.admin)
+        async with httpx2.AsyncClient(timeout=10) as http:  # workers: plain, on loopback
+            worker = await scrape(http, workers[1][1])
+    assert service.admin.startswith("https://")
+    assert total(merged, "tproxy_workers") == 2
+    assert total(worker, "tproxy_build_info") == 1
 
 
 async def test_sighup_is_passed_on_to_every_worker(

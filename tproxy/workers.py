@@ -355,7 +355,8 @@ class Supervisor:
                 log.info("SIGHUP: passed on to every worker")
                 reload_certificates(certificates)
                 for slot in self.slots:
-                    _signal(slot, signal.SIGHUP)
+                    if slot.admin is not None:  # one still starting loads the files anyway
+                        _signal(slot, signal.SIGHUP)
             elif not self.stop.is_set():
                 log.info("%s: every worker drains for up to %gs", name, graceful)
                 self.stop.set()
