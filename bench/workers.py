@@ -13,15 +13,27 @@ ceiling of two cores given to tproxy alone.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from load import LoadPool, Mode
-from run import Servers, free_ports, start_script, start_tproxy
+from run import Server, Servers, cpu_in_window, free_ports, start_script, start_tproxy
 
 CONFIG = "[cache]\nenabled = false\n"
+
+
+def cpu_seconds(server: Server) -> float:
+    """CPU time so far of the process and its children (a supervisor's workers), from /proc."""
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0.0
+    for each in (pid, *map(int, children)):
+        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def main() -> None:
@@ -37,22 +49,31 @@ def main() -> None:
         servers = Servers(Path(workdir))
         try:
             start_script(servers, "upstream", "upstream.py", ["--port", str(up)], up)
-            start_tproxy(servers, "one worker", CONFIG, (one, one_admin), upstream_url)
-            start_tproxy(servers, "two workers", CONFIG, (two, two_admin), upstream_url, 2)
+            targets = {
+                1: (one, start_tproxy(servers, "one", CONFIG, (one, one_admin), upstream_url)),
+                2: (two, start_tproxy(servers, "two", CONFIG, (two, two_admin), upstream_url, 2)),
+            }
             rates: dict[int, list[float]] = {1: [], 2: []}
             for _ in range(args.rounds):
-                for workers, port in ((1, one), (2, two)):
-                    measured = pool.start(
+                for workers, (port, server) in targets.items():
+                    running = pool.start(
                         f"http://127.0.0.1:{port}",
                         Mode.JSON,
                         args.connections,
                         duration=args.duration,
                         warmup=1.0,
-                    ).wait()
+                    )
+                    cpu = cpu_in_window(lambda server=server: cpu_seconds(server), running.window)
+                    measured = running.wait()
                     if measured.error_count:
                         sys.exit(f"{workers} worker(s): errors {measured.errors}")
                     rates[workers].append(measured.rate)
-                    print(f"{workers} worker(s): {measured.rate:.0f}/s", flush=True)
+                    print(
+                        f"{workers} worker(s): {measured.rate:.0f}/s,"
+                        f" {cpu / measured.completed * 1e6:.0f} us CPU per answer,"
+                        f" {cpu / args.duration:.2f} cores busy",
+                        flush=True,
+                    )
         finally:
             servers.stop_all()
             pool.close()
