@@ -92,7 +92,7 @@ def run(rounds: int) -> dict[str, list[Result]]:
     upstream_port, proxy_port, admin_port = free_ports(3)
     with tempfile.TemporaryDirectory() as store:
         tproxy = [
-            *(sys.executable, "-m", "tproxy", "serve"),
+            *(sys.executable, "-m", "tproxy", "serve", "--workers", "1"),
             *("--upstream", f"http://127.0.0.1:{upstream_port}"),
             *("--listen", f"127.0.0.1:{proxy_port}"),
             *("--admin-listen", f"127.0.0.1:{admin_port}"),

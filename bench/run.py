@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -376,11 +375,13 @@ def start_tproxy(
     config_text: str,
     ports: tuple[int, int],
     upstream_url: str | None,
+    workers: int = 1,
 ) -> Server:
-    """``tproxy serve`` with ``config_text`` on ``ports`` (proxy, admin) and its own store.
+    """``tproxy serve --workers N`` with ``config_text`` on ``ports`` (proxy, admin) and its own
+    store; one process unless told otherwise, so that its CPU is the one process's.
 
-    Ready when its admin ``/healthz`` answers. Without ``upstream_url`` the config names the
-    upstream itself.
+    Ready when its admin ``/readyz`` answers 200 (with workers: when every worker listens).
+    Without ``upstream_url`` the config names the upstream itself.
     """
     port, admin = ports
     config = servers.workdir / f"{slug(name)}.toml"
@@ -396,11 +397,13 @@ def start_tproxy(
         f"127.0.0.1:{admin}",
         "--cache-dir",
         str(servers.workdir / f"store-{slug(name)}"),
+        "--workers",
+        str(workers),
     ]
     if upstream_url is not None:
         command += ["--upstream", upstream_url]
     server = servers.start(name, command)
-    wait_until(partial(healthy, admin), server)
+    wait_until(lambda: get_status(admin, "/readyz") == 200, server)
     return server
 
 

@@ -785,6 +785,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             tproxy = subprocess.Popen(
                 [
                     *(sys.executable, "-m", "tproxy", "serve", "--config", str(config)),
+                    *("--workers", "1"),
                     *("--listen", f"127.0.0.1:{ports['proxy']}"),
                     *("--admin-listen", f"127.0.0.1:{ports['admin']}"),
                 ],

@@ -203,6 +203,8 @@ def start_targets(servers: Servers) -> list[Target]:
             [
                 *tproxy_command(),
                 "serve",
+                "--workers",
+                "1",
                 "--config",
                 str(path),
                 "--upstream",

@@ -164,6 +164,7 @@ max_header_bytes = 4096
 body_timeout = 5
 client_stall_timeout = 7
 reuse_port = true
+workers = 3
 tls_cert = "tls/server.pem"
 tls_key = "tls/server.key"
 tls_client_ca = "tls/ca.pem"
@@ -243,6 +244,7 @@ def test_every_key_of_the_file_is_read_into_the_settings(tls_files: Path) -> Non
             body_timeout=5.0,
             client_stall_timeout=7.0,
             reuse_port=True,
+            workers=3,
             tls_cert=tls_files / "server.pem",
             tls_key=tls_files / "server.key",
             tls_client_ca=tls_files / "ca.pem",
@@ -366,6 +368,36 @@ def test_an_upstream_url_is_stored_in_lower_case_without_a_trailing_slash(
     assert load(f'[upstreams.u]\nurl = "{written}"\n').upstream("u").url == stored
 
 
+@pytest.mark.parametrize(
+    ("text", "flag", "workers"),
+    [
+        ("", None, None),
+        ('[server]\nworkers = "auto"\n', None, None),
+        ("", "3", 3),
+        ("[server]\nworkers = 1\n", None, 1),
+        ("[server]\nworkers = 4\n", "auto", None),
+    ],
+    ids=["default-auto", "auto", "flag", "one", "flag-auto-wins"],
+)
+def test_workers_is_a_count_or_auto_from_the_file_or_the_flag(
+    text: str, flag: str | None, workers: int | None
+) -> None:
+    flags = Overrides(upstream="http://127.0.0.1:8081", workers=flag)
+    assert load(text, flags).server.workers == workers
+
+
+@pytest.mark.parametrize("value", ["0", "257", '"many"', "true", "1.5"])
+def test_workers_out_of_range_is_refused(value: str) -> None:
+    expected = 'x.toml: server.workers: expected "auto" or an integer from 1 to 256, got'
+    assert problems(f"[server]\nworkers = {value}\n")[0].startswith(expected)
+
+
+def test_the_workers_flag_is_refused_like_the_key() -> None:
+    assert problems("", Overrides(upstream="http://127.0.0.1:8081", workers="0")) == [
+        '--workers: expected "auto" or an integer from 1 to 256, got 0'
+    ]
+
+
 # --- problems: every kind, with the exact text users read --------------------------------------
 
 
@@ -377,7 +409,8 @@ def test_an_upstream_url_is_stored_in_lower_case_without_a_trailing_slash(
             "[server]\nzzz = 1\n",
             "x.toml: server.zzz: unknown key (known keys: listen, admin_listen, max_body_bytes,"
             " graceful_timeout, stream_buffer_chunks, keep_alive_timeout, max_header_bytes,"
-            " body_timeout, client_stall_timeout, reuse_port, tls_cert, tls_key, tls_client_ca)",
+            " body_timeout, client_stall_timeout, reuse_port, workers, tls_cert, tls_key,"
+            " tls_client_ca)",
         ),
         ("[sever]\n", 'x.toml: sever: unknown key (did you mean "server"?)'),
         ("server = 1\n", "x.toml: server: expected a table, got 1"),

@@ -47,7 +47,7 @@ LAYERS = [
     {"app"},
     {"admin", "serving"},
     {"server"},
-    {"demo"},
+    {"workers", "demo"},
     {"cli"},
     {"__main__"},
 ]

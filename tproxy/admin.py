@@ -18,7 +18,7 @@ import trio
 
 from tproxy.asgi import ASGIReceive, ASGISend, Scope
 from tproxy.config import Settings
-from tproxy.core.errors import ConfigError, StoreError
+from tproxy.core.errors import ConfigError, StoreError, TproxyError
 from tproxy.core.exchange import Exchange
 from tproxy.core.headers import Header, header_value
 from tproxy.inflight import Inflight
@@ -87,17 +87,21 @@ class AdminApp:
                 extra=[(b"www-authenticate", b'Bearer realm="tproxy admin"')],
             )
             return
+        try:
+            await self._answer(path, scope, send, head)
+        except AdminUnavailable as unavailable:
+            await _reply_json(send, 503, {"error": str(unavailable)}, head)
+
+    async def _answer(self, path: str, scope: Scope, send: ASGISend, head: bool) -> None:
         if path == "/healthz":
             await _reply_json(send, 200, {"status": "ok"}, head)
         elif path == "/readyz":
-            status, document = self._readiness()
+            status, document = await self.readiness()
             await _reply_json(send, status, document, head)
-        elif path == "/metrics" and self._telemetry is not None:
-            await _reply(send, 200, self._telemetry.metrics_text(), METRICS_CONTENT_TYPE, head)
-        elif path == "/inflight" and self._inflight is not None:
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            tenants = query.get("tenants", ["0"])[-1] in ("1", "true", "yes")
-            await _reply_json(send, 200, self._inflight_document(tenants), head)
+        elif path == "/metrics" and (text := await self.metrics()) is not None:
+            await _reply(send, 200, text, METRICS_CONTENT_TYPE, head)
+        elif path == "/inflight" and (listing := await self.inflight(_tenants(scope))):
+            await _reply_json(send, 200, listing, head)
         else:
             await _reply_json(send, 404, {"error": f"no admin endpoint {path}"}, head)
 
@@ -113,7 +117,8 @@ class AdminApp:
             return 403, "the bearer token is not the admin token"
         return None
 
-    def _readiness(self) -> tuple[int, dict[str, object]]:
+    async def readiness(self) -> tuple[int, dict[str, object]]:
+        """``/readyz``: its status code and document."""
         if self._stopping is not None and self._stopping.is_set():
             return 503, {"status": "not ready", "reason": "draining"}
         if self._store is None:
@@ -124,14 +129,30 @@ class AdminApp:
             return 503, {"status": "not ready", "cache": str(error)}
         return 200, {"status": "ready", "cache": "open", "entries": stats.entries}
 
-    def _inflight_document(self, tenants: bool) -> dict[str, object]:
-        assert self._inflight is not None
+    async def metrics(self) -> bytes | None:
+        """``/metrics`` in the Prometheus text format; None: not served (404)."""
+        return None if self._telemetry is None else self._telemetry.metrics_text()
+
+    async def inflight(self, tenants: bool) -> dict[str, object] | None:
+        """``/inflight``; the tenants' hashes only when asked for; None: not served (404)."""
+        if self._inflight is None:
+            return None
         now = trio.current_time()
         exchanges = sorted(self._inflight.snapshot(), key=lambda exchange: exchange.started_at)
         return {
             "count": len(exchanges),
             "exchanges": [_describe(exchange, now, tenants) for exchange in exchanges],
         }
+
+
+def _tenants(scope: Scope) -> bool:
+    """Whether ``/inflight?tenants=1`` asks for the tenants' hashes."""
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return query.get("tenants", ["0"])[-1] in ("1", "true", "yes")
+
+
+class AdminUnavailable(TproxyError):
+    """An endpoint cannot answer now (a worker did not): 503 with this message."""
 
 
 def _describe(exchange: Exchange, now: float, tenants: bool) -> dict[str, object]:

@@ -24,7 +24,7 @@ from tproxy.config import (
     default_cache_dir,
     load_settings,
 )
-from tproxy.core.errors import ConfigError, TproxyError
+from tproxy.core.errors import ConfigError, TproxyError, leaf_errors
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="admin address (/healthz, /readyz, /metrics, /inflight)",
     )
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help='processes serving on the listen address: a number, or "auto": one per core',
+    )
+    # A worker started by the supervisor (tproxy.workers): its settings come on stdin.
+    serve.add_argument("--worker", type=int, metavar="I", help=argparse.SUPPRESS)
 
     demo = commands.add_parser(
         "demo",
@@ -105,11 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.worker is not None:
+        return _serve_worker()
     overrides = Overrides(
         listen=args.listen,
         upstream=args.upstream,
         cache_dir=args.cache_dir,
         admin_listen=args.admin_listen,
+        workers=args.workers,
     )
     try:
         settings = load_settings(args.config, overrides)
@@ -120,9 +130,18 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log)
     for warning in settings.warnings:
         log.warning("%s", warning)
-    from tproxy.server import run_until_signalled
+    from tproxy.workers import serve
 
-    return _run(lambda: trio.run(run_until_signalled, settings), "tproxy cannot serve: %s")
+    return _run(lambda: trio.run(serve, settings), "tproxy cannot serve: %s")
+
+
+def _serve_worker() -> int:
+    """One of ``tproxy serve --workers N``'s processes, on the settings its supervisor sent."""
+    from tproxy.workers import read_settings, run_worker
+
+    settings = read_settings(sys.stdin.buffer)
+    configure_logging(settings.log)
+    return _run(lambda: trio.run(run_worker, settings), "tproxy worker cannot serve: %s")
 
 
 def _run(action: Callable[[], object], failure: str) -> int:
@@ -131,20 +150,12 @@ def _run(action: Callable[[], object], failure: str) -> int:
     try:
         action()
     except* (TproxyError, OSError) as group:
-        for problem in _leaves(group):
+        for problem in leaf_errors(group):
             log.error(failure, problem)
         outcome = EXIT_FAILURE
     except* KeyboardInterrupt:
         outcome = EXIT_INTERRUPTED
     return outcome
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    """The exceptions in a (possibly nested) group: Trio's nurseries wrap what they raise."""
-    found: list[BaseException] = []
-    for error in group.exceptions:
-        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
-    return found
 
 
 def _positive_seconds(text: str) -> float:

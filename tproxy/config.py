@@ -99,6 +99,8 @@ class ServerSettings:
     body_timeout: float = 60.0
     client_stall_timeout: float = 60.0
     reuse_port: bool = False
+    # Worker processes on ``listen``; None: one per core the process may run on.
+    workers: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -267,9 +269,13 @@ class Overrides:
     upstream: str | None = None
     cache_dir: Path | None = None
     admin_listen: str | None = None
+    workers: str | None = None
 
 
 _NO_OVERRIDES = Overrides()
+
+# More worker processes than this is a typo, not a machine.
+MAX_WORKERS = 256
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
@@ -381,6 +387,23 @@ def _count(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise _BadValueError(f"expected an integer >= 0, got {_show(value)}")
     return value
+
+
+def _workers(value: object) -> int | None:
+    """``server.workers``: a count of processes, or ``"auto"`` (None): one per core."""
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise _BadValueError(
+            f'expected "auto" or an integer from 1 to {MAX_WORKERS}, got {_show(value)}'
+        )
+    return value
+
+
+def _workers_flag(value: object) -> int | None:
+    """``--workers``: the same values as ``server.workers``, written on a command line."""
+    text = _string(value)
+    return _workers(int(text) if text.isdigit() else text)
 
 
 def _boolean(value: object) -> bool:
@@ -702,6 +725,7 @@ _SERVER: dict[str, _Checker] = {
     "body_timeout": _seconds,
     "client_stall_timeout": _seconds,
     "reuse_port": _boolean,
+    "workers": _workers,
 }
 _CACHE: dict[str, _Checker] = {
     "enabled": _boolean,
@@ -1091,6 +1115,7 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_OVERRIDES) -> Se
     _apply_flag(
         server_values, "admin_listen", "--admin-listen", _address, overrides.admin_listen, problems
     )
+    _apply_flag(server_values, "workers", "--workers", _workers_flag, overrides.workers, problems)
     cache_dir = None if overrides.cache_dir is None else str(overrides.cache_dir)
     _apply_flag(cache_values, "dir", "--cache-dir", _directory(Path.cwd()), cache_dir, problems)
 

@@ -170,9 +170,12 @@ def _socket_options(
     return options, [Certificate(listener, context, tls)]
 
 
-def reload_certificates(certificates: Sequence[Certificate], telemetry: Telemetry) -> None:
+def reload_certificates(
+    certificates: Sequence[Certificate], telemetry: Telemetry | None = None
+) -> None:
     """SIGHUP with TLS: every listener presents its renewed certificate to new handshakes. Only
-    the certificates: other settings need a restart."""
+    the certificates: other settings need a restart. ``telemetry``, when the process has one
+    (a worker's supervisor has none), hears the new expiry."""
     for certificate in certificates:
         try:
             certificate.reload()
@@ -180,7 +183,8 @@ def reload_certificates(certificates: Sequence[Certificate], telemetry: Telemetr
             log.error("SIGHUP: %s; still serving the certificate loaded before", error)
         else:
             log.info("SIGHUP: loaded %s for new connections", certificate.files.cert)
-            note_expiry(certificate, telemetry)
+            if telemetry is not None:
+                note_expiry(certificate, telemetry)
 
 
 @asynccontextmanager
@@ -267,16 +271,8 @@ async def serve_tproxy(
                     proxy_config,
                     proxy_options,
                 )
-                admin_tls = settings.admin.tls
-                admin_config = _hypercorn_config(settings, server.admin_listen, admin_tls)
-                admin_options, admin_certificates = _socket_options(
-                    "admin", admin_config, server.client_stall_timeout, False, admin_tls
-                )
-                admin_binds = await _start_listener(
-                    servers,
-                    partial(serve_asgi, _asgi(admin_app), shutdown_trigger=proxy_stopped.wait),
-                    admin_config,
-                    admin_options,
+                admin_binds, admin_certificates = await start_admin_listener(
+                    servers, settings, admin_app, proxy_stopped.wait
                 )
                 every_certificate = (*certificates, *admin_certificates)
                 for certificate in every_certificate:
@@ -303,6 +299,28 @@ async def serve_tproxy(
                 written.dropped,
                 written.failed,
             )
+
+
+async def start_admin_listener(
+    servers: trio.Nursery,
+    settings: Settings,
+    app: AdminApp,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+) -> tuple[list[str], list[Certificate]]:
+    """Serve ``app`` on ``server.admin_listen`` (with ``admin.tls_*``) in ``servers`` until
+    ``shutdown_trigger`` returns; its binds and TLS certificates, or ListenError."""
+    admin_tls = settings.admin.tls
+    config = _hypercorn_config(settings, settings.server.admin_listen, admin_tls)
+    options, certificates = _socket_options(
+        "admin", config, settings.server.client_stall_timeout, False, admin_tls
+    )
+    binds = await _start_listener(
+        servers,
+        partial(serve_asgi, _asgi(app), shutdown_trigger=shutdown_trigger),
+        config,
+        options,
+    )
+    return binds, certificates
 
 
 class ListenError(TproxyError):
@@ -365,12 +383,16 @@ def _asgi(app: _CountingApp | AdminApp) -> ASGIFramework:
     return cast(ASGIFramework, app)
 
 
-async def run_until_signalled(settings: Settings) -> None:
+async def run_until_signalled(
+    settings: Settings, *, on_listening: Callable[[Listening], None] | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, telling the service manager (if any) how it goes.
 
     The first signal drains (``server.graceful_timeout``), a second one cancels the drain at
     once. SIGHUP loads renewed TLS certificates; other settings are not reloaded, which is
     logged, rather than left to SIGHUP's default, which would kill the process without a drain.
+    ``on_listening`` is told where the server listens once it does (a worker tells its
+    supervisor, :mod:`tproxy.workers`).
     """
     stop = trio.Event()
     graceful = settings.server.graceful_timeout
@@ -404,6 +426,8 @@ async def run_until_signalled(settings: Settings) -> None:
                 nursery.start_soon(watch_signals)
                 listening: Listening = await nursery.start(run_server)
                 served.append(listening)
+                if on_listening is not None:
+                    on_listening(listening)
                 await notifier.ready(listening.status.summary())
                 nursery.start_soon(notifier.serve_watchdog)
                 nursery.start_soon(_report_status, notifier, listening.status, stop)

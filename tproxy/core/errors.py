@@ -74,3 +74,11 @@ class StoreError(TproxyError):
 
 class CorruptEntry(StoreError):
     """A stored entry failed to decode; it is treated as a miss and removed."""
+
+
+def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in a (possibly nested) group: Trio's nurseries wrap what they raise."""
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(leaf_errors(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
