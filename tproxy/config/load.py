@@ -49,14 +49,7 @@ DEFAULTS_SOURCE = "<defaults>"
 _NO_FLAGS = Overrides()
 _LISTENER_FILES = ("tls_cert", "tls_key", "tls_client_ca")
 # The tables read key by key with nothing more to them, in the order their problems are listed.
-_PLAIN_TABLES: dict[str, type[Any]] = {
-    "server": ServerSettings,
-    "cache": CacheSettings,
-    "log": LogSettings,
-    "admin": AdminSettings,
-    "telemetry": TelemetrySettings,
-    "payload_log": PayloadLogSettings,
-}
+_PLAIN_TABLES = ("server", "cache", "log", "admin", "telemetry", "payload_log")
 
 
 def _load_document(path: Path, problems: Problems) -> dict[str, Any] | None:
@@ -92,14 +85,14 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_FLAGS) -> Settin
         if loaded is None:
             raise ConfigError(problems.items)
         document = loaded
-    sections = schema.sections()
+    tables = schema.tables()
     for name in document:
-        if name not in sections:
-            problems.at(toml_key(name), unknown_key(name, sections))
+        if name not in tables:
+            problems.at(toml_key(name), unknown_key(name, tables))
     base = path.parent if path is not None else Path.cwd()
     server_values, cache_values, log_values, admin_values, telemetry_values, payload_values = (
-        read_table(read_section(document, name, problems), name, cls, base, problems)
-        for name, cls in _PLAIN_TABLES.items()
+        read_table(read_section(document, name, problems), name, tables[name].cls, base, problems)
+        for name in _PLAIN_TABLES
     )
 
     auth = read_auth(read_section(document, "auth", problems), base, problems)

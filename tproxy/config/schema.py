@@ -49,13 +49,25 @@ from tproxy.core.dialects import DEFAULT_PATHS
 
 _CHECK = "tproxy.config.check"
 _TABLE = "tproxy.config.table"
-# The metadata of a Settings field that is a table (or an array of tables) of the file.
-TABLE: Mapping[str, bool] = MappingProxyType({_TABLE: True})
 
 
 def check(checker: KeyCheck) -> Mapping[str, KeyCheck]:
     """A field's metadata making it a key of its table, checked by ``checker``."""
     return MappingProxyType({_CHECK: checker})
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table of the file: the dataclass its keys are the fields of, and its heading as a file
+    writes it (``[server]``, ``[upstreams.NAME]``, ``[[routes]]``)."""
+
+    cls: type[Any]
+    heading: str
+
+
+def table(cls: type[Any], heading: str) -> Mapping[str, Table]:
+    """A :class:`Settings` field's metadata making it a table of the file."""
+    return MappingProxyType({_TABLE: Table(cls, heading)})
 
 
 def key_checks(cls: type[Any]) -> dict[str, KeyCheck]:
@@ -280,18 +292,28 @@ class PayloadLogSettings:
 class Settings:
     """Everything tproxy was configured with; built once at start and passed down."""
 
-    server: ServerSettings = field(metadata=TABLE)
-    cache: CacheSettings = field(metadata=TABLE)
-    log: LogSettings = field(metadata=TABLE)
-    upstreams: tuple[UpstreamSettings, ...] = field(metadata=TABLE)
-    routes: tuple[RouteSettings, ...] = field(metadata=TABLE)
+    server: ServerSettings = field(metadata=table(ServerSettings, "[server]"))
+    cache: CacheSettings = field(metadata=table(CacheSettings, "[cache]"))
+    log: LogSettings = field(metadata=table(LogSettings, "[log]"))
+    upstreams: tuple[UpstreamSettings, ...] = field(
+        metadata=table(UpstreamSettings, "[upstreams.NAME]")
+    )
+    routes: tuple[RouteSettings, ...] = field(metadata=table(RouteSettings, "[[routes]]"))
     source: str
-    admin: AdminSettings = field(default_factory=AdminSettings, metadata=TABLE)
-    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings, metadata=TABLE)
-    payload_log: PayloadLogSettings = field(default_factory=PayloadLogSettings, metadata=TABLE)
-    auth: AuthSettings = field(default_factory=AuthSettings, metadata=TABLE)
+    admin: AdminSettings = field(
+        default_factory=AdminSettings, metadata=table(AdminSettings, "[admin]")
+    )
+    telemetry: TelemetrySettings = field(
+        default_factory=TelemetrySettings, metadata=table(TelemetrySettings, "[telemetry]")
+    )
+    payload_log: PayloadLogSettings = field(
+        default_factory=PayloadLogSettings, metadata=table(PayloadLogSettings, "[payload_log]")
+    )
+    auth: AuthSettings = field(default_factory=AuthSettings, metadata=table(AuthSettings, "[auth]"))
     # None: no [shared_store] table, no tier 2.
-    shared_store: SharedStoreSettings | None = field(default=None, metadata=TABLE)
+    shared_store: SharedStoreSettings | None = field(
+        default=None, metadata=table(SharedStoreSettings, "[shared_store]")
+    )
     # Settings that are allowed but unsafe: shown by check-config and logged at start.
     warnings: tuple[str, ...] = ()
 
@@ -314,6 +336,8 @@ class Overrides:
     workers: str | None = None
 
 
-def sections() -> list[str]:
-    """The tables a file may hold, in the order the reference lists them."""
-    return [item.name for item in fields(Settings) if _TABLE in item.metadata]
+def tables() -> dict[str, Table]:
+    """The tables a file may hold, by name, in field order."""
+    return {
+        item.name: item.metadata[_TABLE] for item in fields(Settings) if _TABLE in item.metadata
+    }
