@@ -90,10 +90,13 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_FLAGS) -> Settin
         if name not in tables:
             problems.at(toml_key(name), unknown_key(name, tables))
     base = path.parent if path is not None else Path.cwd()
-    server_values, cache_values, log_values, admin_values, telemetry_values, payload_values = (
-        read_table(read_section(document, name, problems), name, tables[name].cls, base, problems)
+    values = {
+        name: read_table(
+            read_section(document, name, problems), name, tables[name].cls, base, problems
+        )
         for name in _PLAIN_TABLES
-    )
+    }
+    server_values, cache_values = values["server"], values["cache"]
 
     auth = read_auth(read_section(document, "auth", problems), base, problems)
     shared_store = read_shared_store(document, base, problems)
@@ -126,25 +129,25 @@ def load_settings(path: Path | None, overrides: Overrides = _NO_FLAGS) -> Settin
             f"larger than cache.max_total_bytes"
             f" ({cache.max_entry_bytes} > {cache.max_total_bytes})",
         )
-    admin = dataclasses.replace(AdminSettings(), **admin_values)
-    payload_log = dataclasses.replace(PayloadLogSettings(), **payload_values)
+    admin = dataclasses.replace(AdminSettings(), **values["admin"])
+    payload_log = dataclasses.replace(PayloadLogSettings(), **values["payload_log"])
     _check_admin_access(server, admin, overrides, problems)
     _check_payload_log(payload_log, problems)
     now = datetime.datetime.now(datetime.UTC)
     _check_listener_tls("server", server_values, now, problems)
-    _check_listener_tls("admin", admin_values, now, problems)
+    _check_listener_tls("admin", values["admin"], now, problems)
     warnings = [_check_upstream_tls(upstream, now, problems) for upstream in upstreams]
     if problems.items:
         raise ConfigError(problems.items)
     return Settings(
         server=server,
         cache=cache,
-        log=dataclasses.replace(LogSettings(), **log_values),
+        log=dataclasses.replace(LogSettings(), **values["log"]),
         upstreams=tuple(upstreams),
         routes=tuple(routes),
         source=str(path) if path is not None else DEFAULTS_SOURCE,
         admin=admin,
-        telemetry=dataclasses.replace(TelemetrySettings(), **telemetry_values),
+        telemetry=dataclasses.replace(TelemetrySettings(), **values["telemetry"]),
         payload_log=payload_log,
         auth=auth,
         shared_store=shared_store,

@@ -1,11 +1,13 @@
 """The settings: one frozen dataclass per table of the file, and the one statement of each key.
 
 Each key is a field whose metadata holds its checker (``metadata=check(SECONDS)``) next to its
-default; the loader's tables (:func:`checkers`), the list of known keys in its did-you-mean
-hints, and the tests that keep ``docs/configuration.md`` and ``conf/tproxy.toml`` complete
-(:func:`keys`, the checker's ``kind`` against the reference's type column) are all derived from
-these fields. A field without a checker (an upstream's ``name``) is not a key of its table.
-Adding a key is one line here and its row in the reference.
+default; the loader's tables (:func:`checkers`), the known keys in its did-you-mean hints, and
+the tests that keep ``docs/configuration.md`` and ``conf/tproxy.toml`` true (:func:`key_checks`:
+every key, the checker's ``kind`` against the reference's type column, the reference's default
+read through the checker) are all derived from these fields. A field without a checker (an
+upstream's ``name``) is not a key of its table; the :class:`Settings` fields that are tables of
+the file say so with :func:`table`. Adding a key is one line here, its row in the reference and
+its line in the example file.
 """
 
 from __future__ import annotations
@@ -78,11 +80,6 @@ def key_checks(cls: type[Any]) -> dict[str, KeyCheck]:
 def checkers(cls: type[Any], base: Path) -> dict[str, Parse]:
     """The checker of each key of ``cls``'s table, paths taken from the directory ``base``."""
     return {name: checker.bind(base) for name, checker in key_checks(cls).items()}
-
-
-def keys(cls: type[Any]) -> list[str]:
-    """The keys of the table ``cls`` describes, in field order."""
-    return list(key_checks(cls))
 
 
 def default_cache_dir() -> Path:
