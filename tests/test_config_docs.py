@@ -3,7 +3,7 @@
 Every key list here comes from :mod:`tproxy.config.schema` (the fields that declare a checker),
 so a key added there and not to ``conf/tproxy.toml`` and ``docs/configuration.md`` fails here:
 each key must be shown in the example file, and have its row in the reference with the type its
-checker accepts and its default.
+checker accepts and its default. The example file shows the defaults, as its header says.
 """
 
 from __future__ import annotations
@@ -143,3 +143,22 @@ def test_the_reference_documents_every_flag_and_the_settings_source() -> None:
     headings = " ".join(_reference_sections())
     for field in dataclasses.fields(Settings):
         assert f"`{field.name}`" in text or field.name in headings, field.name
+
+
+# Tables whose keys the example file sets to examples, not to their defaults.
+EXAMPLE_VALUES = {"upstreams", "routes"}
+
+
+@pytest.mark.parametrize("table", [name for name in TABLES if name not in EXAMPLE_VALUES])
+def test_the_example_file_shows_the_defaults(table: str) -> None:
+    """Its header says so; a key with no default (None, an empty array) shows an example."""
+    section = _example_section(TABLES[table])
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", section, flags=re.MULTILINE)
+    [shown] = tomllib.loads(uncommented).values()
+    checks = key_checks(tables()[table].cls)
+    for field in dataclasses.fields(tables()[table].cls):
+        if field.name not in checks or (table, field.name) in DESCRIBED_DEFAULTS:
+            continue
+        if field.default not in (None, ()):
+            read = checks[field.name].bind(ROOT)(shown[field.name])
+            assert read == field.default, f"{TABLES[table]} {field.name}"
