@@ -45,6 +45,10 @@ class StoreWriterStatistics:
     map_full: int = 0
     disk_full: int = 0
 
+    def outcomes(self) -> dict[str, int]:
+        """Each outcome counted per entry, by name, in the order /metrics lists them."""
+        return {outcome: getattr(self, outcome) for outcome in STORE_WRITER_OUTCOMES}
+
 
 # The statistics counted per entry, in the order /metrics lists them.
 STORE_WRITER_OUTCOMES = (
