@@ -648,6 +648,36 @@ async def test_an_http_sink_whose_endpoint_is_down_drops_and_counts() -> None:
     assert stats.dropped["failed"] == 5
 
 
+async def test_an_http_endpoint_that_hangs_up_without_answering_is_retried_then_dropped(
+    nursery: trio.Nursery,
+) -> None:
+    connections = 0
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.receive_some(65536)  # the request starts arriving; no answer comes
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, hang_up, listeners)
+    settings = make_settings(
+        access_log=False,
+        enabled=True,
+        http_url=f"http://127.0.0.1:{port}/ingest",
+        http_retries=2,
+        http_backoff=0.001,
+    )
+    async with open_telemetry(settings, inflight=None, store=None, store_writer=None) as t:
+        t.exchange_finished(RECORD, PAYLOAD)
+        with trio.fail_after(10):
+            await t.flush()
+        stats = t.statistics()["http"]
+    assert (stats.written, stats.dropped["failed"]) == (0, 1)
+    assert connections == 3  # the first attempt and two retries
+
+
 async def test_an_http_sink_that_recovers_resumes(
     start_collector: Callable[..., object], caplog: pytest.LogCaptureFixture
 ) -> None:

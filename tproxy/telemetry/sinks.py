@@ -18,23 +18,22 @@ from __future__ import annotations
 import logging
 import os
 import random
-import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from tproxy import __version__
 from tproxy.batchqueue import BatchQueue
 from tproxy.config import PayloadLogSettings
-from tproxy.core.errors import ConfigError
+from tproxy.core.errors import ConfigError, UpstreamError
 from tproxy.telemetry.logs import emit_access
 from tproxy.telemetry.payload import Payload, encode_payload_event
 from tproxy.telemetry.records import ExchangeRecord
+from tproxy.upstream import post_once
 
 log = logging.getLogger("tproxy.telemetry")
 
@@ -200,24 +199,16 @@ def _json_line(record: ExchangeRecord, payload: Payload) -> bytes:
     return encode_payload_event(record, payload) + b"\n"
 
 
-class _SinkFailure(Exception):
-    """The HTTP endpoint did not take a batch."""
-
-
-_TRANSIENT_ERRORS = (
-    OSError,
-    trio.TooSlowError,
-    trio.BrokenResourceError,
-    h11.ProtocolError,
-    _SinkFailure,
-)
+# What one attempt may fail with besides a status: worth another attempt.
+_TRANSIENT_ERRORS = (UpstreamError, trio.TooSlowError)
 
 
 class HttpSink(Sink):
     """POSTs batches of CloudEvents (``application/cloudevents-batch+json``) to one URL.
 
-    Each attempt opens a connection, sends the batch, reads the status and closes; it has
-    ``timeout`` seconds in all. Connection errors, timeouts, 408, 429 and 5xx are retried
+    Each attempt opens a connection, sends the batch, reads the status and closes
+    (:func:`tproxy.upstream.post_once`: the HTTP client lives in one module); it has ``timeout``
+    seconds in all. Connection errors, timeouts, 408, 429 and 5xx are retried
     ``retries`` times with exponential backoff (``backoff`` × 2ⁿ, jittered, at most 30 s); any
     other status drops the batch at once. While a batch waits, new records queue up and, once
     the queue is full, are dropped.
@@ -236,16 +227,18 @@ class HttpSink(Sink):
     ) -> None:
         super().__init__("http", queue_size, batch_size)
         parts = urlsplit(url)
-        self._tls = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._tls else 80)
-        self._target = parts.path or "/"
-        self._host_header = parts.netloc
-        self._token = token
+        self._url = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
+        self._headers = [
+            ("host", parts.netloc),
+            ("user-agent", f"tproxy/{__version__}"),
+            ("content-type", CLOUDEVENTS_BATCH),
+            ("connection", "close"),
+        ]
+        if token is not None:
+            self._headers.append(("authorization", f"Bearer {token}"))
         self._timeout = timeout
         self._attempts = 1 + retries
         self._backoff = backoff
-        self._ssl = ssl.create_default_context() if self._tls else None
 
     async def _deliver(self, batch: list[Item]) -> None:
         body = await trio.to_thread.run_sync(_cloudevents_batch, batch)
@@ -270,41 +263,7 @@ class HttpSink(Sink):
     async def _post(self, body: bytes) -> int:
         """One attempt: the response's status. Raises one of the transient errors."""
         with trio.fail_after(self._timeout):
-            if self._ssl is not None:
-                stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                    self._host, self._port, ssl_context=self._ssl
-                )
-            else:
-                stream = await trio.open_tcp_stream(self._host, self._port)
-            async with stream:
-                connection = h11.Connection(h11.CLIENT)
-                headers = [
-                    ("host", self._host_header),
-                    ("user-agent", f"tproxy/{__version__}"),
-                    ("content-type", CLOUDEVENTS_BATCH),
-                    ("content-length", str(len(body))),
-                    ("connection", "close"),
-                ]
-                if self._token is not None:
-                    headers.append(("authorization", f"Bearer {self._token}"))
-                request = h11.Request(method="POST", target=self._target, headers=headers)
-                await stream.send_all(
-                    _h11_bytes(connection, request)
-                    + _h11_bytes(connection, h11.Data(data=body))
-                    + _h11_bytes(connection, h11.EndOfMessage())
-                )
-                while True:
-                    event = connection.next_event()
-                    if event is h11.NEED_DATA:
-                        connection.receive_data(bytes(await stream.receive_some(65536)))
-                    elif isinstance(event, h11.Response):
-                        return event.status_code
-                    elif isinstance(event, h11.ConnectionClosed):
-                        raise _SinkFailure("connection closed before a response")
-
-
-def _h11_bytes(connection: h11.Connection, event: h11.Event) -> bytes:
-    return connection.send(event) or b""
+            return await post_once(self._url, self._headers, body)
 
 
 def _cloudevents_batch(batch: list[Item]) -> bytes:
