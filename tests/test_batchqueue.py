@@ -139,3 +139,17 @@ async def test_every_offer_is_counted_once(capacity: int) -> None:
     stats = queue.statistics()
     assert stats.accepted + stats.refused_full + stats.refused_closed == 20
     assert stats.delivered == stats.accepted == sum(map(len, recorder.batches))
+
+
+async def test_close_during_a_linger_delivers_the_batch_without_waiting_it_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    queue = BatchQueue[int](capacity=10, max_batch=10, linger=60.0)
+    recorder = Recorder()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.serve, recorder)
+        queue.offer(1)
+        await trio.testing.wait_all_tasks_blocked()  # the batch is lingering for more
+        queue.close()
+    assert recorder.batches == [[1]]
+    assert trio.current_time() < 60.0  # the mock clock: the linger was cut short, not waited out
