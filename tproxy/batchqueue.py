@@ -58,7 +58,7 @@ class BatchQueue(Generic[_T]):
         self._max_batch = max_batch
         self._linger = linger
         self._send, self._receive = trio.open_memory_channel[_T](capacity)
-        self._closed = False
+        self._closed = False  # close() was called, or serve() ended: nothing more is taken
         self._accepted = 0
         self._refused_full = 0
         self._refused_closed = 0
@@ -72,7 +72,7 @@ class BatchQueue(Generic[_T]):
         if send_or_refuse(self._send, item):
             self._accepted += 1
             return True
-        if self._closed or self._send.statistics().open_receive_channels == 0:
+        if self._closed:
             self._refused_closed += 1
         else:
             self._refused_full += 1
@@ -101,6 +101,7 @@ class BatchQueue(Generic[_T]):
                     self._handled.value += len(batch)
                     batch = []
             finally:
+                self._closed = True
                 left = len(batch) + self._discard_queued()
                 self._abandoned += left
                 self._handled.value += left
