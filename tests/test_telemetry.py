@@ -66,6 +66,7 @@ from tproxy.telemetry import (
     Payload,
     PayloadCapture,
     ProcessMetrics,
+    SinkStatistics,
     Telemetry,
     cache_label,
     encode_payload_event,
@@ -631,21 +632,40 @@ async def test_a_stalled_http_sink_never_makes_exchange_finished_wait(
     assert 'tproxy_log_records_dropped_total{reason="queue_full",sink="http"}' in text
 
 
-async def test_an_http_sink_whose_endpoint_is_down_drops_and_counts() -> None:
+async def post_to_a_failing_endpoint(url: str, records: int) -> SinkStatistics:
+    """The HTTP sink's counts once ``records`` records went to ``url``, three attempts each."""
     settings = make_settings(
-        access_log=False,
-        enabled=True,
-        http_url=f"http://127.0.0.1:{refused_port()}",
-        http_retries=2,
-        http_backoff=0.001,
+        access_log=False, enabled=True, http_url=url, http_retries=2, http_backoff=0.001
     )
     async with open_telemetry(settings, inflight=None, store=None, store_writer=None) as t:
-        call_many(lambda: t.exchange_finished(RECORD, PAYLOAD), 5)
+        call_many(lambda: t.exchange_finished(RECORD, PAYLOAD), records)
         with trio.fail_after(10):
             await t.flush()
-        stats = t.statistics()["http"]
-    assert stats.written == 0
-    assert stats.dropped["failed"] == 5
+        return t.statistics()["http"]
+
+
+async def test_an_http_sink_whose_endpoint_is_down_drops_and_counts() -> None:
+    stats = await post_to_a_failing_endpoint(f"http://127.0.0.1:{refused_port()}", 5)
+    assert (stats.written, stats.dropped["failed"]) == (0, 5)
+
+
+async def test_an_http_endpoint_that_hangs_up_without_answering_is_retried_then_dropped(
+    nursery: trio.Nursery,
+) -> None:
+    connections = 0
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.receive_some(65536)  # the request starts arriving; no answer comes
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, hang_up, listeners)
+    stats = await post_to_a_failing_endpoint(f"http://127.0.0.1:{port}/ingest", 1)
+    assert (stats.written, stats.dropped["failed"]) == (0, 1)
+    assert connections == 3  # the first attempt and two retries
 
 
 async def test_an_http_sink_that_recovers_resumes(

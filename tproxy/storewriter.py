@@ -21,8 +21,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import trio
-from trio_util import AsyncValue
 
+from tproxy.batchqueue import BatchQueue
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import StoreError
 from tproxy.sharedstore import SharedTier
@@ -44,6 +44,10 @@ class StoreWriterStatistics:
     too_large: int = 0
     map_full: int = 0
     disk_full: int = 0
+
+    def outcomes(self) -> dict[str, int]:
+        """Each outcome counted per entry, by name, in the order /metrics lists them."""
+        return {outcome: getattr(self, outcome) for outcome in STORE_WRITER_OUTCOMES}
 
 
 # The statistics counted per entry, in the order /metrics lists them.
@@ -92,14 +96,9 @@ class StoreWriter:
     ) -> None:
         self._store = store
         self.shared = shared
-        self._max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[_Queued](capacity)
-        self._submitted = 0
-        self._dropped = 0
+        self._queue = BatchQueue[_Queued](capacity, max_batch)
         self._outcomes: Counter[PutOutcome] = Counter()
-        self._batches = 0
         self._evicted = 0
-        self._handled = AsyncValue(0)
 
     def submit(self, key: str, entry: StoredEntry, *, share: bool = True) -> PendingWrite | None:
         """Queue ``entry`` under ``key`` without waiting. None when it was dropped locally.
@@ -110,26 +109,12 @@ class StoreWriter:
         if share and self.shared is not None:
             self.shared.submit(key, entry)
         pending = PendingWrite()
-        try:
-            self._send.send_nowait((key, entry, pending))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self._dropped += 1
-            return None
-        self._submitted += 1
-        return pending
+        return pending if self._queue.offer((key, entry, pending)) else None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until :meth:`close` is called and the queue is drained."""
         task_status.started()
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break  # nothing more queued now, or ever: write what we have
-                await self._write(batch)
+        await self._queue.serve(self._write)
 
     async def _write(self, batch: list[_Queued]) -> None:
         items = [(key, entry) for key, entry, _ in batch]
@@ -145,25 +130,23 @@ class StoreWriter:
         for (_, _, pending), outcome in zip(batch, outcomes, strict=True):
             self._outcomes[outcome] += 1
             pending.settle(outcome)
-        self._batches += 1
-        self._handled.value += len(batch)
 
     def close(self) -> None:
         """Accept no more entries; :meth:`serve` returns once the queue is written."""
-        self._send.close()
+        self._queue.close()
 
     async def flush(self) -> None:
         """Wait until every entry submitted so far has been committed or refused."""
-        target = self._submitted
-        await self._handled.wait_value(lambda handled: handled >= target)
+        await self._queue.flush()
 
     def statistics(self) -> StoreWriterStatistics:
+        queue = self._queue.statistics()
         return StoreWriterStatistics(
-            submitted=self._submitted,
+            submitted=queue.accepted,
             written=self._outcomes[PutOutcome.WRITTEN],
-            dropped=self._dropped,
+            dropped=queue.refused_full + queue.refused_closed,
             failed=self._outcomes[PutOutcome.FAILED],
-            batches=self._batches,
+            batches=queue.batches,
             evicted=self._evicted,
             too_large=self._outcomes[PutOutcome.TOO_LARGE],
             map_full=self._outcomes[PutOutcome.MAP_FULL],

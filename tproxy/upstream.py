@@ -414,3 +414,19 @@ async def open_upstream_pool(
                 server_name=upstream.tls_server_name,
             )
         yield UpstreamPool(upstreams)
+
+
+async def post_once(url: str, headers: Sequence[tuple[str, str]], body: bytes) -> int:
+    """POST ``body`` to ``url`` on a connection of its own, closed after; the response's status.
+
+    For side channels such as the payload log's HTTP sink, which post now and then: no pool is
+    kept, nothing is retried here, the response's body is not read, and the caller's cancel scope
+    is the deadline. ``headers`` are sent as given (``Host`` included). Raises
+    :class:`UpstreamError` when no response came.
+    """
+    async with httpcore2.AsyncConnectionPool(ssl_context=_system_roots(), retries=0) as pool:
+        try:
+            async with pool.stream("POST", url, headers=list(headers), content=body) as response:
+                return response.status
+        except _TRANSPORT_ERRORS as error:
+            raise UpstreamError(_describe(error)) from error

@@ -1,0 +1,48 @@
+"""Log formatting: JSON lines or console lines, and the access line of one exchange."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from tproxy.config import LogSettings
+from tproxy.telemetry.records import ExchangeRecord, iso_time
+
+access_log = logging.getLogger("tproxy.access")
+
+ACCESS_FIELDS = "tproxy_access"  # the LogRecord attribute holding an access line's fields
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line. Access lines carry their fields at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, object] = {
+            "time": iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, ACCESS_FIELDS, None)
+        if isinstance(fields, dict):
+            document.update(fields)
+        else:
+            document["message"] = record.getMessage()
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, separators=(",", ":"))
+
+
+def log_formatter(settings: LogSettings, *, terminal: bool) -> logging.Formatter:
+    """The formatter ``log.format`` asks for; ``auto`` is console on a terminal, JSON otherwise.
+
+    Access lines read well in both: their message is :meth:`ExchangeRecord.summary`.
+    """
+    if settings.format == "json" or (settings.format == "auto" and not terminal):
+        return JsonLogFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
+
+
+def emit_access(records: list[ExchangeRecord]) -> None:
+    """Log the access lines of ``records``; the access sink calls this in a worker thread."""
+    for record in records:
+        access_log.info("%s", record.summary(), extra={ACCESS_FIELDS: record.to_json()})
