@@ -5,48 +5,40 @@ from __future__ import annotations
 
 import trio
 
+from tproxy.core.events import HeadersReceived, UpstreamEnded
+from tproxy.core.fanout import Chunk, Fanout, Item
 from tproxy.core.flight import FlightRegistry, Policy
-from tproxy.pipeline import (
-    JOIN_BYTES,
-    SHARED_CHANNEL_ITEMS,
-    CachePlan,
-    ProxyRequest,
-    _Chunk,
-    _CleanEnd,
-    _ClientItem,
-    _LiveFlight,
-    _Start,
-    _Subscriber,
-    _take_queued_chunks,
-)
+from tproxy.pipeline import CachePlan, ProxyRequest
+from tproxy.pipeline.clientwriter import JOIN_BYTES, _take_queued_chunks
+from tproxy.pipeline.live import SHARED_CHANNEL_ITEMS, ClientFeed, LiveFlight
 
 
-def queued(*items: _ClientItem) -> trio.MemoryReceiveChannel[_ClientItem]:
-    subscriber = _Subscriber(64, float("inf"))
+def queued(*items: Item) -> ClientFeed:
+    feed = ClientFeed(Fanout(shared=False), 64)
     for item in items:
-        subscriber.offer(item)
-    return subscriber.receive_channel
+        feed.send_channel.send_nowait(item)
+    return feed
 
 
 async def test_chunks_queued_behind_the_first_are_joined_up_to_the_end() -> None:
-    items = queued(_Chunk(b"b", 1), _Chunk(b"c", 0), _CleanEnd())
-    parts, stop = _take_queued_chunks(_Chunk(b"a", 1), items)
+    items = queued(Chunk(b"b", 1), Chunk(b"c", 0), UpstreamEnded())
+    parts, stop = _take_queued_chunks(Chunk(b"a", 1), items)
     assert [part.data for part in parts] == [b"a", b"b", b"c"]
-    assert isinstance(stop, _CleanEnd)
+    assert isinstance(stop, UpstreamEnded)
 
 
 async def test_an_empty_queue_gives_the_first_chunk_alone() -> None:
     items = queued()
-    parts, stop = _take_queued_chunks(_Chunk(b"a", 0), items)
-    assert (parts, stop) == ([_Chunk(b"a", 0)], None)
+    parts, stop = _take_queued_chunks(Chunk(b"a", 0), items)
+    assert (parts, stop) == ([Chunk(b"a", 0)], None)
 
 
 async def test_a_run_stops_at_join_bytes_and_leaves_the_rest_queued() -> None:
-    big = _Chunk(b"x" * (JOIN_BYTES // 2), 0)
-    items = queued(big, big, _Start(200, []))
+    big = Chunk(b"x" * (JOIN_BYTES // 2), 0)
+    items = queued(big, big, HeadersReceived(200))
     parts, stop = _take_queued_chunks(big, items)
     assert (len(parts), stop) == (2, None)
-    assert items.receive_nowait() == big
+    assert items.receive_channel.receive_nowait() == big
 
 
 # --- what a shared flight holds for its clients ------------------------------------------------
@@ -66,60 +58,65 @@ REQUEST = ProxyRequest(
 )
 
 
-def shared_flight() -> _LiveFlight:
+def shared_flight() -> LiveFlight:
     plan = CachePlan(key="k", ttl=60.0, max_entry_bytes=MAX_ENTRY, model=None, shared=True)
-    book, _ = FlightRegistry(max_background=0).join("k", Policy.CANCEL)
-    return _LiveFlight(REQUEST, plan, book, buffer_chunks=8)
+    registry = FlightRegistry(max_background=0)
+    book, _ = registry.join("k", Policy.CANCEL)
+    return LiveFlight(REQUEST, plan, book, registry, buffer_chunks=8, finish_timeout=1.0)
 
 
-def drain(items: trio.MemoryReceiveChannel[_ClientItem]) -> list[_ClientItem]:
-    taken: list[_ClientItem] = []
+def drain(feed: ClientFeed) -> list[Item]:
+    """Take what is queued for ``feed``, as its writer does (without sending it)."""
+    taken: list[Item] = []
     while True:
         try:
-            taken.append(items.receive_nowait())
+            taken.append(feed.receive_channel.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
+            feed.taken(len(taken))
             return taken
 
 
 async def test_a_joiner_gets_the_chunks_the_flight_published_not_a_copy_of_its_own() -> None:
     flight = shared_flight()
-    await flight.publish(_Start(200, []))
-    reads = [_Chunk(bytes([65 + n % 26]) * 40_000, 1) for n in range(20)]  # 800 kB in 40 kB reads
+    await flight.publish(HeadersReceived(200))
+    reads = [Chunk(bytes([65 + n % 26]) * 40_000, 1) for n in range(20)]  # 800 kB in 40 kB reads
     for read in reads:
         await flight.publish(read)
     for joiner in (flight.subscribe(), flight.subscribe()):
-        chunks = [item for item in drain(joiner.receive_channel) if isinstance(item, _Chunk)]
+        chunks = [item for item in drain(joiner) if isinstance(item, Chunk)]
         assert all(got is published for got, published in zip(chunks, reads, strict=True))
-        assert joiner.held_bytes == 800_000
+        assert flight.fanout.held_bytes(joiner) == 800_000
 
 
 async def test_a_joiner_of_a_history_of_many_small_reads_is_not_cut_off() -> None:
     flight = shared_flight()
     for _ in range(3 * SHARED_CHANNEL_ITEMS):  # more reads than a client's channel takes live
-        await flight.publish(_Chunk(b"data: x\n\n", 1))
+        await flight.publish(Chunk(b"data: x\n\n", 1))
     joiner = flight.subscribe()
     assert not joiner.fell_behind
-    assert len(drain(joiner.receive_channel)) == 3 * SHARED_CHANNEL_ITEMS
+    assert len(drain(joiner)) == 3 * SHARED_CHANNEL_ITEMS
 
 
 async def test_a_client_holds_what_its_writer_has_not_yet_sent() -> None:
     flight = shared_flight()
     subscriber = flight.subscribe()
-    piece = _Chunk(b"x" * (MAX_ENTRY // 2), 0)
-    assert await flight.publish(piece) == []
-    assert drain(subscriber.receive_channel) == [piece]  # taken; its send() has not returned
-    assert await flight.publish(piece) == []
-    assert subscriber.held_bytes == MAX_ENTRY
+    piece = Chunk(b"x" * (MAX_ENTRY // 2), 0)
+    await flight.publish(piece)
+    assert drain(subscriber) == [piece]  # taken; its send() has not returned
+    await flight.publish(piece)
+    assert flight.fanout.held_bytes(subscriber) == MAX_ENTRY
+    assert not subscriber.fell_behind
     # One more byte than max_entry_bytes, though the channel itself holds only half of it.
-    assert await flight.publish(_Chunk(b"y", 0)) == [subscriber]
+    await flight.publish(Chunk(b"y", 0))
     assert subscriber.fell_behind
-    assert flight.subscribers == []
+    assert subscriber.left  # it left the flight's book at once
+    assert flight.fanout.clients == []
 
 
 async def test_the_history_never_passes_max_entry_bytes() -> None:
     flight = shared_flight()
     assert flight.book is not None
     for _ in range(5):
-        await flight.publish(_Chunk(b"z" * (MAX_ENTRY // 4), 0))
-        assert flight.history.size <= MAX_ENTRY
+        await flight.publish(Chunk(b"z" * (MAX_ENTRY // 4), 0))
+        assert flight.fanout.history_bytes <= MAX_ENTRY
     assert not flight.book.joinable
