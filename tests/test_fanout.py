@@ -242,6 +242,26 @@ def test_a_joiner_mid_stream_gets_the_last_attempt_the_start_and_every_chunk() -
     assert fanout.publish(UpstreamEnded()).to == ["leader", "follower"]
 
 
+def test_the_first_client_leaving_leaves_the_others_their_answer() -> None:
+    fanout: Fanout[str] = Fanout(shared=True, max_lag_bytes=100, max_history_bytes=100, max_items=8)
+    for name in ("leader", "a", "b"):
+        fanout.join(name)
+    assert fanout.leave("leader")
+    assert fanout.publish(Chunk(b"data: 1\n\n", 1)).to == ["a", "b"]
+    assert not fanout.leave("leader")  # a departure is counted once
+
+
+def test_an_upstream_failure_reaches_every_client() -> None:
+    fanout: Fanout[str] = Fanout(shared=True, max_lag_bytes=100, max_history_bytes=100, max_items=8)
+    fanout.join("a")
+    fanout.publish(HeadersReceived(200))
+    fanout.join("b")
+    failure = FlightFailed(UpstreamBroken("reset"))
+    assert fanout.publish(failure).to == ["a", "b"]
+    assert fanout.end(interrupted=False).closing == ["a", "b"]
+    assert fanout.join("late").history == [HeadersReceived(200), failure]
+
+
 def test_a_slow_follower_is_cut_off_and_the_others_go_on() -> None:
     fanout: Fanout[str] = Fanout(shared=True, max_lag_bytes=10, max_history_bytes=10, max_items=8)
     fanout.join("fast")

@@ -145,11 +145,12 @@ def _size(item: Item) -> int:
 
 
 class Fanout(Generic[Client]):
-    """The clients of one flight and what each is owed. Illegal calls raise ``KeyError`` or
-    ``AssertionError`` (a bug in the caller, not a state)."""
+    """The clients of one flight and what each is owed. Illegal calls (an item after the end, a
+    second end or join) raise ``AssertionError``: a bug in the caller, not a state."""
 
     __slots__ = (
         "_clients",
+        "_everyone",
         "_history",
         "_max_history_bytes",
         "_max_items",
@@ -172,6 +173,7 @@ class Fanout(Generic[Client]):
         self._max_history_bytes = max_history_bytes
         self._max_items = max_items
         self._clients: dict[Client, _Lag] = {}
+        self._everyone: Delivery[Client] = Delivery([], [])  # a private flight's, kept ready
         self._history = _History()
         self.joinable = shared
         self.ended = False
@@ -194,6 +196,7 @@ class Fanout(Generic[Client]):
         if not self.shared:
             if not self.ended:
                 self._clients[client] = _Lag(0)
+                self._everyone = Delivery(list(self._clients), [])
             return Joined(history, attached=not self.ended)
         lag = _Lag(self._max_items + len(history))
         for item in history:
@@ -208,7 +211,7 @@ class Fanout(Generic[Client]):
         """Hand ``item`` to every client; a shared flight cuts off those too far behind."""
         assert not self.ended, "published after the end"
         if not self.shared:
-            return Delivery(list(self._clients), [])
+            return self._everyone
         closed = self._remember(item)
         return self._offer(item, closed)
 
@@ -226,7 +229,10 @@ class Fanout(Generic[Client]):
 
     def leave(self, client: Client) -> bool:
         """Detach ``client``; False when it was no longer attached (cut off, or after the end)."""
-        return self._clients.pop(client, None) is not None
+        attached = self._clients.pop(client, None) is not None
+        if attached and not self.shared:
+            self._everyone = Delivery(list(self._clients), [])
+        return attached
 
     def end(self, *, interrupted: bool) -> Ending[Client]:
         """No more items. An interrupted shared flight (cancelled before its end was published)
@@ -242,6 +248,7 @@ class Fanout(Generic[Client]):
         self.ended = True
         closing = list(self._clients)
         self._clients.clear()
+        self._everyone = Delivery([], [])
         return Ending(failure, delivery.to, delivery.cut_off, closing)
 
     def _remember(self, item: Item) -> bool:

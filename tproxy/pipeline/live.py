@@ -30,21 +30,24 @@ END_TIMEOUT = 1.0
 
 class ClientFeed:
     """One client's channel from a flight. Its writer reports what it took off the channel and
-    what it sent, for the fan-out's accounting."""
+    what it sent, for the fan-out's accounting (a shared flight's only: a private flight's
+    channel is bounded by Trio, and its reader awaits it)."""
 
     __slots__ = ("_fanout", "fell_behind", "left", "receive_channel", "send_channel")
 
     def __init__(self, fanout: Fanout[ClientFeed], capacity: float) -> None:
         self.send_channel, self.receive_channel = trio.open_memory_channel[Item](capacity)
-        self._fanout = fanout
+        self._fanout = fanout if fanout.shared else None
         self.fell_behind = False
         self.left = False  # it has left the flight's book
 
     def taken(self, items: int) -> None:
-        self._fanout.taken(self, items)
+        if self._fanout is not None:
+            self._fanout.taken(self, items)
 
     def sent(self, size: int) -> None:
-        self._fanout.sent(self, size)
+        if self._fanout is not None:
+            self._fanout.sent(self, size)
 
     def cut_off(self) -> None:
         self.fell_behind = True
@@ -138,7 +141,7 @@ class LiveFlight:
         if delivery.closed_to_joiners:
             assert self.book is not None
             self.book.close_to_joiners("answer larger than max_entry_bytes")
-        gone = delivery.cut_off
+        gone = list(delivery.cut_off)
         for feed in delivery.to:
             if not _queue(feed, item):
                 self.fanout.leave(feed)
