@@ -107,7 +107,7 @@ class _Lag:
     queued_items: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Joined(Generic[Client]):
     """What a joiner receives: the history, to queue first; ``attached`` is False when the flight
     already ended (queue the history, then close the channel); ``cut_off`` when it could not
@@ -118,7 +118,7 @@ class Joined(Generic[Client]):
     cut_off: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per item, where a frozen init costs
 class Delivery(Generic[Client]):
     """One item to hand to ``to`` (in order); ``cut_off`` fell behind: close their channels and
     let them leave the flight. ``closed_to_joiners``: with this item the history outgrew its
@@ -129,7 +129,7 @@ class Delivery(Generic[Client]):
     closed_to_joiners: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ending(Generic[Client]):
     """The end of a flight: hand ``to`` the interruption (if any), cut off ``cut_off``, then
     close the channels of ``closing`` (every client still attached)."""
