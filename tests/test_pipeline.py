@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from tproxy.core.events import HeadersReceived, UpstreamEnded
-from tproxy.core.fanout import Chunk, Fanout, Item
+from tproxy.core.fanout import Chunk, Fanout, FlightFailed, Item
 from tproxy.core.flight import FlightRegistry, Policy
 from tproxy.pipeline import CachePlan, ProxyRequest
 from tproxy.pipeline.clientwriter import JOIN_BYTES, _take_queued_chunks
@@ -120,3 +121,37 @@ async def test_the_history_never_passes_max_entry_bytes() -> None:
         await flight.publish(Chunk(b"z" * (MAX_ENTRY // 4), 0))
         assert flight.fanout.history_bytes <= MAX_ENTRY
     assert not flight.book.joinable
+
+
+async def test_an_interrupted_flight_tells_its_clients_and_closes_their_channels() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    await flight.publish(HeadersReceived(200))
+    flight.end(interrupted=True)
+    items = drain(subscriber)
+    assert items[0] == HeadersReceived(200)
+    assert isinstance(items[1], FlightFailed)
+    with pytest.raises(trio.EndOfChannel):
+        await subscriber.receive_channel.receive()
+    late = flight.subscribe()  # a completed flight's book may still hand it out
+    assert drain(late) == items
+    assert not late.fell_behind
+
+
+async def test_a_client_whose_writer_is_gone_leaves_the_flight_at_the_next_item() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    subscriber.receive_channel.close()  # its writer returned
+    await flight.publish(Chunk(b"data: 1\n\n", 1))
+    assert subscriber.left
+    assert flight.fanout.clients == []
+
+
+async def test_a_client_past_its_bound_at_the_interruption_is_cut_off() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    for _ in range(SHARED_CHANNEL_ITEMS):
+        await flight.publish(Chunk(b""))
+    flight.end(interrupted=True)  # no room left for the failure
+    assert subscriber.fell_behind
+    assert len(drain(subscriber)) == SHARED_CHANNEL_ITEMS
