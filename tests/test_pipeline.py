@@ -1,16 +1,19 @@
-"""The client writer's joining of queued chunks, and what a shared flight holds for its clients
-(the rest of the pipeline is tested end to end in test_proxy, test_cache and test_coalescing)."""
+"""The client writer (joining queued chunks; what its exchange hears when its channel ends
+early), and what a shared flight holds for its clients and does to them (the fan-out's rules are
+in test_fanout; the pipeline end to end in test_proxy, test_cache and test_coalescing)."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 
-from tproxy.core.events import HeadersReceived, UpstreamEnded
+from tproxy.asgi import Message
+from tproxy.core.events import HeadersReceived, UpstreamEnded, UpstreamRequested
+from tproxy.core.exchange import Exchange, State
 from tproxy.core.fanout import Chunk, Fanout, FlightFailed, Item
 from tproxy.core.flight import FlightRegistry, Policy
 from tproxy.pipeline import CachePlan, ProxyRequest
-from tproxy.pipeline.clientwriter import JOIN_BYTES, _take_queued_chunks
+from tproxy.pipeline.clientwriter import JOIN_BYTES, _take_queued_chunks, write_client
 from tproxy.pipeline.live import SHARED_CHANNEL_ITEMS, ClientFeed, LiveFlight
 
 
@@ -155,3 +158,41 @@ async def test_a_client_past_its_bound_at_the_interruption_is_cut_off() -> None:
     flight.end(interrupted=True)  # no room left for the failure
     assert subscriber.fell_behind
     assert len(drain(subscriber)) == SHARED_CHANNEL_ITEMS
+
+
+# --- the client writer, told by its channel ----------------------------------------------------
+
+
+async def write(feed: ClientFeed) -> tuple[Exchange, list[Message]]:
+    """Run a client writer over what ``feed`` holds; return its exchange and what it sent."""
+    exchange = Exchange("r1", started_at=trio.current_time())
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await write_client(REQUEST, exchange, feed, send, None, trio.CancelScope(), None, 1 << 16)
+    return exchange, sent
+
+
+async def test_a_client_cut_off_mid_answer_gets_a_truncated_body_and_fell_behind() -> None:
+    flight = shared_flight()
+    feed = flight.subscribe()
+    for item in (UpstreamRequested("u", 1), HeadersReceived(200), Chunk(b"data: 1\n\n", 1)):
+        await flight.publish(item)
+    feed.cut_off()
+    exchange, sent = await write(feed)
+    assert exchange.state is State.FELL_BEHIND
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    assert sent[-1]["more_body"]  # never a clean short answer
+
+
+async def test_a_flight_that_ends_without_its_end_fails_its_client() -> None:
+    flight = shared_flight()
+    feed = flight.subscribe()
+    await flight.publish(UpstreamRequested("u", 1))
+    feed.send_channel.close()
+    exchange, sent = await write(feed)
+    assert exchange.state is State.UPSTREAM_FAILED
+    assert exchange.reason == "the flight ended without an answer"
+    assert sent == []
