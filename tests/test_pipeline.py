@@ -1,52 +1,48 @@
-"""The client writer's joining of queued chunks, and what a shared flight holds for its clients
-(the rest of the pipeline is tested end to end in test_proxy, test_cache and test_coalescing)."""
+"""The client writer (joining queued chunks; what its exchange hears when its channel ends
+early), and what a shared flight holds for its clients and does to them (the fan-out's rules are
+in test_fanout; the pipeline end to end in test_proxy, test_cache and test_coalescing)."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
+from tproxy.asgi import Message
+from tproxy.core.events import HeadersReceived, UpstreamEnded, UpstreamRequested
+from tproxy.core.exchange import Exchange, State
+from tproxy.core.fanout import Chunk, Fanout, FlightFailed, Item
 from tproxy.core.flight import FlightRegistry, Policy
-from tproxy.pipeline import (
-    JOIN_BYTES,
-    SHARED_CHANNEL_ITEMS,
-    CachePlan,
-    ProxyRequest,
-    _Chunk,
-    _CleanEnd,
-    _ClientItem,
-    _LiveFlight,
-    _Start,
-    _Subscriber,
-    _take_queued_chunks,
-)
+from tproxy.pipeline import CachePlan, ProxyRequest
+from tproxy.pipeline.clientwriter import JOIN_BYTES, _take_queued_chunks, write_client
+from tproxy.pipeline.live import SHARED_CHANNEL_ITEMS, ClientFeed, LiveFlight
 
 
-def queued(*items: _ClientItem) -> trio.MemoryReceiveChannel[_ClientItem]:
-    subscriber = _Subscriber(64, float("inf"))
+def queued(*items: Item) -> ClientFeed:
+    feed = ClientFeed(Fanout(shared=False), 64)
     for item in items:
-        subscriber.offer(item)
-    return subscriber.receive_channel
+        feed.send_channel.send_nowait(item)
+    return feed
 
 
 async def test_chunks_queued_behind_the_first_are_joined_up_to_the_end() -> None:
-    items = queued(_Chunk(b"b", 1), _Chunk(b"c", 0), _CleanEnd())
-    parts, stop = _take_queued_chunks(_Chunk(b"a", 1), items)
+    items = queued(Chunk(b"b", 1), Chunk(b"c", 0), UpstreamEnded())
+    parts, stop = _take_queued_chunks(Chunk(b"a", 1), items)
     assert [part.data for part in parts] == [b"a", b"b", b"c"]
-    assert isinstance(stop, _CleanEnd)
+    assert isinstance(stop, UpstreamEnded)
 
 
 async def test_an_empty_queue_gives_the_first_chunk_alone() -> None:
     items = queued()
-    parts, stop = _take_queued_chunks(_Chunk(b"a", 0), items)
-    assert (parts, stop) == ([_Chunk(b"a", 0)], None)
+    parts, stop = _take_queued_chunks(Chunk(b"a", 0), items)
+    assert (parts, stop) == ([Chunk(b"a", 0)], None)
 
 
 async def test_a_run_stops_at_join_bytes_and_leaves_the_rest_queued() -> None:
-    big = _Chunk(b"x" * (JOIN_BYTES // 2), 0)
-    items = queued(big, big, _Start(200, []))
+    big = Chunk(b"x" * (JOIN_BYTES // 2), 0)
+    items = queued(big, big, HeadersReceived(200))
     parts, stop = _take_queued_chunks(big, items)
     assert (len(parts), stop) == (2, None)
-    assert items.receive_nowait() == big
+    assert items.receive_channel.receive_nowait() == big
 
 
 # --- what a shared flight holds for its clients ------------------------------------------------
@@ -66,60 +62,137 @@ REQUEST = ProxyRequest(
 )
 
 
-def shared_flight() -> _LiveFlight:
+def shared_flight() -> LiveFlight:
     plan = CachePlan(key="k", ttl=60.0, max_entry_bytes=MAX_ENTRY, model=None, shared=True)
-    book, _ = FlightRegistry(max_background=0).join("k", Policy.CANCEL)
-    return _LiveFlight(REQUEST, plan, book, buffer_chunks=8)
+    registry = FlightRegistry(max_background=0)
+    book, _ = registry.join("k", Policy.CANCEL)
+    return LiveFlight(REQUEST, plan, book, registry, buffer_chunks=8, finish_timeout=1.0)
 
 
-def drain(items: trio.MemoryReceiveChannel[_ClientItem]) -> list[_ClientItem]:
-    taken: list[_ClientItem] = []
+def drain(feed: ClientFeed) -> list[Item]:
+    """Take what is queued for ``feed``, as its writer does (without sending it)."""
+    taken: list[Item] = []
     while True:
         try:
-            taken.append(items.receive_nowait())
+            taken.append(feed.receive_channel.receive_nowait())
         except (trio.WouldBlock, trio.EndOfChannel):
+            feed.taken(len(taken))
             return taken
 
 
 async def test_a_joiner_gets_the_chunks_the_flight_published_not_a_copy_of_its_own() -> None:
     flight = shared_flight()
-    await flight.publish(_Start(200, []))
-    reads = [_Chunk(bytes([65 + n % 26]) * 40_000, 1) for n in range(20)]  # 800 kB in 40 kB reads
+    await flight.publish(HeadersReceived(200))
+    reads = [Chunk(bytes([65 + n % 26]) * 40_000, 1) for n in range(20)]  # 800 kB in 40 kB reads
     for read in reads:
         await flight.publish(read)
     for joiner in (flight.subscribe(), flight.subscribe()):
-        chunks = [item for item in drain(joiner.receive_channel) if isinstance(item, _Chunk)]
+        chunks = [item for item in drain(joiner) if isinstance(item, Chunk)]
         assert all(got is published for got, published in zip(chunks, reads, strict=True))
-        assert joiner.held_bytes == 800_000
+        assert flight.fanout.held_bytes(joiner) == 800_000
 
 
 async def test_a_joiner_of_a_history_of_many_small_reads_is_not_cut_off() -> None:
     flight = shared_flight()
     for _ in range(3 * SHARED_CHANNEL_ITEMS):  # more reads than a client's channel takes live
-        await flight.publish(_Chunk(b"data: x\n\n", 1))
+        await flight.publish(Chunk(b"data: x\n\n", 1))
     joiner = flight.subscribe()
     assert not joiner.fell_behind
-    assert len(drain(joiner.receive_channel)) == 3 * SHARED_CHANNEL_ITEMS
+    assert len(drain(joiner)) == 3 * SHARED_CHANNEL_ITEMS
 
 
 async def test_a_client_holds_what_its_writer_has_not_yet_sent() -> None:
     flight = shared_flight()
     subscriber = flight.subscribe()
-    piece = _Chunk(b"x" * (MAX_ENTRY // 2), 0)
-    assert await flight.publish(piece) == []
-    assert drain(subscriber.receive_channel) == [piece]  # taken; its send() has not returned
-    assert await flight.publish(piece) == []
-    assert subscriber.held_bytes == MAX_ENTRY
+    piece = Chunk(b"x" * (MAX_ENTRY // 2), 0)
+    await flight.publish(piece)
+    assert drain(subscriber) == [piece]  # taken; its send() has not returned
+    await flight.publish(piece)
+    assert flight.fanout.held_bytes(subscriber) == MAX_ENTRY
+    assert not subscriber.fell_behind
     # One more byte than max_entry_bytes, though the channel itself holds only half of it.
-    assert await flight.publish(_Chunk(b"y", 0)) == [subscriber]
+    await flight.publish(Chunk(b"y", 0))
     assert subscriber.fell_behind
-    assert flight.subscribers == []
+    assert subscriber.left  # it left the flight's book at once
+    assert flight.fanout.clients == []
 
 
 async def test_the_history_never_passes_max_entry_bytes() -> None:
     flight = shared_flight()
     assert flight.book is not None
     for _ in range(5):
-        await flight.publish(_Chunk(b"z" * (MAX_ENTRY // 4), 0))
-        assert flight.history.size <= MAX_ENTRY
+        await flight.publish(Chunk(b"z" * (MAX_ENTRY // 4), 0))
+        assert flight.fanout.history_bytes <= MAX_ENTRY
     assert not flight.book.joinable
+
+
+async def test_an_interrupted_flight_tells_its_clients_and_closes_their_channels() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    await flight.publish(HeadersReceived(200))
+    flight.end(interrupted=True)
+    items = drain(subscriber)
+    assert items[0] == HeadersReceived(200)
+    assert isinstance(items[1], FlightFailed)
+    with pytest.raises(trio.EndOfChannel):
+        await subscriber.receive_channel.receive()
+    late = flight.subscribe()  # a completed flight's book may still hand it out
+    assert drain(late) == items
+    assert not late.fell_behind
+
+
+async def test_a_client_whose_writer_is_gone_leaves_the_flight_at_the_next_item() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    subscriber.receive_channel.close()  # its writer returned
+    await flight.publish(Chunk(b"data: 1\n\n", 1))
+    assert subscriber.left
+    assert flight.fanout.clients == []
+
+
+async def test_a_client_past_its_bound_at_the_interruption_is_cut_off() -> None:
+    flight = shared_flight()
+    subscriber = flight.subscribe()
+    for _ in range(SHARED_CHANNEL_ITEMS):
+        await flight.publish(Chunk(b""))
+    flight.end(interrupted=True)  # no room left for the failure
+    assert subscriber.fell_behind
+    assert len(drain(subscriber)) == SHARED_CHANNEL_ITEMS
+
+
+# --- the client writer, told by its channel ----------------------------------------------------
+
+
+async def write(feed: ClientFeed) -> tuple[Exchange, list[Message]]:
+    """Run a client writer over what ``feed`` holds; return its exchange and what it sent."""
+    exchange = Exchange("r1", started_at=trio.current_time())
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await write_client(REQUEST, exchange, feed, send, None, trio.CancelScope(), None, 1 << 16)
+    return exchange, sent
+
+
+async def test_a_client_cut_off_mid_answer_gets_a_truncated_body_and_fell_behind() -> None:
+    flight = shared_flight()
+    feed = flight.subscribe()
+    for item in (UpstreamRequested("u", 1), HeadersReceived(200), Chunk(b"data: 1\n\n", 1)):
+        await flight.publish(item)
+    feed.cut_off()
+    exchange, sent = await write(feed)
+    assert exchange.state is State.FELL_BEHIND
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    assert sent[-1]["more_body"]  # never a clean short answer
+
+
+async def test_a_flight_that_ends_without_its_end_fails_its_client() -> None:
+    flight = shared_flight()
+    feed = flight.subscribe()
+    await flight.publish(UpstreamRequested("u", 1))
+    feed.send_channel.close()
+    exchange, sent = await write(feed)
+    assert exchange.state is State.UPSTREAM_FAILED
+    assert exchange.reason == "the flight ended without an answer"
+    assert sent == []

@@ -50,9 +50,11 @@ class FellBehind:
 
 @dataclass(frozen=True, slots=True)
 class HeadersReceived:
-    """The upstream's response status and headers arrived."""
+    """The upstream's response status and headers arrived (the headers as it sent them, for the
+    writers that relay them; the exchange records only the status)."""
 
     status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
