@@ -34,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -406,14 +406,9 @@ class SharedAdmin:
     async def stats(self, now: float) -> TierStats:
         found = await self._found()
         infos = [_info(item) for item in found if item.entry is not None]
-        return TierStats(
-            where=self.where,
-            entries=len(infos),
-            streamed=sum(1 for info in infos if info.streamed),
-            expired=sum(1 for info in infos if info.expires_at <= now),
-            bytes=sum(info.size for info in infos),
-            oldest_created_at=min((info.created_at for info in infos), default=None),
-            foreign=len(found) - len(infos),
+        stored = sum(info.size for info in infos)
+        return replace(
+            TierStats.of(self.where, infos, stored, now), foreign=len(found) - len(infos)
         )
 
     async def scan(self) -> list[EntryInfo]:

@@ -21,7 +21,7 @@ for tier 2), so the synchronous, batch-shaped :class:`CacheStore` is what the st
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -92,6 +92,18 @@ class TierStats:
     map_size: int | None = None
     schema_version: int | None = None
 
+    @classmethod
+    def of(cls, where: str, infos: Sequence[EntryInfo], stored: int, now: float) -> TierStats:
+        """The counts of the entries ``infos`` describe, holding ``stored`` bytes."""
+        return cls(
+            where=where,
+            entries=len(infos),
+            streamed=sum(1 for info in infos if info.streamed),
+            expired=sum(1 for info in infos if info.expires_at <= now),
+            bytes=stored,
+            oldest_created_at=min((info.created_at for info in infos), default=None),
+        )
+
 
 class TierAdmin(Protocol):
     """One tier as the cache commands see it. Raises the tier's error when it cannot answer
@@ -153,13 +165,9 @@ class LocalTier:
 
     async def stats(self, now: float) -> TierStats:
         stats, infos = await trio.to_thread.run_sync(self._counted)
-        return TierStats(
-            where=stats.path,
-            entries=stats.entries,
-            streamed=sum(1 for info in infos if info.streamed),
-            expired=sum(1 for info in infos if info.expires_at <= now),
-            bytes=stats.bytes,
-            oldest_created_at=min((info.created_at for info in infos), default=None),
+        return replace(
+            TierStats.of(stats.path, infos, stats.bytes, now),
+            entries=stats.entries,  # LMDB's own count, as before the tiers had a protocol
             max_bytes=stats.max_bytes,
             map_size=stats.map_size,
             schema_version=stats.schema_version,
