@@ -48,8 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 from tproxy.config import SharedStoreSettings  # noqa: E402
 from tproxy.core.entry import StoredEntry  # noqa: E402
-from tproxy.sharedstore import open_shared_tier  # noqa: E402
-from tproxy.store import LmdbStore  # noqa: E402
+from tproxy.store import (  # noqa: E402
+    LmdbStore,
+    open_shared_tier,
+)
 
 CHAT = "/v1/chat/completions"
 START_TIMEOUT = 20.0

@@ -29,7 +29,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-import tproxy.store
+import tproxy.store.lmdb
 from tproxy.core.entry import StoredEntry, encode_entry
 from tproxy.core.errors import StoreError
 from tproxy.store import SCHEMA_VERSION, LmdbStore
@@ -684,7 +684,7 @@ def test_a_store_of_another_schema_is_moved_aside(
 ) -> None:
     path = tmp_path / "cache"
     with monkeypatch.context() as patch:
-        patch.setattr(tproxy.store, "SCHEMA_VERSION", 0)
+        patch.setattr(tproxy.store.lmdb, "SCHEMA_VERSION", 0)
         old = open_store(path)
         old.put_many([("k", body_entry("k"))], NOW)
         old.close()
@@ -742,7 +742,7 @@ def test_open_existing_reports_another_schema_and_leaves_it(
 ) -> None:
     path = tmp_path / "cache"
     with monkeypatch.context() as patch:
-        patch.setattr(tproxy.store, "SCHEMA_VERSION", 7)
+        patch.setattr(tproxy.store.lmdb, "SCHEMA_VERSION", 7)
         open_store(path).close()
     with pytest.raises(StoreError, match="schema version 7"):
         LmdbStore.open_existing(path)

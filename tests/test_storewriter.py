@@ -9,8 +9,7 @@ import trio
 
 from tproxy.config import SharedStoreSettings
 from tproxy.core.entry import StoredEntry
-from tproxy.sharedstore import SharedTier
-from tproxy.store import LmdbStore, PutOutcome
+from tproxy.store import LmdbStore, PutOutcome, SharedTier
 from tproxy.storewriter import StoreWriter
 
 

@@ -49,8 +49,7 @@ from tproxy.core.target import check_request_line
 from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
 from tproxy.routing import body_model, choose_route, needs_model
-from tproxy.sharedstore import SharedTier
-from tproxy.store import CacheStore
+from tproxy.store import CacheStore, CacheTier, LocalTier, SharedTier, look_up
 from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
 _BYPASS = {
@@ -99,12 +98,17 @@ class ProxyApp:
         shared: SharedTier | None = None,
     ) -> None:
         self._settings = settings
-        self._shared = shared
         self._client_keys = client_keys
         self._inflight = inflight
         self._telemetry = telemetry
         self._exchanger = exchanger
         self._store = store
+        # The tiers a lookup asks, in order; tier 1 includes answers not yet committed.
+        self._tiers: list[CacheTier] = []
+        if store is not None:
+            self._tiers.append(LocalTier(store, landed=exchanger.landed_answer))
+            if shared is not None:
+                self._tiers.append(shared)
         self._model_routing = needs_model(settings.routes)
         self._bodies = BodyMemo()  # a repeated body (a cache hit) is not parsed again
 
@@ -333,23 +337,19 @@ class ProxyApp:
             status = format_cache_status(hit=False, fwd=fwd, detail=detail)
             return _Lookup(None, 0.0, None, status, refuse_miss=decision.only_if_cached)
         fwd = "request" if not decision.lookup else "miss"
-        if decision.lookup and self._store is not None:
+        if decision.lookup and self._tiers:
             now = time.time()
-            # An answer whose flight completed is a hit before the store has committed it.
-            entry = self._store.get(decision.key, now) or await self._exchanger.landed_answer(
-                decision.key
+            max_age = decision.max_age
+            found = await look_up(
+                self._tiers, decision.key, now, lambda entry: _fresh_enough(entry, now, max_age)
             )
-            if entry is not None:
-                if _fresh_enough(entry, now, decision.max_age):
-                    return _hit(entry, now, decision, tier=None)
+            if found.entry is not None:
+                if found.tier == 0:
+                    return _hit(found.entry, now, decision, tier=None)
+                self._keep_locally(decision.key, found.entry)
+                return _hit(found.entry, now, decision, tier=self._tiers[found.tier].name)
+            if found.stale:
                 fwd = "stale"
-            if self._shared is not None:
-                entry = await self._shared.get(decision.key, now)
-                if entry is not None:
-                    if _fresh_enough(entry, now, decision.max_age):
-                        self._keep_locally(decision.key, entry)
-                        return _hit(entry, now, decision, tier="shared")
-                    fwd = "stale"
         status = format_cache_status(hit=False, fwd=fwd)
         if decision.only_if_cached:
             return _Lookup(None, 0.0, None, status, refuse_miss=True, model=decision.model)

@@ -1,15 +1,15 @@
 """`tproxy cache stats|ls|show|verify|purge`: look into the response cache, check it, clean it.
 
-These commands open an existing store only (:meth:`LmdbStore.open_existing`): they never
-create a directory, and a store written by another schema is reported, not moved aside, because
-a server of another version may be using it. Every command but ``purge`` opens it read-only.
-Human output is aligned for reading at a glance; ``--json`` prints one JSON document instead.
-``verify`` exits 1 when it finds a problem, so scripts and tests can rely on its status.
+``stats``, ``ls``, ``show`` and ``purge`` work on either tier through
+:class:`~tproxy.store.TierAdmin`: the local LMDB store (the default) or, with ``--tier shared
+--config FILE``, the shared tier that file's ``[shared_store]`` names (its keys found with
+``SCAN``, never ``KEYS``). ``verify`` checks the local store's LMDB structure and records, so it
+is LMDB's alone (:func:`_verify_lmdb`) and exits 1 when it finds a problem.
 
-``--tier shared --config FILE`` runs ``stats``, ``ls``, ``show`` and ``purge`` on the shared
-tier that file's ``[shared_store]`` names: its keys are found with ``SCAN`` (never ``KEYS``,
-which blocks a server) and read and deleted one by one, so it works on a Redis Cluster. The
-shared tier keeps no last-use time: Redis expires entries by their TTL, not by use.
+The local store is opened only if it exists (:meth:`LmdbStore.open_existing`): never created,
+and a store written by another schema is reported, not moved aside, because a server of another
+version may be using it. Every command but ``purge`` opens it read-only. Human output is aligned
+for reading at a glance; ``--json`` prints one JSON document instead.
 """
 
 from __future__ import annotations
@@ -20,23 +20,26 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import trio
 
-from tproxy.config import SharedStoreSettings, load_settings
+from tproxy.config import load_settings
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import ConfigError, CorruptEntry, StoreError
-from tproxy.sharedstore import (
-    SharedAdmin,
-    SharedEntry,
+from tproxy.store import (
+    EntryInfo,
+    LmdbStore,
+    LocalTier,
     SharedStoreUnavailable,
-    describe,
+    TierAdmin,
+    TierStats,
+    VerifyReport,
     open_shared_admin,
 )
-from tproxy.store import EntryInfo, LmdbStore, VerifyReport, info_of
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -117,34 +120,52 @@ def _with_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_cache_command(args: argparse.Namespace, default_cache_dir: Path) -> int:
     """Run the parsed ``cache`` subcommand: 0 ok, 1 failure (e.g. no store), 2 usage error."""
-    if args.tier == "shared":
-        return _run_shared(args)
     directory: Path = args.cache_dir if args.cache_dir is not None else default_cache_dir
     command: str = args.cache_command
     try:
+        if args.tier == "shared":
+            tier = _shared_tier(args)
+        elif command == "verify":
+            return _verify_lmdb(directory, args.json)
+        else:
+            tier = _local_tier(directory, writable=command == "purge")
         older_than = _purge_age(args) if command == "purge" else None
-        store = LmdbStore.open_existing(directory, readonly=command != "purge")
+        return trio.run(_tier_command, tier, args, older_than)
     except _UsageError as error:
         return _fail(str(error), EXIT_USAGE)
-    except StoreError as error:
+    except (StoreError, SharedStoreUnavailable, ConfigError) as error:
         return _fail(str(error), EXIT_FAILURE)
-    now = time.time()
+
+
+@asynccontextmanager
+async def _local_tier(directory: Path, *, writable: bool) -> AsyncIterator[TierAdmin]:
+    store = LmdbStore.open_existing(directory, readonly=not writable)
     try:
-        if command == "stats":
-            return _stats(store, now, args.json)
-        if command == "ls":
-            return _ls(list(store.entries()), store.stats().path, now, args.json)
-        if command == "show":
-            return _show(list(store.entries()), store.peek, args.key, now, args.json)
-        if command == "verify":
-            return _verify(store, now, args.json)
-        return _purge(store, older_than, now, args.json)
-    except _UsageError as error:
-        return _fail(str(error), EXIT_USAGE)
-    except StoreError as error:
-        return _fail(str(error), EXIT_FAILURE)
+        yield LocalTier(store)
     finally:
         store.close()
+
+
+async def _tier_command(
+    opening: AbstractAsyncContextManager[TierAdmin],
+    args: argparse.Namespace,
+    older_than: float | None,
+) -> int:
+    async with opening as tier:
+        now = time.time()
+        command: str = args.cache_command
+        try:
+            if command == "stats":
+                return _stats(await tier.stats(now), now, args.json)
+            if command == "purge":
+                removed = await tier.purge(older_than=older_than, now=now)
+                return _report_purge(removed, older_than, args.json)
+            infos = await tier.scan()
+            if command == "ls":
+                return _ls(infos, tier, now, args.json)
+            return await _show(infos, tier, args.key, now, args.json)
+        except _UsageError as error:  # inside the block: the shared tier's client is a task group
+            return _fail(str(error), EXIT_USAGE)
 
 
 def parse_duration(text: str) -> float:
@@ -182,48 +203,54 @@ def _purge_age(args: argparse.Namespace) -> float | None:
 # -- the commands ----------------------------------------------------------------------
 
 
-def _stats(store: LmdbStore, now: float, as_json: bool) -> int:
-    stats = store.stats()
-    infos = list(store.entries())
-    expired = sum(1 for info in infos if info.expires_at <= now)
-    streams = sum(1 for info in infos if info.streamed)
+def _stats(stats: TierStats, now: float, as_json: bool) -> int:
+    local = stats.schema_version is not None  # the LMDB tier's directory, not a server
     if as_json:
-        return _emit(
-            {
-                "path": stats.path,
-                "schema_version": stats.schema_version,
-                "entries": stats.entries,
-                "streamed_entries": streams,
-                "expired_entries": expired,
-                "bytes": stats.bytes,
-                "max_bytes": stats.max_bytes,
-                "map_size": stats.map_size,
-                "oldest_created_at": min((info.created_at for info in infos), default=None),
-            }
+        document: dict[str, object] = {
+            "path" if local else "where": stats.where,
+            "entries": stats.entries,
+            "streamed_entries": stats.streamed,
+            "expired_entries": stats.expired,
+            "bytes": stats.bytes,
+            "oldest_created_at": stats.oldest_created_at,
+        }
+        extras = {
+            "schema_version": stats.schema_version,
+            "max_bytes": stats.max_bytes,
+            "map_size": stats.map_size,
+            "foreign_values": None if local else stats.foreign,
+        }
+        document.update((name, value) for name, value in extras.items() if value is not None)
+        return _emit(document)
+    rows = [("path" if local else "where", stats.where)]
+    if stats.schema_version is not None:
+        rows.append(("schema version", str(stats.schema_version)))
+    counts = f"{stats.streamed} streamed, {stats.expired} expired"
+    rows.append(("entries", f"{stats.entries} ({counts})"))
+    stored = format_size(stats.bytes)
+    if stats.max_bytes is not None:
+        share = f" ({100 * stats.bytes / stats.max_bytes:.1f}%)" if stats.max_bytes else ""
+        stored += f" of {format_size(stats.max_bytes)}{share}"
+    rows.append(("stored", stored))
+    if stats.map_size is not None:
+        rows.append(("map size", format_size(stats.map_size)))
+    if stats.foreign:
+        rows.append(
+            ("not entries", f"{stats.foreign} values under the prefix (ignored by lookups)")
         )
-    share = f" ({100 * stats.bytes / stats.max_bytes:.1f}%)" if stats.max_bytes else ""
-    rows = [
-        ("path", stats.path),
-        ("schema version", str(stats.schema_version)),
-        ("entries", f"{stats.entries} ({streams} streamed, {expired} expired)"),
-        ("stored", f"{format_size(stats.bytes)} of {format_size(stats.max_bytes)}{share}"),
-        ("map size", format_size(stats.map_size)),
-    ]
-    if infos:
-        oldest = min(info.created_at for info in infos)
-        rows.append(("oldest entry", f"{format_age(now - oldest)} old"))
+    if stats.oldest_created_at is not None:
+        rows.append(("oldest entry", f"{format_age(now - stats.oldest_created_at)} old"))
     _print_pairs(rows)
     return EXIT_OK
 
 
-def _ls(
-    infos: list[EntryInfo], where: str, now: float, as_json: bool, *, last_used: bool = True
-) -> int:
+def _ls(infos: list[EntryInfo], tier: TierAdmin, now: float, as_json: bool) -> int:
+    last_used = tier.keeps_last_use
     infos = sorted(infos, key=lambda info: info.created_at, reverse=True)
     if as_json:
         return _emit({"entries": [_info_document(info, now, last_used) for info in infos]})
     if not infos:
-        print(f"no entries in {where}")
+        print(f"no entries in {tier.where}")
         return EXIT_OK
     header = ("KEY", "STATUS", "KIND", "SIZE", "AGE", "EXPIRES", "LAST USED", "MODEL")
     rows = [
@@ -243,15 +270,10 @@ def _ls(
     return EXIT_OK
 
 
-def _show(
-    infos: list[EntryInfo],
-    peek: Callable[[str], StoredEntry | None],
-    prefix: str,
-    now: float,
-    as_json: bool,
-    *,
-    last_used: bool = True,
+async def _show(
+    infos: list[EntryInfo], tier: TierAdmin, prefix: str, now: float, as_json: bool
 ) -> int:
+    last_used = tier.keeps_last_use
     matches = [info for info in infos if info.key.startswith(prefix)]
     exact = [info for info in matches if info.key == prefix]
     matches = exact or matches
@@ -263,7 +285,7 @@ def _show(
         )
     info = matches[0]
     try:
-        entry = peek(info.key)
+        entry = await tier.peek(info.key)
     except CorruptEntry as error:
         return _fail(f"cache entry {info.key} is corrupt: {error}", EXIT_FAILURE)
     if entry is None:
@@ -310,8 +332,24 @@ def _show(
     return EXIT_OK
 
 
-def _verify(store: LmdbStore, now: float, as_json: bool) -> int:
-    report = store.verify(now)
+def _report_purge(removed: int, older_than: float | None, as_json: bool) -> int:
+    if as_json:
+        return _emit({"removed": removed})
+    what = "every entry" if older_than is None else f"expired or {format_age(older_than)} old"
+    print(f"removed {removed} {'entry' if removed == 1 else 'entries'} ({what})")
+    return EXIT_OK
+
+
+# -- LMDB only ------------------------------------------------------------------------
+
+
+def _verify_lmdb(directory: Path, as_json: bool) -> int:
+    """``verify``: LMDB's page structure and the records of the local store (read-only)."""
+    store = LmdbStore.open_existing(directory, readonly=True)
+    try:
+        report = store.verify(time.time())
+    finally:
+        store.close()
     code = EXIT_OK if report.ok else EXIT_FAILURE
     if as_json:
         _emit(_verify_document(report))
@@ -336,34 +374,12 @@ def _verify_document(report: VerifyReport) -> dict[str, object]:
     return document
 
 
-def _purge(store: LmdbStore, older_than: float | None, now: float, as_json: bool) -> int:
-    return _report_purge(store.purge(older_than=older_than, now=now), older_than, as_json)
-
-
-def _report_purge(removed: int, older_than: float | None, as_json: bool) -> int:
-    if as_json:
-        return _emit({"removed": removed})
-    what = "every entry" if older_than is None else f"expired or {format_age(older_than)} old"
-    print(f"removed {removed} {'entry' if removed == 1 else 'entries'} ({what})")
-    return EXIT_OK
-
-
 # -- the shared tier --------------------------------------------------------------------
 
 
-def _run_shared(args: argparse.Namespace) -> int:
-    try:
-        settings = _shared_settings(args)
-        older_than = _purge_age(args) if args.cache_command == "purge" else None
-        return trio.run(_shared_command, settings, args, older_than)
-    except _UsageError as error:
-        return _fail(str(error), EXIT_USAGE)
-    except (SharedStoreUnavailable, ConfigError) as error:
-        return _fail(str(error), EXIT_FAILURE)
-
-
-def _shared_settings(args: argparse.Namespace) -> SharedStoreSettings:
-    """The ``[shared_store]`` of ``--config``; raises _UsageError when there is none."""
+def _shared_tier(args: argparse.Namespace) -> AbstractAsyncContextManager[TierAdmin]:
+    """The shared tier of ``--config``'s ``[shared_store]``; raises _UsageError when there is
+    none, or for ``verify``."""
     if args.cache_command == "verify":
         raise _UsageError("verify checks the local store; the shared tier has nothing to verify")
     if args.config is None:
@@ -374,79 +390,7 @@ def _shared_settings(args: argparse.Namespace) -> SharedStoreSettings:
         raise _UsageError("\n".join(error.problems)) from error
     if settings is None:
         raise _UsageError(f"{args.config} has no [shared_store] table")
-    return settings
-
-
-async def _shared_command(
-    settings: SharedStoreSettings, args: argparse.Namespace, older_than: float | None
-) -> int:
-    async with open_shared_admin(settings) as admin:
-        found = await admin.entries()
-        now = time.time()
-        where = describe(settings)
-        if args.cache_command == "purge":
-            return await _purge_shared(admin, found, older_than, now, args.json)
-    infos = [_shared_info(item) for item in found if item.entry is not None]
-    if args.cache_command == "stats":
-        return _shared_stats(infos, len(found) - len(infos), where, now, args.json)
-    if args.cache_command == "ls":
-        return _ls(infos, where, now, args.json, last_used=False)
-    entries = {item.key: item.entry for item in found}
-    return _show(infos, entries.get, args.key, now, args.json, last_used=False)
-
-
-def _shared_info(item: SharedEntry) -> EntryInfo:
-    assert item.entry is not None
-    key = item.key.encode()
-    return info_of(key, item.entry, last_used_at=item.entry.created_at, size=item.size)
-
-
-def _shared_stats(
-    infos: list[EntryInfo], foreign: int, where: str, now: float, as_json: bool
-) -> int:
-    stored = sum(info.size for info in infos)
-    streams = sum(1 for info in infos if info.streamed)
-    oldest = min((info.created_at for info in infos), default=None)
-    if as_json:
-        return _emit(
-            {
-                "where": where,
-                "entries": len(infos),
-                "streamed_entries": streams,
-                "foreign_values": foreign,
-                "bytes": stored,
-                "oldest_created_at": oldest,
-            }
-        )
-    rows = [
-        ("where", where),
-        ("entries", f"{len(infos)} ({streams} streamed)"),
-        ("stored", format_size(stored)),
-    ]
-    if foreign:
-        rows.append(("not entries", f"{foreign} values under the prefix (ignored by lookups)"))
-    if oldest is not None:
-        rows.append(("oldest entry", f"{format_age(now - oldest)} old"))
-    _print_pairs(rows)
-    return EXIT_OK
-
-
-async def _purge_shared(
-    admin: SharedAdmin,
-    found: list[SharedEntry],
-    older_than: float | None,
-    now: float,
-    as_json: bool,
-) -> int:
-    """``--all`` removes every value under the prefix; ``--older-than`` the entries that old
-    (Redis removes expired ones itself)."""
-    doomed = [
-        item.key
-        for item in found
-        if older_than is None
-        or (item.entry is not None and now - item.entry.created_at >= older_than)
-    ]
-    return _report_purge(await admin.delete(doomed), older_than, as_json)
+    return open_shared_admin(settings)
 
 
 # -- formatting ------------------------------------------------------------------------

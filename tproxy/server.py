@@ -42,8 +42,7 @@ from tproxy.inflight import Inflight
 from tproxy.notify import Notifier, open_notifier
 from tproxy.pipeline import Exchanger, open_exchanger
 from tproxy.serving import SocketOptions, serve_asgi
-from tproxy.sharedstore import SharedTier, open_shared_tier
-from tproxy.store import CacheStore, LmdbStore
+from tproxy.store import CacheStore, LmdbStore, SharedTier, open_shared_tier
 from tproxy.storewriter import StoreWriter
 from tproxy.telemetry import Telemetry, open_telemetry
 from tproxy.tls import TLSFileError, read_certificate, reload_cert_chain

@@ -7,7 +7,7 @@ an fsync is paid once per batch rather than once per entry, and the event loop n
 disk. Each entry's :class:`PendingWrite` then tells what the commit did with it (written, or
 skipped and why), so logs and metrics report the commit, not the hand-over.
 
-With a shared tier (:mod:`tproxy.sharedstore`), :meth:`StoreWriter.submit` hands each entry to
+With a shared tier (:mod:`tproxy.store.redis`), :meth:`StoreWriter.submit` hands each entry to
 it as well, to its own queue: a completed answer reaches both tiers, and the pipeline, which only
 knows the store writer, does not learn about Redis. An entry that came from the shared tier is
 copied locally with ``share=False``.
@@ -25,8 +25,7 @@ import trio
 from tproxy.batchqueue import BatchQueue
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import StoreError
-from tproxy.sharedstore import SharedTier
-from tproxy.store import CacheStore, PutOutcome
+from tproxy.store import CacheStore, PutOutcome, SharedTier
 
 log = logging.getLogger("tproxy.store")
 

@@ -37,8 +37,7 @@ from tproxy.config import Settings
 from tproxy.core.breaker import BreakerState
 from tproxy.core.errors import StoreError
 from tproxy.core.exchange import Exchange, State
-from tproxy.sharedstore import LATENCY_BUCKETS, SharedStatistics
-from tproxy.store import StoreStats
+from tproxy.store import LATENCY_BUCKETS, SharedStatistics, StoreStats
 from tproxy.telemetry.records import ExchangeRecord, cache_label, upstream_error_kind
 from tproxy.telemetry.sinks import Sink
 
@@ -65,7 +64,7 @@ class StoreView(Protocol):
 
 
 class SharedTierView(Protocol):
-    """What the metrics read of the shared tier (:class:`tproxy.sharedstore.SharedTier`)."""
+    """What the metrics read of the shared tier (:class:`tproxy.store.SharedTier`)."""
 
     def statistics(self) -> SharedStatistics: ...
 

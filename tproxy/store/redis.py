@@ -1,9 +1,11 @@
-"""The shared cache tier: finished answers in Valkey/Redis for a fleet; the only module that
+"""Tier 2 of the cache: finished answers in Valkey/Redis for a fleet; the only module that
 imports coredis.
 
-Tier 1 is the local LMDB store (:mod:`tproxy.store`); this is tier 2, asked when tier 1 has no
-usable entry. It is an optimisation, never a dependency, so nothing here may cost a client more
-than ``shared_store.lookup_timeout``:
+Tier 1 is the local LMDB store (:mod:`tproxy.store.lmdb`); this is tier 2, asked when tier 1 has
+no usable entry (:func:`tproxy.store.tiers.look_up`). :class:`SharedTier` is the proxy's
+(a :class:`~tproxy.store.tiers.CacheTier`), :class:`SharedAdmin` the cache commands' (a
+:class:`~tproxy.store.tiers.TierAdmin`). The tier is an optimisation, never a dependency, so
+nothing here may cost a client more than ``shared_store.lookup_timeout``:
 
 - :meth:`SharedTier.get` runs under its own deadline; a timeout, an error, a missing, torn or
   foreign value are all a miss. A :class:`~tproxy.core.breaker.CircuitBreaker` stops asking a
@@ -30,9 +32,9 @@ import re
 import ssl
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -47,6 +49,8 @@ from tproxy.config import SharedStoreSettings, parse_host_port
 from tproxy.core.breaker import BreakerState, CircuitBreaker, Outcome
 from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
 from tproxy.core.errors import ConfigError, CorruptEntry, TproxyError
+from tproxy.store.records import EntryInfo, info_of
+from tproxy.store.tiers import TierStats
 
 log = logging.getLogger("tproxy.shared_store")
 
@@ -85,6 +89,8 @@ class SharedTier:
     both.
     """
 
+    name = "shared"
+
     def __init__(self, settings: SharedStoreSettings, password: str | None = None) -> None:
         self._settings = settings
         self._password = password
@@ -104,10 +110,6 @@ class SharedTier:
         self._handled = AsyncValue(0)
         self._last_error: BaseException | None = None  # what the tier last failed with, for logs
 
-    def redis_key(self, key: str) -> bytes:
-        """The Redis key of the cache key ``key`` (tenants are already part of it)."""
-        return (self._settings.key_prefix + key).encode()
-
     async def get(self, key: str, now: float) -> StoredEntry | None:
         """The live entry under ``key``, or None: missing, expired, undecodable, failed, late."""
         if not self._breaker.admit(trio.current_time()):
@@ -115,7 +117,9 @@ class SharedTier:
             return None
         started = trio.current_time()
         with trio.move_on_after(self._settings.lookup_timeout) as deadline:
-            outcome, raw = await self._call(lambda client: client.get(self.redis_key(key)))
+            outcome, raw = await self._call(
+                lambda client: client.get(_redis_key(self._settings, key))
+            )
         self._observe(trio.current_time() - started)
         if deadline.cancelled_caught:
             self._lookups["timeout"] += 1
@@ -180,7 +184,7 @@ class SharedTier:
         expiry = max(1, math.ceil(remaining * 1000)) if math.isfinite(remaining) else None
         with trio.move_on_after(self._settings.write_timeout) as deadline:
             outcome, _ = await self._call(
-                lambda client: client.set(self.redis_key(key), value, px=expiry)
+                lambda client: client.set(_redis_key(self._settings, key), value, px=expiry)
             )
         if deadline.cancelled_caught:
             self._last_error = TimeoutError("a write took longer than write_timeout")
@@ -301,6 +305,11 @@ class SharedTier:
         )
 
 
+def _redis_key(settings: SharedStoreSettings, key: str) -> bytes:
+    """The Redis key of the cache key ``key`` (tenants are already part of it)."""
+    return (settings.key_prefix + key).encode()
+
+
 def _live_entry(key: str, raw: bytes | None, now: float) -> StoredEntry | None:
     if raw is None:
         return None
@@ -363,8 +372,8 @@ def describe(settings: SharedStoreSettings) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class SharedEntry:
-    """One value found under the key prefix, for ``tproxy cache ... --tier shared``."""
+class _Found:
+    """One value found under the key prefix."""
 
     key: str  # the cache key, without the prefix
     size: int  # bytes of the encoded value
@@ -376,15 +385,54 @@ class SharedStoreUnavailable(TproxyError):
 
 
 class SharedAdmin:
-    """Whole-tier reads and deletes for the cache commands: ``SCAN`` (never ``KEYS``), then one
+    """The shared tier as the cache commands see it (a :class:`~tproxy.store.tiers.TierAdmin`).
+
+    Whole-tier reads and deletes: ``SCAN`` (never ``KEYS``, which blocks a server), then one
     single-key command per entry, so it works on a Redis Cluster too. Each round trip gets
-    ``write_timeout``; raises SharedStoreUnavailable when one fails or is late."""
+    ``write_timeout``; raises SharedStoreUnavailable when one fails or is late. Redis keeps no
+    last-use time: it expires entries by their TTL, not by use.
+    """
+
+    keeps_last_use = False
 
     def __init__(self, client: Client, settings: SharedStoreSettings) -> None:
         self._client = client
         self._settings = settings
 
-    async def entries(self) -> list[SharedEntry]:
+    @property
+    def where(self) -> str:
+        return describe(self._settings)
+
+    async def stats(self, now: float) -> TierStats:
+        found = await self._found()
+        infos = [_info(item) for item in found if item.entry is not None]
+        stored = sum(info.size for info in infos)
+        return replace(
+            TierStats.of(self.where, infos, stored, now), foreign=len(found) - len(infos)
+        )
+
+    async def scan(self) -> list[EntryInfo]:
+        return [_info(item) for item in await self._found() if item.entry is not None]
+
+    async def peek(self, key: str) -> StoredEntry | None:
+        raw = await self._within(self._client.get(_redis_key(self._settings, key)))
+        return None if raw is None else decode_entry(raw)
+
+    async def purge(self, *, older_than: float | None, now: float) -> int:
+        """``older_than=None`` removes every value under the prefix, tproxy's or not; otherwise
+        the entries that old (Redis removes expired ones itself). One ``DEL`` each."""
+        doomed = [
+            item.key
+            for item in await self._found()
+            if older_than is None
+            or (item.entry is not None and now - item.entry.created_at >= older_than)
+        ]
+        removed = 0
+        for key in doomed:
+            removed += await self._within(self._client.delete([_redis_key(self._settings, key)]))
+        return removed
+
+    async def _found(self) -> list[_Found]:
         """Every value under the key prefix (Redis has already dropped the expired ones)."""
         prefix = self._settings.key_prefix.encode()
         keys: list[bytes] = []
@@ -399,7 +447,7 @@ class SharedAdmin:
                     keys.append(await self._within(anext(scan)))
                 except StopAsyncIteration:
                     break
-        found: list[SharedEntry] = []
+        found: list[_Found] = []
         for redis_key in keys:
             raw = await self._within(self._client.get(redis_key))
             if raw is None:
@@ -409,19 +457,11 @@ class SharedAdmin:
             except CorruptEntry:
                 entry = None
             key = redis_key[len(prefix) :].decode("utf-8", "replace")
-            found.append(SharedEntry(key, len(raw), entry))
+            found.append(_Found(key, len(raw), entry))
         return found
 
-    async def delete(self, keys: Sequence[str]) -> int:
-        """Delete the entries under ``keys``, one ``DEL`` each; how many were there."""
-        removed = 0
-        for key in keys:
-            redis_key = (self._settings.key_prefix + key).encode()
-            removed += await self._within(self._client.delete([redis_key]))
-        return removed
-
     async def _within(self, call: Awaitable[_T]) -> _T:
-        where = f"shared store {describe(self._settings)}"
+        where = f"shared store {self.where}"
         with trio.move_on_after(self._settings.write_timeout):
             try:
                 return await call
@@ -429,6 +469,14 @@ class SharedAdmin:
                 raise SharedStoreUnavailable(f"{where}: {error}") from error
         limit = self._settings.write_timeout
         raise SharedStoreUnavailable(f"{where}: no answer within write_timeout ({limit:g}s)")
+
+
+def _info(item: _Found) -> EntryInfo:
+    """An entry's metadata; its last use is its creation, as Redis keeps none."""
+    assert item.entry is not None
+    return info_of(
+        item.key.encode(), item.entry, last_used_at=item.entry.created_at, size=item.size
+    )
 
 
 def _glob_escape(text: bytes) -> bytes:

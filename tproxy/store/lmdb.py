@@ -1,8 +1,8 @@
-"""The cache store: finished answers kept in LMDB, the only module that imports lmdb.
+"""Tier 1 of the cache: finished answers kept in LMDB; the only module that imports lmdb.
 
-:class:`CacheStore` is the small interface the proxy needs (get, put a batch, delete, purge,
-stats, list); :class:`LmdbStore` implements it on one LMDB environment, and a second backend
-(Redis) can implement it later. Everything here is plain synchronous code:
+:class:`LmdbStore` holds one LMDB environment. Everything here is plain synchronous code, and
+the caller decides which thread runs it (:class:`tproxy.store.tiers.LocalTier` is the async tier
+around it):
 
 - :meth:`LmdbStore.get` runs inline on the event loop. A read is a memory-mapped lookup taking
   microseconds, so it costs less than a hop to a thread would. It writes nothing: a hit is noted
@@ -19,15 +19,17 @@ The environment holds four named databases::
     meta        b"schema_version", b"total_bytes", b"max_total_bytes"
 
 An entry's three records and the running byte total change in the same transaction, so they
-always agree; :meth:`LmdbStore.verify` checks that they do (``tproxy cache verify``). A full map
-or a full file system costs entries (evicted, or the batch skipped and counted in
-:class:`PutResult`), never an exception out of ``put_many``. docs/store.md explains the
-durability setting, the map sizing and the numbers measured for them.
+always agree; :meth:`LmdbStore.verify` checks that they do (``tproxy cache verify``, the rules in
+:mod:`tproxy.store.verify`). A full map or a full file system costs entries (evicted, or the
+batch skipped and counted in :class:`PutResult`), never an exception out of ``put_many``.
+docs/store.md explains the durability setting, the map sizing and the numbers measured for them.
+
+Longer than ~500 lines on purpose: it is one class around one environment, and every line that
+opens a transaction or catches an LMDB error belongs here, where lmdb is imported.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import math
@@ -37,24 +39,36 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 import lmdb
 import lmdb.verify
 
 from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
 from tproxy.core.errors import CorruptEntry, StoreError
+from tproxy.store.records import (
+    MAX_KEY_BYTES,
+    STAMP,
+    EntryInfo,
+    PutOutcome,
+    PutResult,
+    StoreStats,
+    VerifyReport,
+    decode_info,
+    encode_info,
+    info_of,
+    stored_size,
+)
+from tproxy.store.verify import check_records, structure_report
 
 log = logging.getLogger("tproxy.store")
 
 SCHEMA_VERSION = 1
 MIB = 1 << 20
 DEFAULT_MAP_HEADROOM = 64 * MIB
-# LMDB keys are at most 511 bytes and the LRU index prefixes eight bytes of timestamp.
-MAX_KEY_BYTES = 400
 MAX_READERS = 512
 _MIN_MAP_SIZE = 256 * 1024
 
@@ -67,10 +81,6 @@ _TOTAL_KEY = b"total_bytes"
 _MAX_TOTAL_KEY = b"max_total_bytes"
 
 _U64 = struct.Struct(">Q")
-_STAMP = struct.Struct(">d")
-_INFO = struct.Struct(">dddQHB")
-_STREAMED = 1
-_HAS_MODEL = 2
 
 # Bounds on retries: another process growing the map, and a full map that eviction must clear.
 _RESIZE_ATTEMPTS = 3
@@ -99,111 +109,8 @@ _NOT_OURS = (lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.CorruptedError)
 _T = TypeVar("_T")
 
 
-class PutOutcome(enum.Enum):
-    """What became of one entry handed to :meth:`CacheStore.put_many`; values are metric labels."""
-
-    WRITTEN = "written"  # committed: a later get finds it
-    TOO_LARGE = "too_large"  # over max_entry_bytes, the byte cap, or MAX_KEY_BYTES
-    MAP_FULL = "map_full"  # the map stayed full even after eviction
-    DISK_FULL = "disk_full"  # the file system refused the pages even after eviction
-    FAILED = "failed"  # the store failed otherwise (StoreError, reported by the caller)
-
-
-@dataclass(frozen=True, slots=True)
-class PutResult:
-    """What one :meth:`CacheStore.put_many` did with its batch.
-
-    ``outcomes`` has one member per item handed over, in the same order.
-    """
-
-    stored: int
-    skipped_too_large: int
-    evicted: int
-    skipped_no_room: int = 0  # the map or the disk stayed full even after eviction
-    disk_full: int = 0  # commits the file system refused for lack of room; see docs/store.md
-    outcomes: tuple[PutOutcome, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """A snapshot of the store. hits, misses, evictions and expired count this process only."""
-
-    path: str
-    entries: int
-    bytes: int
-    max_bytes: int
-    map_size: int
-    hits: int
-    misses: int
-    evictions: int
-    expired: int
-    schema_version: int
-
-
-@dataclass(frozen=True, slots=True)
-class EntryInfo:
-    """One stored entry's metadata, read without decoding the entry itself."""
-
-    key: str
-    size: int
-    created_at: float
-    expires_at: float
-    last_used_at: float
-    streamed: bool
-    model: str | None
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """What :meth:`LmdbStore.verify` found. ``problems`` is empty for a sound store.
-
-    ``entries``, ``streamed``, ``expired`` and ``bytes`` describe the values actually stored;
-    ``recorded_bytes`` is the running total the store keeps, which must equal ``bytes``. When
-    LMDB's page structure is damaged the entries are not read at all, and these are 0.
-    """
-
-    path: str
-    entries: int
-    streamed: int
-    expired: int
-    bytes: int
-    recorded_bytes: int
-    problems: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 class _DiskFullError(Exception):
     """The file system refused the pages a commit needed (no space, quota, a short write)."""
-
-
-class CacheStore(Protocol):
-    """What the proxy needs from a cache backend."""
-
-    def get(self, key: str, now: float) -> StoredEntry | None:
-        """The live entry under ``key``, or None. Fast enough to call on the event loop."""
-        ...
-
-    def put_many(self, items: Sequence[tuple[str, StoredEntry]], now: float) -> PutResult:
-        """Store a batch in one transaction. Blocks: call it in a worker thread."""
-        ...
-
-    def delete(self, key: str) -> bool:
-        """Remove one entry; False if there was none. Blocks."""
-        ...
-
-    def purge(self, *, older_than: float | None, now: float) -> int:
-        """Remove expired entries and those at least ``older_than`` seconds old (None: all)."""
-        ...
-
-    def stats(self) -> StoreStats: ...
-
-    def entries(self) -> Iterator[EntryInfo]: ...
-
-    def close(self) -> None: ...
 
 
 class _IncompatibleStoreError(Exception):
@@ -406,6 +313,11 @@ class LmdbStore:
         )
         self._path.rename(target)
 
+    @property
+    def path(self) -> Path:
+        """The store's directory."""
+        return self._path
+
     # -- reading -------------------------------------------------------------------------
 
     def get(self, key: str, now: float) -> StoredEntry | None:
@@ -454,7 +366,7 @@ class LmdbStore:
 
         def collect(txn: lmdb.Transaction[bytes]) -> list[EntryInfo]:
             with txn.cursor(db=self._info) as cursor:
-                return [_decode_info(bytes(key), bytes(raw)) for key, raw in cursor]
+                return [decode_info(bytes(key), bytes(raw)) for key, raw in cursor]
 
         infos = self._read(collect)
         with self._pending_lock:
@@ -520,56 +432,20 @@ class LmdbStore:
     def _verify(self, txn: lmdb.Transaction[bytes], now: float) -> VerifyReport:
         structure = self._structure_problems()
         if structure:
-            problems = tuple(f"LMDB structure: {problem}" for problem in structure)
-            return VerifyReport(str(self._path), 0, 0, 0, 0, 0, problems)
-        found: list[str] = []
-        stored: dict[bytes, tuple[int, StoredEntry | None]] = {}
-        with txn.cursor(db=self._entries) as cursor:
-            for raw_key, value in cursor:
-                key = bytes(raw_key)
-                try:
-                    entry: StoredEntry | None = decode_entry(value)
-                except CorruptEntry as error:
-                    found.append(f"entry {_shown(key)}: cannot be decoded ({error})")
-                    entry = None
-                stored[key] = (len(value), entry)
-                if len(key) > MAX_KEY_BYTES:
-                    found.append(f"entry {_shown(key)}: key longer than {MAX_KEY_BYTES} bytes")
-        infos: dict[bytes, EntryInfo] = {}
-        malformed: set[bytes] = set()
-        with txn.cursor(db=self._info) as cursor:
-            for raw_key, raw in cursor:
-                key = bytes(raw_key)
-                try:
-                    infos[key] = _decode_info(key, bytes(raw))
-                except (struct.error, UnicodeDecodeError):
-                    found.append(f"entry_info {_shown(key)}: malformed record")
-                    malformed.add(key)
-        with txn.cursor(db=self._lru) as cursor:
-            indexed = [bytes(lru_key) for lru_key, _ in cursor]
-        for key, (size, entry) in stored.items():
-            info = infos.get(key)
-            if info is not None:
-                found += _disagreements(key, size, entry, info)
-            elif key not in malformed:
-                found.append(f"entry {_shown(key)}: no entry_info record")
-        for key in sorted(infos.keys() - stored.keys()):
-            found.append(f"entry_info {_shown(key)}: no such entry")
-        found += _lru_problems(indexed, infos, malformed)
-        recorded = _read_u64(txn, _TOTAL_KEY, self._meta)
-        total = sum(size for size, _ in stored.values())
-        if recorded != total:
-            found.append(f"meta total_bytes is {recorded}, the entries hold {total}")
-        decoded = [entry for _, entry in stored.values() if entry is not None]
-        return VerifyReport(
-            path=str(self._path),
-            entries=len(stored),
-            streamed=sum(1 for entry in decoded if entry.streamed),
-            expired=sum(1 for entry in decoded if entry.expires_at <= now),
-            bytes=total,
-            recorded_bytes=recorded,
-            problems=tuple(found),
-        )
+            return structure_report(str(self._path), structure)
+        with (
+            txn.cursor(db=self._entries) as entries,
+            txn.cursor(db=self._info) as infos,
+            txn.cursor(db=self._lru) as lru,
+        ):
+            return check_records(
+                str(self._path),
+                ((bytes(key), value) for key, value in entries),
+                ((bytes(key), bytes(raw)) for key, raw in infos),
+                (bytes(lru_key) for lru_key, _ in lru),
+                _read_u64(txn, _TOTAL_KEY, self._meta),
+                now,
+            )
 
     def _read(self, operation: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
         """Run ``operation`` in a read transaction; adopt a map another process has grown."""
@@ -714,7 +590,7 @@ class LmdbStore:
                 doomed = [
                     bytes(key)
                     for key, raw in cursor
-                    if _doomed(_decode_info(bytes(key), bytes(raw)), older_than, now)
+                    if _doomed(decode_info(bytes(key), bytes(raw)), older_than, now)
                 ]
             freed = 0
             for key in doomed:
@@ -790,8 +666,8 @@ class LmdbStore:
             evicted += count
             info = info_of(key, entry, last_used_at=max(now, 0.0), size=len(value))
             txn.put(key, value, db=self._entries)
-            txn.put(key, _encode_info(info), db=self._info)
-            txn.put(_STAMP.pack(info.last_used_at) + key, b"", db=self._lru)
+            txn.put(key, encode_info(info), db=self._info)
+            txn.put(STAMP.pack(info.last_used_at) + key, b"", db=self._lru)
             total += len(value)
         txn.put(_TOTAL_KEY, _U64.pack(total), db=self._meta)
         return len(batch), evicted
@@ -809,9 +685,9 @@ class LmdbStore:
             for lru_key, _ in cursor:
                 if planned >= needed or len(victims) >= most:
                     break
-                key = bytes(lru_key[_STAMP.size :])
+                key = bytes(lru_key[STAMP.size :])
                 info = txn.get(key, db=self._info)
-                planned += _INFO.unpack_from(info)[3] if info is not None else 0
+                planned += stored_size(info) if info is not None else 0
                 victims.append(key)
         freed = 0
         for key in victims:
@@ -825,12 +701,12 @@ class LmdbStore:
             raw = txn.get(key, db=self._info)
             if raw is None:
                 continue
-            info = _decode_info(key, raw)
+            info = decode_info(key, raw)
             if used <= info.last_used_at:
                 continue
-            txn.delete(_STAMP.pack(info.last_used_at) + key, db=self._lru)
-            txn.put(_STAMP.pack(used) + key, b"", db=self._lru)
-            txn.put(key, _encode_info(replace(info, last_used_at=used)), db=self._info)
+            txn.delete(STAMP.pack(info.last_used_at) + key, db=self._lru)
+            txn.put(STAMP.pack(used) + key, b"", db=self._lru)
+            txn.put(key, encode_info(replace(info, last_used_at=used)), db=self._info)
         freed = 0
         for key in corrupt:
             value = txn.get(key, db=self._entries)
@@ -849,9 +725,9 @@ class LmdbStore:
         txn.delete(key, db=self._entries)
         if raw is None:
             return None
-        info = _decode_info(key, raw)
+        info = decode_info(key, raw)
         txn.delete(key, db=self._info)
-        txn.delete(_STAMP.pack(info.last_used_at) + key, db=self._lru)
+        txn.delete(STAMP.pack(info.last_used_at) + key, db=self._lru)
         return info.size
 
     def _make_room(self, incoming: int, *, last_resort: bool, disk_full: bool) -> int:
@@ -939,87 +815,8 @@ class LmdbStore:
             raise StoreError(f"could not grow the cache store's map: {error}") from error
 
 
-def _shown(key: bytes) -> str:
-    return key.decode("utf-8", "backslashreplace")
-
-
-def _disagreements(key: bytes, size: int, entry: StoredEntry | None, info: EntryInfo) -> list[str]:
-    """Where an entry's ``entry_info`` record disagrees with the entry itself."""
-    problems: list[str] = []
-    if info.size != size:
-        problems.append(f"entry_info {_shown(key)}: size {info.size}, the entry is {size} bytes")
-    if entry is not None:
-        expected = info_of(key, entry, last_used_at=info.last_used_at, size=info.size)
-        fields = [
-            name
-            for name in ("created_at", "expires_at", "streamed", "model", "status")
-            if getattr(expected, name) != getattr(info, name)
-        ]
-        if fields:
-            problems.append(
-                f"entry_info {_shown(key)}: {', '.join(fields)} differ from the entry's"
-            )
-    return problems
-
-
-def _lru_problems(
-    indexed: Sequence[bytes], infos: dict[bytes, EntryInfo], malformed: set[bytes]
-) -> list[str]:
-    """The LRU index must hold exactly one record per entry, at its last_used_at."""
-    problems: list[str] = []
-    expected = {_STAMP.pack(info.last_used_at) + key: key for key, info in infos.items()}
-    present = set(indexed)
-    for lru_key in indexed:
-        key = lru_key[_STAMP.size :]
-        if lru_key not in expected and key not in malformed:
-            what = "not at the entry's last use" if key in infos else "no such entry"
-            problems.append(f"lru record for {_shown(key)}: {what}")
-    for lru_key, key in expected.items():
-        if lru_key not in present:
-            problems.append(f"entry {_shown(key)}: missing from the LRU index")
-    return problems
-
-
 def _doomed(info: EntryInfo, older_than: float, now: float) -> bool:
     return info.expires_at <= now or now - info.created_at >= older_than
-
-
-def info_of(key: bytes, entry: StoredEntry, *, last_used_at: float, size: int) -> EntryInfo:
-    """The metadata of ``entry`` stored under ``key`` in ``size`` bytes."""
-    return EntryInfo(
-        key=key.decode(),
-        size=size,
-        created_at=entry.created_at,
-        expires_at=entry.expires_at,
-        last_used_at=last_used_at,
-        streamed=entry.streamed,
-        model=entry.model,
-        status=entry.status,
-    )
-
-
-def _encode_info(info: EntryInfo) -> bytes:
-    flags = (_STREAMED if info.streamed else 0) | (_HAS_MODEL if info.model is not None else 0)
-    model = info.model.encode() if info.model is not None else b""
-    fixed = _INFO.pack(
-        info.created_at, info.expires_at, info.last_used_at, info.size, info.status, flags
-    )
-    return fixed + model
-
-
-def _decode_info(key: bytes, raw: bytes) -> EntryInfo:
-    created_at, expires_at, last_used, size, status, flags = _INFO.unpack_from(raw)
-    model = raw[_INFO.size :].decode() if flags & _HAS_MODEL else None
-    return EntryInfo(
-        key=key.decode(),
-        size=size,
-        created_at=created_at,
-        expires_at=expires_at,
-        last_used_at=last_used,
-        streamed=bool(flags & _STREAMED),
-        model=model,
-        status=status,
-    )
 
 
 def _read_u64(txn: lmdb.Transaction[bytes], key: bytes, db: lmdb._Database) -> int:
