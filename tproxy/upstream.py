@@ -327,8 +327,10 @@ class _LeftoverGuardPool(httpcore2.AsyncConnectionPool):
         return _LeftoverGuardConnection(super().create_connection(origin))
 
 
-def _system_roots() -> ssl.SSLContext:
-    """A new context trusting the system's CAs, as httpcore2 makes it (ignoring SSL_CERT_FILE)."""
+def system_roots() -> ssl.SSLContext:
+    """A new context trusting the system's CAs, as httpcore2 makes it (ignoring SSL_CERT_FILE).
+
+    Loading the CAs takes ~20 ms on the event loop: make one per use, once, at start."""
     return httpcore2.default_ssl_context(_trust_env=False)
 
 
@@ -337,7 +339,7 @@ def _ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
     files cannot be used."""
     try:
         return upstream_context(
-            _system_roots,
+            system_roots,
             ca_file=settings.ca_file,
             client_cert=settings.client_cert,
             client_key=settings.client_key,
@@ -416,15 +418,22 @@ async def open_upstream_pool(
         yield UpstreamPool(upstreams)
 
 
-async def post_once(url: str, headers: Sequence[tuple[str, str]], body: bytes) -> int:
+async def post_once(
+    url: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    *,
+    ssl_context: ssl.SSLContext | None,
+) -> int:
     """POST ``body`` to ``url`` on a connection of its own, closed after; the response's status.
 
     For side channels such as the payload log's HTTP sink, which post now and then: no pool is
     kept, nothing is retried here, the response's body is not read, and the caller's cancel scope
-    is the deadline. ``headers`` are sent as given (``Host`` included). Raises
+    is the deadline. ``headers`` are sent as given (``Host`` included); ``ssl_context`` is the
+    caller's, made once (:func:`system_roots`), for an ``https://`` URL. Raises
     :class:`UpstreamError` when no response came.
     """
-    async with httpcore2.AsyncConnectionPool(ssl_context=_system_roots(), retries=0) as pool:
+    async with httpcore2.AsyncConnectionPool(ssl_context=ssl_context, retries=0) as pool:
         try:
             async with pool.stream("POST", url, headers=list(headers), content=body) as response:
                 return response.status

@@ -33,7 +33,7 @@ from tproxy.core.errors import ConfigError, UpstreamError
 from tproxy.telemetry.logs import emit_access
 from tproxy.telemetry.payload import Payload, encode_payload_event
 from tproxy.telemetry.records import ExchangeRecord
-from tproxy.upstream import post_once
+from tproxy.upstream import post_once, system_roots
 
 log = logging.getLogger("tproxy.telemetry")
 
@@ -228,6 +228,8 @@ class HttpSink(Sink):
         super().__init__("http", queue_size, batch_size)
         parts = urlsplit(url)
         self._url = f"{parts.scheme}://{parts.netloc}{parts.path or '/'}"
+        # Loaded once here, not per attempt: loading the CAs blocks the event loop for ~20 ms.
+        self._ssl_context = system_roots() if parts.scheme == "https" else None
         self._headers = [
             ("host", parts.netloc),
             ("user-agent", f"tproxy/{__version__}"),
@@ -263,7 +265,7 @@ class HttpSink(Sink):
     async def _post(self, body: bytes) -> int:
         """One attempt: the response's status. Raises one of the transient errors."""
         with trio.fail_after(self._timeout):
-            return await post_once(self._url, self._headers, body)
+            return await post_once(self._url, self._headers, body, ssl_context=self._ssl_context)
 
 
 def _cloudevents_batch(batch: list[Item]) -> bytes:
