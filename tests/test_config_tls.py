@@ -130,3 +130,11 @@ def test_verify_false_is_allowed_with_a_warning_from_check_config(
     assert captured.out == "x.toml: ok\n"
     assert captured.err.startswith("warning: upstreams.local.verify = false: ")
     assert "read and change its answers" in captured.err
+
+
+def test_a_shared_store_ca_file_is_checked(ca: trustme.CA) -> None:
+    bundle = write_ca(ca, Path("tls/ca.pem"))
+    shared = '[shared_store]\nurl = "rediss://127.0.0.1:6380/0"\n'
+    assert check(UPSTREAM + shared + f'ca_file = "{bundle}"\n').problems == []
+    [problem] = check(UPSTREAM + shared + 'ca_file = "tls/absent.pem"\n').problems
+    assert problem.startswith("x.toml: shared_store.ca_file: cannot read the certificate ")

@@ -23,6 +23,7 @@ from tproxy.config.schema import (
     SharedStoreSettings,
     UpstreamSettings,
 )
+from tproxy.tls import check_ca_file
 
 DEFAULT_NAME = "default"
 
@@ -86,6 +87,9 @@ def read_shared_store(
         problems.at("shared_store", "set exactly one of url and cluster_nodes")
     if "ca_file" in values and not str(values.get("url", "")).startswith("rediss://"):
         problems.at("shared_store.ca_file", "only used with a rediss:// url")
+    elif "ca_file" in values:
+        for setting, reason in check_ca_file(values["ca_file"], setting="shared_store.ca_file"):
+            problems.at(setting, reason)
     return dataclasses.replace(SharedStoreSettings(), **values)
 
 
