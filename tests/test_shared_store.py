@@ -24,7 +24,9 @@ from tests.fakeupstream import FakeUpstream
 from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
 from tests.test_shutdown import running_tproxy
 from tests.tlsfiles import write_ca, write_pair
+from tproxy.config import SharedStoreSettings
 from tproxy.core.errors import ConfigError
+from tproxy.store import SharedTier, open_shared_admin
 
 pytestmark = needs_redis
 
@@ -480,6 +482,22 @@ async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
         assert (await ask(untrusting, body)).headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()
+
+
+async def test_a_rediss_ca_file_that_cannot_be_used_is_named_with_tls_pys_reason(
+    tmp_path: Path,
+) -> None:
+    """check-config refuses such a file; one that changed since is refused at start, by the
+    setting's name and with the reason an upstream's ca_file gets (tls.upstream_context)."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("no certificate here\n")
+    settings = SharedStoreSettings(url="rediss://127.0.0.1:1/0", ca_file=bundle)
+    refused = r"^shared_store\.ca_file: cannot load the CA bundle .*ca\.pem"
+    with pytest.raises(ConfigError, match=refused):
+        SharedTier(settings)
+    with pytest.raises(ConfigError, match=refused):
+        async with open_shared_admin(settings):
+            pass
 
 
 async def test_a_tier_killed_in_the_middle_of_a_lookup_is_a_miss(
