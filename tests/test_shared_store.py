@@ -65,6 +65,14 @@ async def two_hosts(start_proxy: StartProxy, table: str) -> tuple[RunningProxy, 
     )
 
 
+async def shared_between_two_hosts(start_proxy: StartProxy, table: str, words: str) -> bool:
+    """Whether an answer one host fetched is a shared hit on a second host, with ``table``."""
+    first_host, second_host = await two_hosts(start_proxy, table)
+    body = chat(words)
+    await ask(first_host, body)
+    return "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+
+
 async def ask(
     proxy: RunningProxy, body: dict[str, object], headers: dict[str, str] | None = None
 ) -> httpx2.Response:
@@ -381,10 +389,7 @@ async def test_the_password_comes_from_the_variable_password_env_names(
     try:
         monkeypatch.setenv("TPROXY_TEST_REDIS_PASSWORD", "fleet-secret")
         table = shared_table(guarded.url, password_env='"TPROXY_TEST_REDIS_PASSWORD"')
-        first_host, second_host = await two_hosts(start_proxy, table)
-        body = chat("behind a password")
-        await ask(first_host, body)
-        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert await shared_between_two_hosts(start_proxy, table, "behind a password")
     finally:
         guarded.stop()
 
@@ -404,10 +409,7 @@ async def test_a_unix_socket_url_reaches_the_tier(start_proxy: StartProxy, tmp_p
     local.start("--unixsocket", str(socket_path), "--unixsocketperm", "700")
     try:
         table = shared_table(f"unix://{socket_path}")
-        first_host, second_host = await two_hosts(start_proxy, table)
-        body = chat("over a unix socket")
-        await ask(first_host, body)
-        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert await shared_between_two_hosts(start_proxy, table, "over a unix socket")
     finally:
         local.stop()
 
@@ -472,14 +474,12 @@ async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
     try:
         url = f"rediss://127.0.0.1:{secure.port}/0"
         table = shared_table(url, ca_file=f'"{ca_file}"')
-        first_host, second_host = await two_hosts(start_proxy, table)
-        body = chat("over TLS")
-        await ask(first_host, body)
-        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert await shared_between_two_hosts(start_proxy, table, "over TLS")
         # Without the CA, the server's certificate is refused: the tier is down, tproxy serves.
         untrusting = await start_proxy(shared_table(url), store="host-c")
         assert any("is down" in record.getMessage() for record in caplog.records)
-        assert (await ask(untrusting, body)).headers["cache-status"] == "tproxy; fwd=miss"
+        answer = await ask(untrusting, chat("over TLS"))
+        assert answer.headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()
 
