@@ -15,6 +15,7 @@ import trustme
 from tests.tlsfiles import write_ca, write_pair
 from tproxy.cli import main
 from tproxy.config import ConfigCheck, ListenerTLS, check_config, load_settings
+from tproxy.config.schema import AdminSettings, ListenerKeys, ServerSettings, key_checks
 
 UPSTREAM = '[upstreams.local]\nurl = "https://127.0.0.1:8443"\n'
 NOW = datetime.datetime.now(datetime.UTC)
@@ -59,6 +60,33 @@ def test_a_certificate_needs_its_key_and_the_reverse(table: str) -> None:
     assert check(UPSTREAM + f'[{table}]\ntls_client_ca = "ca.pem"\n').problems == [
         f"x.toml: {table}.tls_client_ca: requires tls_cert and tls_key (HTTPS)"
     ]
+
+
+@pytest.mark.parametrize("cls", [ServerSettings, AdminSettings])
+def test_both_listeners_take_their_tls_keys_from_one_statement(cls: type[ListenerKeys]) -> None:
+    """A listener TLS key added to ListenerKeys is a key of [server] and of [admin], listed
+    after each table's own keys."""
+    listener = key_checks(ListenerKeys)
+    assert list(listener) == ["tls_cert", "tls_key", "tls_client_ca"]
+    keys = key_checks(cls)
+    assert list(keys)[-len(listener) :] == list(listener)
+    assert all(keys[name] is checker for name, checker in listener.items())
+
+
+@pytest.mark.parametrize(
+    ("table", "known"),
+    [
+        ("server", "workers, tls_cert, tls_key, tls_client_ca"),
+        ("admin", "token_env, tls_cert, tls_key, tls_client_ca"),
+    ],
+)
+def test_an_unknown_listener_key_lists_the_tls_keys_last(table: str, known: str) -> None:
+    assert check(UPSTREAM + f'[{table}]\ntls_crt = "c.pem"\n').problems == [
+        f'x.toml: {table}.tls_crt: unknown key (did you mean "tls_cert"?)'
+    ]
+    (problem,) = check(UPSTREAM + f"[{table}]\nzzz = 1\n").problems
+    assert problem.startswith(f"x.toml: {table}.zzz: unknown key (known keys: ")
+    assert problem.endswith(f"{known})")
 
 
 def test_every_problem_with_the_files_is_named_at_once(ca: trustme.CA) -> None:

@@ -24,7 +24,9 @@ from tests.fakeupstream import FakeUpstream
 from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
 from tests.test_shutdown import running_tproxy
 from tests.tlsfiles import write_ca, write_pair
+from tproxy.config import SharedStoreSettings
 from tproxy.core.errors import ConfigError
+from tproxy.store import SharedTier, open_shared_admin
 
 pytestmark = needs_redis
 
@@ -61,6 +63,14 @@ async def two_hosts(start_proxy: StartProxy, table: str) -> tuple[RunningProxy, 
         await start_proxy(table, store="host-a"),
         await start_proxy(table, store="host-b"),
     )
+
+
+async def shared_between_two_hosts(start_proxy: StartProxy, table: str, words: str) -> bool:
+    """Whether an answer one host fetched is a shared hit on a second host, with ``table``."""
+    first_host, second_host = await two_hosts(start_proxy, table)
+    body = chat(words)
+    await ask(first_host, body)
+    return "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
 
 
 async def ask(
@@ -379,10 +389,7 @@ async def test_the_password_comes_from_the_variable_password_env_names(
     try:
         monkeypatch.setenv("TPROXY_TEST_REDIS_PASSWORD", "fleet-secret")
         table = shared_table(guarded.url, password_env='"TPROXY_TEST_REDIS_PASSWORD"')
-        first_host, second_host = await two_hosts(start_proxy, table)
-        body = chat("behind a password")
-        await ask(first_host, body)
-        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert await shared_between_two_hosts(start_proxy, table, "behind a password")
     finally:
         guarded.stop()
 
@@ -402,10 +409,7 @@ async def test_a_unix_socket_url_reaches_the_tier(start_proxy: StartProxy, tmp_p
     local.start("--unixsocket", str(socket_path), "--unixsocketperm", "700")
     try:
         table = shared_table(f"unix://{socket_path}")
-        first_host, second_host = await two_hosts(start_proxy, table)
-        body = chat("over a unix socket")
-        await ask(first_host, body)
-        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert await shared_between_two_hosts(start_proxy, table, "over a unix socket")
     finally:
         local.stop()
 
@@ -470,16 +474,30 @@ async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
     try:
         url = f"rediss://127.0.0.1:{secure.port}/0"
         table = shared_table(url, ca_file=f'"{ca_file}"')
-        first_host, second_host = await two_hosts(start_proxy, table)
-        body = chat("over TLS")
-        await ask(first_host, body)
-        assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert await shared_between_two_hosts(start_proxy, table, "over TLS")
         # Without the CA, the server's certificate is refused: the tier is down, tproxy serves.
         untrusting = await start_proxy(shared_table(url), store="host-c")
         assert any("is down" in record.getMessage() for record in caplog.records)
-        assert (await ask(untrusting, body)).headers["cache-status"] == "tproxy; fwd=miss"
+        answer = await ask(untrusting, chat("over TLS"))
+        assert answer.headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()
+
+
+async def test_a_rediss_ca_file_that_cannot_be_used_is_named_with_tls_pys_reason(
+    tmp_path: Path,
+) -> None:
+    """check-config refuses such a file; one that changed since is refused at start, by the
+    setting's name and with the reason an upstream's ca_file gets (tls.upstream_context)."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("no certificate here\n")
+    settings = SharedStoreSettings(url="rediss://127.0.0.1:1/0", ca_file=bundle)
+    refused = r"^shared_store\.ca_file: cannot load the CA bundle .*ca\.pem"
+    with pytest.raises(ConfigError, match=refused):
+        SharedTier(settings)
+    with pytest.raises(ConfigError, match=refused):
+        async with open_shared_admin(settings):
+            pass
 
 
 async def test_a_tier_killed_in_the_middle_of_a_lookup_is_a_miss(

@@ -548,15 +548,23 @@ def test_verify_finds_a_sound_store_sound_and_counts_it(store: LmdbStore) -> Non
     assert report.path == store.stats().path
 
 
-def test_verify_reports_a_value_that_does_not_decode(tmp_path: Path) -> None:
-    path = tmp_path / "cache"
+def store_with_a_torn_value(path: Path) -> None:
+    """A closed store at ``path`` holding ``victim``, whose value has one byte flipped on disk
+    (its checksum no longer holds), and ``bystander``, intact."""
     store = open_store(path)
     victim = body_entry("victim", 20_000)
     store.put_many([("victim", victim), ("bystander", body_entry("bystander"))], NOW)
     store.close()
     data = bytearray((path / "data.mdb").read_bytes())
-    data[data.index(victim.chunks[0]) + 1000] ^= 0xFF
+    body = victim.chunks[0]
+    assert data.count(body) == 1
+    data[data.index(body) + 1000] ^= 0xFF
     (path / "data.mdb").write_bytes(bytes(data))
+
+
+def test_verify_reports_a_value_that_does_not_decode(tmp_path: Path) -> None:
+    path = tmp_path / "cache"
+    store_with_a_torn_value(path)
     reader = LmdbStore.open_existing(path)
     [problem] = reader.verify(NOW).problems
     assert problem.startswith("entry victim: cannot be decoded (")
@@ -657,16 +665,7 @@ def test_a_corrupt_value_is_a_miss_and_removed_at_the_next_write(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "cache"
-    store = open_store(path)
-    victim = body_entry("victim", 20_000)
-    store.put_many([("victim", victim), ("bystander", body_entry("bystander"))], NOW)
-    store.close()
-    data = bytearray((path / "data.mdb").read_bytes())
-    body = victim.chunks[0]
-    assert data.count(body) == 1
-    data[data.index(body) + 1000] ^= 0xFF
-    (path / "data.mdb").write_bytes(bytes(data))
-
+    store_with_a_torn_value(path)
     store = open_store(path)
     with caplog.at_level(logging.WARNING, logger="tproxy.store"):
         assert store.get("victim", NOW) is None

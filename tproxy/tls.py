@@ -1,4 +1,4 @@
-"""Certificates and keys: checked before they are used, and TLS contexts for the upstream leg.
+"""Certificates and keys: checked before they are used, and the client TLS contexts tproxy makes.
 
 Theory of operation. A TLS setting names files (PEM). Everything that can be wrong with them is
 found at once, before anything listens or connects, and reported against the setting that names
@@ -10,10 +10,10 @@ that does not belong to its certificate, a certificate that has expired or is no
 
 The listening side's context is Hypercorn's (``serving.py``); :func:`reload_cert_chain` loads a
 renewed certificate into that same context, so handshakes after a reload present the new one
-while connections already open keep theirs. :func:`upstream_context` builds the context the
-upstream client uses: the system's trusted roots (the HTTP client's default) or a private
-CA bundle, an optional client certificate, and verification that can be turned off only on
-purpose (the caller warns).
+while connections already open keep theirs. :func:`upstream_context` builds the client
+contexts of the upstreams and of the shared tier's ``rediss://`` server, in one way: the
+system's trusted roots (the caller's default) or a private CA bundle, an optional client
+certificate, and verification that can be turned off only on purpose (the caller warns).
 
 X.509 is parsed with the ``cryptography`` package: validity dates are not reachable through the
 standard library's public API.
@@ -168,9 +168,9 @@ def upstream_context(
     client_key: Path | None,
     verify: bool,
 ) -> ssl.SSLContext:
-    """The client context for one upstream.
+    """The client context for one upstream (an HTTP upstream, or the shared tier's server).
 
-    ``system_roots`` makes a new context that trusts the usual roots (the HTTP client's
+    ``system_roots`` makes a new context that trusts the usual roots (the client library's
     default). ``ca_file`` trusts a private CA bundle instead; ``client_cert`` (with
     ``client_key``, or a key inside the same file) is presented to upstreams that require one;
     ``verify=False`` accepts any certificate. Raises :class:`TLSFileError`.

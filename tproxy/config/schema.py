@@ -51,6 +51,7 @@ from tproxy.core.dialects import DEFAULT_PATHS
 
 _CHECK = "tproxy.config.check"
 _TABLE = "tproxy.config.table"
+_FIELDS = "__dataclass_fields__"
 
 
 def check(checker: KeyCheck) -> Mapping[str, KeyCheck]:
@@ -73,8 +74,11 @@ def table(cls: type[Any], heading: str) -> Mapping[str, Table]:
 
 
 def key_checks(cls: type[Any]) -> dict[str, KeyCheck]:
-    """The keys of the table ``cls`` describes and their checkers, in field order."""
-    return {item.name: item.metadata[_CHECK] for item in fields(cls) if _CHECK in item.metadata}
+    """The keys of the table ``cls`` describes and their checkers: its own fields in order, then
+    those of its base (:class:`ListenerKeys`), as the file's tables write them."""
+    inherited = {name for base in cls.__mro__[1:] for name in getattr(base, _FIELDS, ())}
+    ordered = sorted(fields(cls), key=lambda item: item.name in inherited)
+    return {item.name: item.metadata[_CHECK] for item in ordered if _CHECK in item.metadata}
 
 
 def checkers(cls: type[Any], base: Path) -> dict[str, Parse]:
@@ -126,8 +130,24 @@ class RouteSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """The listening side: addresses, request limits, shutdown."""
+class ListenerKeys:
+    """The keys of a listener's HTTPS, stated once for ``[server]`` and ``[admin]``, which take
+    them as a base class (their own keys come first: :func:`key_checks`). The checks between
+    them (the key needs its certificate, the files must be usable) are
+    ``load._check_listener_tls``."""
+
+    tls_cert: Path | None = field(default=None, metadata=check(FILE))
+    tls_key: Path | None = field(default=None, metadata=check(FILE))
+    tls_client_ca: Path | None = field(default=None, metadata=check(FILE))
+
+    @property
+    def tls(self) -> ListenerTLS | None:
+        return ListenerTLS.of(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings(ListenerKeys):
+    """The listening side: addresses, request limits, shutdown, and HTTPS."""
 
     listen: str = field(default="127.0.0.1:8080", metadata=check(ADDRESS))
     admin_listen: str = field(default="127.0.0.1:9090", metadata=check(ADDRESS))
@@ -141,13 +161,6 @@ class ServerSettings:
     reuse_port: bool = field(default=False, metadata=check(BOOLEAN))
     # Worker processes on ``listen``; None: one per core the process may run on.
     workers: int | None = field(default=None, metadata=check(WORKERS))
-    tls_cert: Path | None = field(default=None, metadata=check(FILE))
-    tls_key: Path | None = field(default=None, metadata=check(FILE))
-    tls_client_ca: Path | None = field(default=None, metadata=check(FILE))
-
-    @property
-    def tls(self) -> ListenerTLS | None:
-        return ListenerTLS.of(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,17 +222,10 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class AdminSettings:
+class AdminSettings(ListenerKeys):
     """The admin listener's access control, and its own certificate when it serves HTTPS."""
 
     token_env: str | None = field(default=None, metadata=check(ENV_NAME))
-    tls_cert: Path | None = field(default=None, metadata=check(FILE))
-    tls_key: Path | None = field(default=None, metadata=check(FILE))
-    tls_client_ca: Path | None = field(default=None, metadata=check(FILE))
-
-    @property
-    def tls(self) -> ListenerTLS | None:
-        return ListenerTLS.of(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,9 @@
 - :mod:`tproxy.store.tiers`: the async tier protocols (:class:`CacheTier` for a lookup,
   :class:`TierAdmin` for the cache commands), :class:`LocalTier` and :func:`look_up`.
 - :mod:`tproxy.store.lmdb`: :class:`LmdbStore`, the only module that imports lmdb.
-- :mod:`tproxy.store.redis`: :class:`SharedTier` and :class:`SharedAdmin`, the only module
-  that imports coredis.
+- :mod:`tproxy.store.shared`: :class:`SharedTier` and :class:`SharedAdmin`, tier 2 in
+  Valkey/Redis, through :mod:`tproxy.store.redis`, its connection: the only module that imports
+  coredis.
 - :mod:`tproxy.store.verify`: the read-only checker behind ``tproxy cache verify`` (LMDB only).
 - :mod:`tproxy.store.records`: the values the tiers hand out, and LMDB's metadata record.
 
@@ -21,13 +22,12 @@ from tproxy.store.records import (
     VerifyReport,
     info_of,
 )
-from tproxy.store.redis import (
+from tproxy.store.redis import SharedStoreUnavailable, describe
+from tproxy.store.shared import (
     LATENCY_BUCKETS,
     SharedAdmin,
     SharedStatistics,
-    SharedStoreUnavailable,
     SharedTier,
-    describe,
     open_shared_admin,
     open_shared_tier,
 )

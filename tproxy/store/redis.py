@@ -1,41 +1,32 @@
-"""Tier 2 of the cache: finished answers in Valkey/Redis for a fleet; the only module that
-imports coredis.
+"""Talking to Valkey/Redis for tier 2 of the cache; the only module that imports coredis.
 
-Tier 1 is the local LMDB store (:mod:`tproxy.store.lmdb`); this is tier 2, asked when tier 1 has
-no usable entry (:func:`tproxy.store.tiers.look_up`). :class:`SharedTier` is the proxy's
-(a :class:`~tproxy.store.tiers.CacheTier`), :class:`SharedAdmin` the cache commands' (a
-:class:`~tproxy.store.tiers.TierAdmin`). The tier is an optimisation, never a dependency, so
-nothing here may cost a client more than ``shared_store.lookup_timeout``:
+This is the connection, not the tier (the tier's policy, which commands to send when and what to
+count, is :mod:`tproxy.store.shared`): a coredis client for a ``redis://``, ``rediss://`` or
+``unix://`` URL, or for a Redis Cluster's nodes, the few commands the tier sends, and what their
+failures mean, translated at this edge:
 
-- :meth:`SharedTier.get` runs under its own deadline; a timeout, an error, a missing, torn or
-  foreign value are all a miss. A :class:`~tproxy.core.breaker.CircuitBreaker` stops asking a
-  failing tier (one refused connection opens it, as do ``breaker_failures`` errors in a row) and
-  lets one request probe it again after ``breaker_reset`` seconds.
-- :meth:`SharedTier.submit` never waits: the entry joins a bounded queue (dropped and counted
-  when full) that :meth:`SharedTier.serve` writes, one ``SET key value PX ttl`` per entry, each
-  under ``write_timeout``.
-- Values use the self-checking encoding of LMDB entries (:mod:`tproxy.core.entry`); the server
-  expires them (``PX``), so no sweep is needed. One key per entry and no multi-key command: the
-  same code works on a Redis Cluster.
+- :class:`SharedConnection` is the proxy's: one client held open for the tier's life and
+  reopened when it cannot start (:meth:`SharedConnection.hold`). A command never raises; it
+  returns an :class:`~tproxy.core.breaker.Outcome` for the tier's circuit breaker, and the error
+  stays in :attr:`SharedConnection.last_error` for the logs.
+- :class:`AdminConnection` is a cache command's (:func:`open_admin_connection`): each round trip
+  within ``write_timeout``, or :class:`SharedStoreUnavailable`.
 
-A server that is down when tproxy starts is logged and tproxy serves without it; the breaker
-keeps probing, so the tier comes back by itself. coredis runs on Trio through anyio; what was
-checked of it is in docs/operations.md.
+A ``rediss://`` URL's TLS context is built by :func:`tproxy.tls.upstream_context`, as an
+upstream's is: the system's trusted roots, or the CAs of ``shared_store.ca_file``. It is built
+once per connection, not per reopening (loading CAs costs ~20 ms on the event loop). coredis's
+own retries are off: our deadlines are short, and a retry would only hide a failure from the
+breaker. coredis runs on Trio through anyio; what was checked of it is in docs/operations.md.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 import re
 import ssl
-import time
-from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, replace
-from typing import TypeAlias, TypeVar, cast
+from typing import NoReturn, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import coredis
@@ -43,23 +34,11 @@ import trio
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
-from trio_util import AsyncValue
 
 from tproxy.config import SharedStoreSettings, parse_host_port
-from tproxy.core.breaker import BreakerState, CircuitBreaker, Outcome
-from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
-from tproxy.core.errors import ConfigError, CorruptEntry, TproxyError
-from tproxy.store.records import EntryInfo, info_of
-from tproxy.store.tiers import TierStats
-
-log = logging.getLogger("tproxy.shared_store")
-
-# Upper bounds (seconds) of the lookup latency histogram's buckets.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
-
-# Lookups by result and writes by outcome, in the order /metrics lists them.
-LOOKUP_RESULTS = ("hit", "miss", "error", "timeout", "skipped")
-WRITE_OUTCOMES = ("written", "dropped", "too_large", "failed", "skipped")
+from tproxy.core.breaker import Outcome
+from tproxy.core.errors import ConfigError, TproxyError
+from tproxy.tls import TLSFileError, upstream_context
 
 # Keys read per SCAN round trip by the cache commands.
 SCAN_COUNT = 500
@@ -69,259 +48,21 @@ _T = TypeVar("_T")
 Client: TypeAlias = "coredis.Redis[bytes] | coredis.RedisCluster[bytes]"
 
 
-@dataclass(frozen=True, slots=True)
-class SharedStatistics:
-    """Counts of this process since it started, and the breaker's state now."""
-
-    lookups: dict[str, int]  # by LOOKUP_RESULTS
-    writes: dict[str, int]  # by WRITE_OUTCOMES
-    bytes_written: int
-    breaker: BreakerState
-    latency_buckets: tuple[int, ...]  # cumulative counts, one per LATENCY_BUCKETS, then +Inf
-    latency_sum: float
-    queued: int
+class SharedStoreUnavailable(TproxyError):
+    """The shared tier did not answer a command within its deadline, or refused it."""
 
 
-class SharedTier:
-    """Tier 2 on one coredis client: deadline-bound lookups and a queue of writes.
-
-    :meth:`connect` holds the client and :meth:`serve` writes; :func:`open_shared_tier` runs
-    both.
-    """
-
-    name = "shared"
-
-    def __init__(self, settings: SharedStoreSettings, password: str | None = None) -> None:
-        self._settings = settings
-        self._password = password
-        self._client: Client | None = None  # None until opened, and while it cannot be
-        self._breaker = CircuitBreaker(
-            threshold=settings.breaker_failures, reset_after=settings.breaker_reset
-        )
-        self._send, self._receive = trio.open_memory_channel[tuple[str, StoredEntry]](
-            settings.queue_size
-        )
-        self._lookups: Counter[str] = Counter()
-        self._writes: Counter[str] = Counter()
-        self._bytes_written = 0
-        self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._latency_sum = 0.0
-        self._submitted = 0
-        self._handled = AsyncValue(0)
-        self._last_error: BaseException | None = None  # what the tier last failed with, for logs
-
-    async def get(self, key: str, now: float) -> StoredEntry | None:
-        """The live entry under ``key``, or None: missing, expired, undecodable, failed, late."""
-        if not self._breaker.admit(trio.current_time()):
-            self._lookups["skipped"] += 1
-            return None
-        started = trio.current_time()
-        with trio.move_on_after(self._settings.lookup_timeout) as deadline:
-            outcome, raw = await self._call(
-                lambda client: client.get(_redis_key(self._settings, key))
-            )
-        self._observe(trio.current_time() - started)
-        if deadline.cancelled_caught:
-            self._lookups["timeout"] += 1
-            self._last_error = TimeoutError("a lookup took longer than lookup_timeout")
-            self._report(Outcome.FAILED)
-            return None
-        self._report(outcome)
-        if outcome is not Outcome.SUCCEEDED:
-            self._lookups["error"] += 1
-            return None
-        entry = _live_entry(key, raw, now)
-        self._lookups["hit" if entry is not None else "miss"] += 1
-        return entry
-
-    async def _call(self, command: Callable[[Client], Awaitable[_T]]) -> tuple[Outcome, _T | None]:
-        """Run one command; what it did (for the breaker) and its reply."""
-        client = self._client
-        if client is None:
-            return Outcome.UNREACHABLE, None  # not open: :meth:`connect` says why
-        try:
-            return Outcome.SUCCEEDED, await command(client)
-        except RedisConnectionError as error:
-            self._last_error = error
-            return Outcome.UNREACHABLE, None
-        except (RedisError, OSError) as error:
-            self._last_error = error
-            return Outcome.FAILED, None
-
-    def submit(self, key: str, entry: StoredEntry) -> bool:
-        """Queue ``entry`` for the tier without waiting; False when the queue was full."""
-        try:
-            self._send.send_nowait((key, entry))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self._writes["dropped"] += 1
-            return False
-        self._submitted += 1
-        return True
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Write queued entries until :meth:`close` is called and the queue is drained."""
-        task_status.started()
-        async with self._receive:
-            async for key, entry in self._receive:
-                self._writes[await self._write(key, entry)] += 1
-                self._handled.value += 1
-
-    async def _write(self, key: str, entry: StoredEntry) -> str:
-        value = encode_entry(entry)
-        if len(value) > self._settings.max_entry_bytes:
-            log.info(
-                "not sharing %s: %d bytes encoded, over shared_store.max_entry_bytes (%d)",
-                key,
-                len(value),
-                self._settings.max_entry_bytes,
-            )
-            return "too_large"
-        remaining = entry.expires_at - time.time()
-        if remaining <= 0:
-            return "skipped"
-        if not self._breaker.admit(trio.current_time()):
-            return "skipped"
-        expiry = max(1, math.ceil(remaining * 1000)) if math.isfinite(remaining) else None
-        with trio.move_on_after(self._settings.write_timeout) as deadline:
-            outcome, _ = await self._call(
-                lambda client: client.set(_redis_key(self._settings, key), value, px=expiry)
-            )
-        if deadline.cancelled_caught:
-            self._last_error = TimeoutError("a write took longer than write_timeout")
-            self._report(Outcome.FAILED)
-            return "failed"
-        if outcome is Outcome.SUCCEEDED:
-            self._report(outcome)
-            self._bytes_written += len(value)
-            return "written"
-        if outcome is Outcome.UNREACHABLE:
-            self._report(outcome)
-        else:
-            # The server answered (out of memory, read-only replica): it is up, lookups still work.
-            log.warning("shared store refused a write of %s: %s", key, self._last_error)
-        return "failed"
-
-    def _report(self, outcome: Outcome, *, starting: bool = False) -> None:
-        """Tell the breaker; log when the tier starts failing and when it answers again (a
-        probe that fails again is only a debug line: one every ``breaker_reset`` while down;
-        so is a failure at start, which :meth:`_announce` reports)."""
-        before = self._breaker.state
-        change = self._breaker.handle(outcome, trio.current_time())
-        if change is BreakerState.OPEN:
-            log.log(
-                logging.WARNING
-                if before is BreakerState.CLOSED and not starting
-                else logging.DEBUG,
-                "shared store is failing (%s); not asking it for %gs",
-                self._last_error,
-                self._settings.breaker_reset,
-            )
-        elif change is BreakerState.CLOSED:
-            log.info("shared store answers again")
-
-    def _observe(self, seconds: float) -> None:
-        self._latency_sum += seconds
-        for index, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                self._latency[index] += 1
-        self._latency[-1] += 1
-
-    async def connect(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Hold the client open for the tier's life; started once the tier answered a PING or
-        was found down (logged either way).
-
-        A plain server's client opens without connecting; a Redis Cluster's fetches the slot
-        map first, and fails when no node answers: it is tried again every ``breaker_reset``
-        seconds, and the breaker keeps requests from waiting on it meanwhile.
-        """
-        announced = False
-        while True:
-            client = _client(self._settings, self._password)
-            opening_deadline = trio.current_time() + self._settings.connect_timeout
-            with trio.CancelScope(deadline=opening_deadline) as opening:
-                try:
-                    async with client:
-                        opening.deadline = math.inf
-                        self._client = client
-                        if not announced:
-                            self._announce(await self._ping())
-                            announced = True
-                            task_status.started()
-                        await trio.sleep_forever()
-                except* (RedisError, OSError) as group:
-                    self._last_error = group.exceptions[0]
-                finally:
-                    self._client = None
-            if opening.cancelled_caught:
-                self._last_error = TimeoutError("opening took longer than connect_timeout")
-            self._report(Outcome.UNREACHABLE, starting=not announced)
-            if not announced:
-                self._announce(False)
-                announced = True
-                task_status.started()
-            await trio.sleep(self._settings.breaker_reset)
-
-    async def _ping(self) -> bool:
-        with trio.move_on_after(self._settings.connect_timeout):
-            outcome, _ = await self._call(lambda client: client.ping())
-            self._report(outcome, starting=True)
-            return outcome is Outcome.SUCCEEDED
-        self._last_error = TimeoutError("PING took longer than connect_timeout")
-        self._report(Outcome.UNREACHABLE, starting=True)
-        return False
-
-    def _announce(self, answered: bool) -> None:
-        where = describe(self._settings)
-        if answered:
-            log.info("shared store %s: connected", where)
-        else:
-            log.warning(
-                "shared store %s is down (%s); serving from the local store until it answers",
-                where,
-                self._last_error,
-            )
-
-    def close(self) -> None:
-        """Accept no more entries; :meth:`serve` returns once the queue is written."""
-        self._send.close()
-
-    async def flush(self) -> None:
-        """Wait until every entry submitted so far has been written or given up."""
-        target = self._submitted
-        await self._handled.wait_value(lambda handled: handled >= target)
-
-    def statistics(self) -> SharedStatistics:
-        cumulative = tuple(self._latency)
-        return SharedStatistics(
-            lookups={result: self._lookups[result] for result in LOOKUP_RESULTS},
-            writes={outcome: self._writes[outcome] for outcome in WRITE_OUTCOMES},
-            bytes_written=self._bytes_written,
-            breaker=self._breaker.state,
-            latency_buckets=cumulative,
-            latency_sum=self._latency_sum,
-            queued=self._submitted - self._handled.value,
-        )
+def describe(settings: SharedStoreSettings) -> str:
+    """Where the tier is, for log lines (never a credential)."""
+    if settings.cluster_nodes:
+        return "cluster " + ", ".join(settings.cluster_nodes)
+    assert settings.url is not None
+    parts = urlsplit(settings.url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
-def _redis_key(settings: SharedStoreSettings, key: str) -> bytes:
-    """The Redis key of the cache key ``key`` (tenants are already part of it)."""
-    return (settings.key_prefix + key).encode()
-
-
-def _live_entry(key: str, raw: bytes | None, now: float) -> StoredEntry | None:
-    if raw is None:
-        return None
-    try:
-        entry = decode_entry(raw)
-    except CorruptEntry as error:
-        log.warning("shared entry %s is not a tproxy entry (%s): a miss", key, error)
-        return None
-    return entry if entry.expires_at > now else None
-
-
-def _password(settings: SharedStoreSettings, environ: Mapping[str, str]) -> str:
+def read_password(settings: SharedStoreSettings, environ: Mapping[str, str]) -> str:
+    """The password ``password_env`` names ("" when it names none); ConfigError when unset."""
     if settings.password_env is None:
         return ""
     password = environ.get(settings.password_env, "")
@@ -335,9 +76,25 @@ def _password(settings: SharedStoreSettings, environ: Mapping[str, str]) -> str:
     return password
 
 
-def _client(settings: SharedStoreSettings, password: str | None) -> Client:
-    # No retries inside coredis: our deadlines are short, and a retry would only hide a failure
-    # from the breaker.
+def _tls_context(settings: SharedStoreSettings) -> ssl.SSLContext | None:
+    """A ``rediss://`` URL's client context; ConfigError when ``ca_file`` cannot be used."""
+    if settings.url is None or not settings.url.startswith("rediss://"):
+        return None
+    try:
+        return upstream_context(
+            ssl.create_default_context,
+            ca_file=settings.ca_file,
+            client_cert=None,
+            client_key=None,
+            verify=True,
+        )
+    except TLSFileError as error:
+        raise ConfigError([f"shared_store.ca_file: {error}"]) from None
+
+
+def _new_client(
+    settings: SharedStoreSettings, password: str | None, context: ssl.SSLContext | None
+) -> Client:
     if settings.cluster_nodes:
         nodes = [parse_host_port(node) for node in settings.cluster_nodes]
         return coredis.RedisCluster(
@@ -348,10 +105,6 @@ def _client(settings: SharedStoreSettings, password: str | None) -> Client:
             retry_policy=NoRetryPolicy(),
         )
     assert settings.url is not None
-    context = None
-    if settings.url.startswith("rediss://"):
-        cafile = None if settings.ca_file is None else str(settings.ca_file)
-        context = ssl.create_default_context(cafile=cafile)
     return coredis.Redis.from_url(
         settings.url,
         ssl_context=context,
@@ -362,79 +115,88 @@ def _client(settings: SharedStoreSettings, password: str | None) -> Client:
     )
 
 
-def describe(settings: SharedStoreSettings) -> str:
-    """Where the tier is, for log lines (never a credential)."""
-    if settings.cluster_nodes:
-        return "cluster " + ", ".join(settings.cluster_nodes)
-    assert settings.url is not None
-    parts = urlsplit(settings.url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+class SharedConnection:
+    """The proxy's client of the shared tier, and the commands its lookups and writes send.
 
-
-@dataclass(frozen=True, slots=True)
-class _Found:
-    """One value found under the key prefix."""
-
-    key: str  # the cache key, without the prefix
-    size: int  # bytes of the encoded value
-    entry: StoredEntry | None  # None: not a tproxy entry (foreign, torn or another version)
-
-
-class SharedStoreUnavailable(TproxyError):
-    """The shared tier did not answer a command within its deadline, or refused it."""
-
-
-class SharedAdmin:
-    """The shared tier as the cache commands see it (a :class:`~tproxy.store.tiers.TierAdmin`).
-
-    Whole-tier reads and deletes: ``SCAN`` (never ``KEYS``, which blocks a server), then one
-    single-key command per entry, so it works on a Redis Cluster too. Each round trip gets
-    ``write_timeout``; raises SharedStoreUnavailable when one fails or is late. Redis keeps no
-    last-use time: it expires entries by their TTL, not by use.
+    Raises ConfigError when ``ca_file`` cannot be used. Each command returns what it did for
+    the breaker: ``UNREACHABLE`` when no connection could be made (or the client is not open),
+    ``FAILED`` when the server refused it or the connection broke. Deadlines are the caller's.
     """
 
-    keeps_last_use = False
+    def __init__(self, settings: SharedStoreSettings, password: str | None) -> None:
+        self._settings = settings
+        self._password = password
+        self._context = _tls_context(settings)
+        self._client: Client | None = None  # None until opened, and while it cannot be
+        self.last_error: BaseException | None = None  # the last failure, for log lines
+
+    async def hold(
+        self, opened: Callable[[], Awaitable[None]], lost: Callable[[], None]
+    ) -> NoReturn:
+        """Hold a client open; ``opened()`` runs each time one is, ``lost()`` each time one
+        could not be opened within ``connect_timeout`` or broke; the next is tried
+        ``breaker_reset`` seconds later.
+
+        A plain server's client opens without connecting; a Redis Cluster's fetches the slot
+        map first, and fails when no node answers.
+        """
+        while True:
+            client = _new_client(self._settings, self._password, self._context)
+            opening_deadline = trio.current_time() + self._settings.connect_timeout
+            with trio.CancelScope(deadline=opening_deadline) as opening:
+                try:
+                    async with client:
+                        opening.deadline = math.inf
+                        self._client = client
+                        await opened()
+                        await trio.sleep_forever()
+                except* (RedisError, OSError) as group:
+                    self.last_error = group.exceptions[0]
+                finally:
+                    self._client = None
+            if opening.cancelled_caught:
+                self.last_error = TimeoutError("opening took longer than connect_timeout")
+            lost()
+            await trio.sleep(self._settings.breaker_reset)
+
+    async def ping(self) -> Outcome:
+        outcome, _ = await self._call(lambda client: client.ping())
+        return outcome
+
+    async def get(self, key: bytes) -> tuple[Outcome, bytes | None]:
+        return await self._call(lambda client: client.get(key))
+
+    async def set(self, key: bytes, value: bytes, *, px: int | None) -> Outcome:
+        """``SET key value PX px`` (no expiry when ``px`` is None)."""
+        outcome, _ = await self._call(lambda client: client.set(key, value, px=px))
+        return outcome
+
+    async def _call(self, command: Callable[[Client], Awaitable[_T]]) -> tuple[Outcome, _T | None]:
+        """Run one command; what it did (for the breaker) and its reply."""
+        client = self._client
+        if client is None:
+            return Outcome.UNREACHABLE, None  # not open: :meth:`hold` says why
+        try:
+            return Outcome.SUCCEEDED, await command(client)
+        except RedisConnectionError as error:
+            self.last_error = error
+            return Outcome.UNREACHABLE, None
+        except (RedisError, OSError) as error:
+            self.last_error = error
+            return Outcome.FAILED, None
+
+
+class AdminConnection:
+    """A cache command's client: each round trip gets ``write_timeout``; raises
+    :class:`SharedStoreUnavailable` when one fails or is late."""
 
     def __init__(self, client: Client, settings: SharedStoreSettings) -> None:
         self._client = client
         self._settings = settings
 
-    @property
-    def where(self) -> str:
-        return describe(self._settings)
-
-    async def stats(self, now: float) -> TierStats:
-        found = await self._found()
-        infos = [_info(item) for item in found if item.entry is not None]
-        stored = sum(info.size for info in infos)
-        return replace(
-            TierStats.of(self.where, infos, stored, now), foreign=len(found) - len(infos)
-        )
-
-    async def scan(self) -> list[EntryInfo]:
-        return [_info(item) for item in await self._found() if item.entry is not None]
-
-    async def peek(self, key: str) -> StoredEntry | None:
-        raw = await self._within(self._client.get(_redis_key(self._settings, key)))
-        return None if raw is None else decode_entry(raw)
-
-    async def purge(self, *, older_than: float | None, now: float) -> int:
-        """``older_than=None`` removes every value under the prefix, tproxy's or not; otherwise
-        the entries that old (Redis removes expired ones itself). One ``DEL`` each."""
-        doomed = [
-            item.key
-            for item in await self._found()
-            if older_than is None
-            or (item.entry is not None and now - item.entry.created_at >= older_than)
-        ]
-        removed = 0
-        for key in doomed:
-            removed += await self._within(self._client.delete([_redis_key(self._settings, key)]))
-        return removed
-
-    async def _found(self) -> list[_Found]:
-        """Every value under the key prefix (Redis has already dropped the expired ones)."""
-        prefix = self._settings.key_prefix.encode()
+    async def keys(self, prefix: bytes) -> list[bytes]:
+        """Every key that starts with ``prefix``, by ``SCAN`` (never ``KEYS``, which blocks a
+        server)."""
         keys: list[bytes] = []
         # coredis declares an AsyncIterator; it is an async generator, to be closed early.
         scan = cast(
@@ -447,21 +209,17 @@ class SharedAdmin:
                     keys.append(await self._within(anext(scan)))
                 except StopAsyncIteration:
                     break
-        found: list[_Found] = []
-        for redis_key in keys:
-            raw = await self._within(self._client.get(redis_key))
-            if raw is None:
-                continue  # expired or deleted since the scan
-            try:
-                entry: StoredEntry | None = decode_entry(raw)
-            except CorruptEntry:
-                entry = None
-            key = redis_key[len(prefix) :].decode("utf-8", "replace")
-            found.append(_Found(key, len(raw), entry))
-        return found
+        return keys
+
+    async def get(self, key: bytes) -> bytes | None:
+        return await self._within(self._client.get(key))
+
+    async def delete(self, key: bytes) -> int:
+        """``DEL key``: how many keys it removed (0 or 1)."""
+        return await self._within(self._client.delete([key]))
 
     async def _within(self, call: Awaitable[_T]) -> _T:
-        where = f"shared store {self.where}"
+        where = f"shared store {describe(self._settings)}"
         with trio.move_on_after(self._settings.write_timeout):
             try:
                 return await call
@@ -471,28 +229,19 @@ class SharedAdmin:
         raise SharedStoreUnavailable(f"{where}: no answer within write_timeout ({limit:g}s)")
 
 
-def _info(item: _Found) -> EntryInfo:
-    """An entry's metadata; its last use is its creation, as Redis keeps none."""
-    assert item.entry is not None
-    return info_of(
-        item.key.encode(), item.entry, last_used_at=item.entry.created_at, size=item.size
-    )
-
-
 def _glob_escape(text: bytes) -> bytes:
     """``text`` matched literally by a SCAN pattern."""
     return re.sub(rb"([*?\[\]\\])", rb"\\\1", text)
 
 
 @asynccontextmanager
-async def open_shared_admin(
-    settings: SharedStoreSettings, environ: Mapping[str, str] | None = None
-) -> AsyncIterator[SharedAdmin]:
-    """A client for the cache commands; raises ConfigError for an unset ``password_env``."""
-    password = _password(settings, os.environ if environ is None else environ)
+async def open_admin_connection(
+    settings: SharedStoreSettings, password: str | None
+) -> AsyncIterator[AdminConnection]:
+    """A client for one cache command; raises ConfigError when ``ca_file`` cannot be used."""
     try:
-        async with _client(settings, password or None) as client:
-            yield SharedAdmin(client, settings)
+        async with _new_client(settings, password, _tls_context(settings)) as client:
+            yield AdminConnection(client, settings)
     except BaseExceptionGroup as group:
         # coredis's pool runs a task group: our own error, leaving the block, comes out wrapped.
         unavailable, rest = group.split(SharedStoreUnavailable)
@@ -502,28 +251,3 @@ async def open_shared_admin(
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from None
-
-
-@asynccontextmanager
-async def open_shared_tier(
-    settings: SharedStoreSettings, environ: Mapping[str, str] | None = None
-) -> AsyncIterator[SharedTier]:
-    """The shared tier, its writer running; on exit the queue gets ``write_timeout`` to drain.
-
-    Raises ConfigError when ``password_env`` names an unset variable. A tier that cannot be
-    reached is logged, not raised: tproxy serves without it until it answers.
-    """
-    password = _password(settings, os.environ if environ is None else environ)
-    tier = SharedTier(settings, password or None)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(tier.connect)
-        try:
-            async with trio.open_nursery() as writer:
-                await writer.start(tier.serve)
-                try:
-                    yield tier
-                finally:
-                    tier.close()
-                    writer.cancel_scope.deadline = trio.current_time() + settings.write_timeout
-        finally:
-            nursery.cancel_scope.cancel()

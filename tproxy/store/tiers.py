@@ -13,9 +13,12 @@ kind of caller:
   for Redis. ``verify`` is LMDB's alone (:meth:`LmdbStore.verify`): Redis has no structure of
   ours to check.
 
-Writes are not tier calls on the request path: a finished answer is handed to queues that write
-it off every client's path (the store writer's batches for tier 1, :meth:`SharedTier.submit`
-for tier 2), so the synchronous, batch-shaped :class:`CacheStore` is what the store writer uses.
+Writes are not tier calls: a finished answer is handed to queues that write it off every
+client's path, each with its own contract (the store writer's batches for tier 1, whose
+per-entry outcomes a request waits for; :meth:`SharedTier.submit` for tier 2, which nobody
+waits for). :class:`CacheStore` is LMDB's own blocking interface under :class:`LocalTier`, for
+the writer's thread and for synchronous gauges (a Prometheus collector); docs/store.md says why
+it is not folded into the tier protocols.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from tproxy.store.records import EntryInfo, PutResult, StoreStats
 
 
 class CacheStore(Protocol):
-    """The local store's blocking interface, for the store writer's thread and the metrics."""
+    """The local store's blocking interface: for :class:`LocalTier`, the store writer's thread
+    and the gauges (``/metrics``, ``/readyz``, the status line), which read ``stats`` inline."""
 
     @property
     def path(self) -> Path: ...
@@ -47,10 +51,6 @@ class CacheStore(Protocol):
 
     def peek(self, key: str) -> StoredEntry | None:
         """The entry under ``key`` whatever its expiry, noting nothing; raises CorruptEntry."""
-        ...
-
-    def delete(self, key: str) -> bool:
-        """Remove one entry; False if there was none. Blocks."""
         ...
 
     def purge(self, *, older_than: float | None, now: float) -> int:
