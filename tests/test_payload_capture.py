@@ -4,7 +4,8 @@ A flight's reader decodes its stream (SSE, or NDJSON for Ollama) once; the frame
 chunks to every client of the flight, and each client's payload capture reads them from there.
 So however many clients share a flight, the stream is decoded once, and each client's record
 holds the answer it was sent, as a capture decoding that client's bytes by itself would have
-built it. A replay decodes the stored bytes once (the entry keeps bytes, not events).
+built it. A replay decodes the stored bytes once (the entry keeps bytes, not events). A whole
+(JSON) answer is not decoded: its record is built from its bytes, live and replayed.
 
 The upstream is the family fake (tests/familyupstreams.py), paced so that followers join the
 flight mid-stream: they receive the history first, then the live chunks.
@@ -26,7 +27,8 @@ from tests.conftest import StartProxy
 from tests.fakeupstream import SeenRequest
 from tests.familyupstreams import FamilyUpstream
 from tests.faults.scripted import LAST_CHUNK, ScriptedUpstream, chunked, response_head
-from tests.test_families import STREAMS, WORDS
+from tests.test_families import STREAMS, WHOLE, WORDS
+from tproxy.core.assemble import DEFAULT_MAX_CHARS
 from tproxy.core.dialects import Dialect, dialect_for
 from tproxy.core.dialects.base import Decoder
 from tproxy.core.sse import Frame
@@ -190,6 +192,26 @@ async def test_a_replay_decodes_the_stored_stream_once_for_its_record(
     assert (count.decoders, count.bytes_fed) == (1, len(hit.content))
     live_record, hit_record = payload_records(tmp_path)
     assert hit_record["response"] == live_record["response"]
+
+
+@pytest.mark.parametrize(("path", "body"), WHOLE)
+async def test_a_whole_answers_record_is_built_from_its_bytes_live_and_replayed(
+    start_proxy: StartProxy,
+    family: FamilyUpstream,
+    tmp_path: Path,
+    path: str,
+    body: dict[str, object],
+) -> None:
+    proxy = await start_proxy(payload_toml(tmp_path), upstream_url=family.url)
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=20) as http:
+        live = await http.post(path, json=body)
+        await proxy.flush()
+        hit = await http.post(path, json=body)
+    await proxy.flush()
+    assert hit.headers["cache-status"].startswith("tproxy; hit")
+    answer = dialect_for(path).whole_answer(live.content, DEFAULT_MAX_CHARS)
+    expected = json.loads(json.dumps(answer.to_json()))
+    assert [record["response"] for record in payload_records(tmp_path)] == [expected, expected]
 
 
 async def ndjson_without_its_last_line_ending(
