@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tproxy.core.errors import DecoderClosed
 from tproxy.core.ndjson import Line, NDJSONDecoder
 
 
@@ -100,15 +99,6 @@ def test_an_unfinished_line_over_the_limit_fails_before_its_end_arrives() -> Non
 def test_a_line_of_exactly_the_limit_is_fine_and_its_ending_does_not_count() -> None:
     assert decode([b"1234\r\n"], max_line_bytes=4).texts == ["1234"]
     assert decode([b"1234\r"], max_line_bytes=4).texts == ["1234"]
-
-
-def test_feeding_or_closing_after_close_is_illegal() -> None:
-    decoder = NDJSONDecoder()
-    decoder.close()
-    with pytest.raises(DecoderClosed):
-        decoder.feed(b"x\n")
-    with pytest.raises(DecoderClosed):
-        decoder.close()
 
 
 def test_empty_chunks_are_harmless() -> None:

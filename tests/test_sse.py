@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tproxy.core.errors import DecoderClosed
 from tproxy.core.sse import Frame, ServerSentEvent, SSEDecoder, encode_event
 
 E = ServerSentEvent
@@ -243,15 +242,6 @@ def test_a_line_of_exactly_the_limit_is_fine() -> None:
 def test_a_block_of_many_short_lines_over_its_limit_stops_decoding() -> None:
     decoded = decode([b"data: a\n" * 5 + b"\n"], max_block_bytes=20)
     assert decoded == Decoded([], "event block longer than 20 bytes")
-
-
-def test_feeding_or_closing_after_close_is_illegal() -> None:
-    decoder = SSEDecoder()
-    decoder.close()
-    with pytest.raises(DecoderClosed):
-        decoder.feed(b"data: a\n\n")
-    with pytest.raises(DecoderClosed):
-        decoder.close()
 
 
 def test_empty_chunks_are_harmless() -> None:

@@ -54,7 +54,8 @@ from tproxy.core.events import (
     UpstreamRequested,
 )
 from tproxy.core.exchange import Exchange
-from tproxy.core.sse import ServerSentEvent, encode_event
+from tproxy.core.fanout import Chunk
+from tproxy.core.sse import Frame, ServerSentEvent, encode_event
 from tproxy.inflight import Inflight
 from tproxy.store import LmdbStore
 from tproxy.storewriter import StoreWriter
@@ -317,6 +318,23 @@ def test_a_capture_keeps_raw_events_when_asked() -> None:
         "data": "[DONE]",
         "id": None,
     }
+
+
+def test_a_capture_reads_the_frames_its_flights_reader_decoded() -> None:
+    """A live answer's chunks carry the frames the reader decoded (a stream), or only bytes."""
+    events = sse_events("Hel", "lo")
+    frames = [Frame(encode_event(event.data), event) for event in events]
+    stream = PayloadCapture(b"{}", raw_events=True, max_bytes=1000)
+    stream.observe_chunk(Chunk(b"".join(frame.raw for frame in frames[:2]), 2, frames=frames[:2]))
+    stream.observe_chunk(Chunk(b":ping\n\n", 0, frames=[Frame(b":ping\n\n", None)]))
+    stream.observe_chunk(Chunk(b"", 1, frames=frames[2:]))  # what the decoder's close() gave
+    assert list(stream.finish().events) == events
+    body = PayloadCapture(b"{}", raw_events=True, max_bytes=1000)
+    body.observe_chunk(Chunk(b""))
+    assert body.finish().body is None
+    body.observe_chunk(Chunk(b'{"ok":'))
+    body.observe_chunk(Chunk(b"true}"))
+    assert body.finish().body == b'{"ok":true}'
 
 
 def test_a_capture_assembles_a_json_answer_or_keeps_it_raw() -> None:

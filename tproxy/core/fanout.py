@@ -3,8 +3,9 @@
 A flight reads one upstream answer and hands every item of it to each of its clients. The items
 are the core vocabulary: :class:`~tproxy.core.events.UpstreamRequested` (an attempt),
 :class:`~tproxy.core.events.HeadersReceived` (the status and headers), :class:`Chunk` (body
-bytes, with the events they hold), and one end: :class:`~tproxy.core.events.UpstreamEnded` or
-:class:`FlightFailed`.
+bytes, with the events they hold and, for the payload log, the frames the reader decoded from
+them: a stream is decoded once per flight, whatever the number of clients), and one end:
+:class:`~tproxy.core.events.UpstreamEnded` or :class:`FlightFailed`.
 
 :class:`Fanout` keeps the bookkeeping and does no I/O: told of a join, an item, a departure or
 the end, it answers with the deliveries and cut-offs to perform, and the pipeline performs them
@@ -25,6 +26,7 @@ keeps no history and cuts nobody off.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -36,17 +38,22 @@ from tproxy.core.events import (
     UpstreamFailed,
     UpstreamRequested,
 )
+from tproxy.core.sse import Frame
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """Body bytes as the upstream sent them, and how many events of the family's framing they
     completed. ``whole``: with this chunk the client has the whole answer (its end marker, or
-    every byte its ``Content-Length`` announced)."""
+    every byte its ``Content-Length`` announced). ``frames``: the frames the flight's reader
+    decoded from these bytes, when its clients capture payloads (None for a body the reader does
+    not decode, or when nobody captures: a shared flight's history would hold them, about 2.5
+    times the bytes, for nothing)."""
 
     data: bytes
     events: int = 0
     whole: bool = False
+    frames: Sequence[Frame] | None = None
 
 
 @dataclass(frozen=True, slots=True)

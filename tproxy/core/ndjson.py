@@ -19,19 +19,21 @@ belongs to each API family's completion check).
 
 Memory is bounded: a line longer than ``max_line_bytes`` (without its ending) stops decoding
 (``failed`` says why) without raising, because the proxy must go on passing bytes through; only
-caching gives up. Lines are found with ``bytes.find``, never byte by byte in Python.
+caching gives up. Lines are found with ``bytes.find``, never byte by byte in Python. The
+decoder's life, its pending bytes and the line limit are those of every line-based framing
+(:mod:`tproxy.core.lines`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
-from tproxy.core.errors import DecoderClosed
+from tproxy.core.lines import LineDecoder
 
 __all__ = ["Line", "NDJSONDecoder"]
 
 _BLANK = b" \t\r"
+_CR = 0x0D
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,89 +44,42 @@ class Line:
     text: str | None
 
 
-class _State(Enum):
-    DECODING = "decoding"
-    FAILED = "failed"
-    CLOSED = "closed"
+class NDJSONDecoder(LineDecoder[Line]):
+    """Incremental decoder: ``feed()`` each chunk, then ``close()`` once at end of stream.
 
+    ``close()`` returns the last line if it had no LF, else [].
+    """
 
-class NDJSONDecoder:
-    """Incremental decoder: ``feed()`` each chunk, then ``close()`` once at end of stream."""
+    __slots__ = ()
 
-    __slots__ = ("_failure", "_max_line", "_pending", "_state")
-
-    def __init__(self, max_line_bytes: int = 1 << 20) -> None:
-        """Raises ValueError when the limit is not positive."""
-        if max_line_bytes < 1:
-            raise ValueError("max_line_bytes must be positive")
-        self._max_line = max_line_bytes
-        self._state = _State.DECODING
-        self._failure: str | None = None
-        self._pending = bytearray()  # the start of a line whose LF has not arrived; never an LF
-
-    @property
-    def failed(self) -> str | None:
-        """Why decoding stopped, or None while it is healthy."""
-        return self._failure
-
-    def feed(self, data: bytes) -> list[Line]:
-        """Take the next chunk (any size, possibly empty); return the lines it completed.
-
-        Raises DecoderClosed after ``close()``. Never raises on the bytes themselves.
-        """
-        if self._state is not _State.DECODING:
-            if self._state is _State.CLOSED:
-                raise DecoderClosed("feed() after close()")
-            return []
-        if not data:
-            return []
+    def _scan(self, buf: bytes | bytearray, *, at_end: bool) -> tuple[list[Line], int, int, int]:
+        """Take every line of ``buf`` its LF completed; the end of the stream changes nothing
+        here (a last line without its LF is the leftover)."""
         lines: list[Line] = []
-        buf: bytes | bytearray
-        if self._pending:
-            scan_from = len(self._pending)  # the pending bytes hold no LF
-            self._pending += data
-            buf = self._pending
-        else:
-            scan_from = 0
-            buf = bytes(data)
         start = 0
-        lf = buf.find(b"\n", scan_from)
+        lf = buf.find(b"\n", self._scan_from)
         while lf >= 0:
-            if not self._keep(lines, buf, start, lf + 1):
-                return lines
+            line = self._line(bytes(buf[start : lf + 1]))
+            if line is None:
+                break
+            lines.append(line)
             start = lf + 1
             lf = buf.find(b"\n", start)
-        rest = buf[start:]
-        if len(rest.removesuffix(b"\r")) > self._max_line:
-            self._fail()
-            return lines
-        self._pending = bytearray(rest)
-        return lines
+        end = len(buf)
+        if end > start and buf[end - 1] == _CR:
+            end -= 1  # a CR that may start a CRLF: it does not count against the limit
+        return lines, start, start, end
 
-    def close(self) -> list[Line]:
-        """End of stream: return the last line if it had no LF, else []. Returns [] once decoding
-        failed (its bytes were dropped). Raises DecoderClosed if already closed."""
-        if self._state is _State.CLOSED:
-            raise DecoderClosed("close() called twice")
-        lines: list[Line] = []
-        if self._state is _State.DECODING and self._pending:
-            self._keep(lines, self._pending, 0, len(self._pending))
-        self._state = _State.CLOSED
-        self._pending = bytearray()
-        return lines
+    def _leftover(self, raw: bytes) -> Line:
+        line = self._line(raw)
+        assert line is not None, "the pending line was checked against the limit"
+        return line
 
-    def _keep(self, lines: list[Line], buf: bytes | bytearray, start: int, end: int) -> bool:
-        """Append the line ``buf[start:end]``; False (and failed) when it is too long."""
-        raw = bytes(buf[start:end])
+    def _line(self, raw: bytes) -> Line | None:
+        """The line ``raw`` (its ending included); None (and failed) when it is too long."""
         content = raw.removesuffix(b"\n").removesuffix(b"\r")
         if len(content) > self._max_line:
-            self._fail()
-            return False
+            self._fail_line_too_long()
+            return None
         text = None if not content.strip(_BLANK) else content.decode("utf-8", "replace")
-        lines.append(Line(raw, text))
-        return True
-
-    def _fail(self) -> None:
-        self._state = _State.FAILED
-        self._failure = f"line longer than {self._max_line} bytes"
-        self._pending = bytearray()
+        return Line(raw, text)

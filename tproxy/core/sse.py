@@ -21,16 +21,17 @@ because CR, LF and ``:`` never occur inside a multi-byte UTF-8 sequence.
 Memory is bounded: a line longer than ``max_line_bytes`` or a block whose complete lines exceed
 ``max_block_bytes`` stops decoding (``failed`` says why) without raising, because the proxy must
 go on passing bytes through; only caching gives up. The common path scans with ``bytes.find``,
-never byte by byte in Python.
+never byte by byte in Python. The decoder's life, its pending bytes and the line limit are those
+of every line-based framing (:mod:`tproxy.core.lines`); this module says how SSE lines end and
+what a block of them makes.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
 
-from tproxy.core.errors import DecoderClosed
+from tproxy.core.lines import LineDecoder
 
 __all__ = ["Frame", "SSEDecoder", "ServerSentEvent", "encode_event"]
 
@@ -62,102 +63,48 @@ class Frame:
     event: ServerSentEvent | None
 
 
-class _State(Enum):
-    DECODING = "decoding"
-    FAILED = "failed"
-    CLOSED = "closed"
+class SSEDecoder(LineDecoder[Frame]):
+    """Incremental decoder: ``feed()`` each chunk, then ``close()`` once at end of stream.
 
-
-class SSEDecoder:
-    """Incremental decoder: ``feed()`` each chunk, then ``close()`` once at end of stream."""
+    ``close()`` returns the frames the end completes (a block whose last line ending was a held
+    CR), then the bytes of a block still unfinished as ``Frame(raw, None)``: per the spec it is
+    not dispatched.
+    """
 
     __slots__ = (
         "_data",
         "_event_type",
-        "_failure",
         "_first_line",
         "_last_id",
-        "_line_start",
         "_max_block",
-        "_max_line",
-        "_pending",
         "_retry",
-        "_scan_from",
-        "_state",
     )
 
     def __init__(self, max_line_bytes: int = 1 << 20, max_block_bytes: int = 8 << 20) -> None:
         """Raises ValueError when a limit is not positive."""
-        if max_line_bytes < 1 or max_block_bytes < 1:
-            raise ValueError("max_line_bytes and max_block_bytes must be positive")
-        self._max_line = max_line_bytes
+        if max_block_bytes < 1:
+            raise ValueError("max_block_bytes must be positive")
+        super().__init__(max_line_bytes)
         self._max_block = max_block_bytes
-        self._state = _State.DECODING
-        self._failure: str | None = None
-        # Raw bytes of the current, unfinished block: its complete lines, then the partial one.
-        self._pending = bytearray()
-        self._line_start = 0  # offset in _pending of the first line not yet interpreted
-        self._scan_from = 0  # no line ending lies between _line_start and here
+        # _pending holds the raw bytes of the current, unfinished block: its complete lines,
+        # then the partial one.
         self._first_line = True  # the BOM may only start the first line of the stream
         self._data: list[str] = []
         self._event_type = ""
         self._retry: int | None = None
         self._last_id: str | None = None  # outlives blocks, as the spec's last event ID buffer
 
-    @property
-    def failed(self) -> str | None:
-        """Why decoding stopped, or None while it is healthy."""
-        return self._failure
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """Take the next chunk (any size, possibly empty); return the blocks it completed.
-
-        Raises DecoderClosed after ``close()``. Never raises on the bytes themselves.
-        """
-        if self._state is not _State.DECODING:
-            if self._state is _State.CLOSED:
-                raise DecoderClosed("feed() after close()")
-            return []
-        if not data:
-            return []
-        # Work on the caller's bytes directly when nothing is pending: the usual case of a chunk
-        # holding whole events then needs no copy into the buffer.
-        buf: bytes | bytearray
-        if self._pending:
-            self._pending += data
-            buf = self._pending
-        else:
-            buf = bytes(data)
-        return self._scan(buf, at_end=False)
-
-    def close(self) -> list[Frame]:
-        """End of stream: return the frames the end completes, then any unfinished block.
-
-        The end completes a block whose last line ending was a held CR. Bytes of a block still
-        unfinished come last as ``Frame(raw, None)``: per the spec it is not dispatched. Returns
-        [] once decoding failed (its bytes were dropped). Raises DecoderClosed if already closed.
-        """
-        if self._state is _State.CLOSED:
-            raise DecoderClosed("close() called twice")
-        frames: list[Frame] = []
-        if self._state is _State.DECODING and self._pending:
-            frames = self._scan(self._pending, at_end=True)
-            if self._pending and self._state is _State.DECODING:
-                frames.append(Frame(bytes(self._pending), None))
-        self._state = _State.CLOSED
-        self._pending = bytearray()
-        return frames
-
-    def _scan(self, buf: bytes | bytearray, *, at_end: bool) -> list[Frame]:
-        """Interpret every complete line of ``buf`` (``_pending`` or a fresh chunk) and keep the
-        rest pending; at the end of the stream a final CR counts as a complete line ending."""
+    def _scan(self, buf: bytes | bytearray, *, at_end: bool) -> tuple[list[Frame], int, int, int]:
+        """Interpret every complete line of ``buf``; a blank one ends a block, the frame. At the
+        end of the stream a final CR counts as a complete line ending."""
         frames: list[Frame] = []
         end = len(buf)
+        max_line, max_block = self._max_line, self._max_block
         start = self._line_start
         block_start = 0
+        line_end = end
         lf = buf.find(b"\n", self._scan_from)
         cr = buf.find(b"\r", self._scan_from)
-        held_cr = False
         while lf >= 0 or cr >= 0:
             if cr < 0 or 0 <= lf < cr:
                 eol, nxt = lf, lf + 1
@@ -167,14 +114,14 @@ class SSEDecoder:
             elif at_end:
                 eol, nxt = cr, end  # no LF can follow any more
             else:
-                held_cr = True  # an LF may follow in the next chunk
+                line_end = cr  # an LF may follow in the next chunk: the CR is held
                 break
-            if eol - start > self._max_line:
-                self._fail(f"line longer than {self._max_line} bytes")
-                return frames
-            if nxt - block_start > self._max_block:
-                self._fail(f"event block longer than {self._max_block} bytes")
-                return frames
+            if eol - start > max_line:
+                self._fail_line_too_long()
+                return frames, block_start, start, end
+            if nxt - block_start > max_block:
+                self._fail(f"event block longer than {max_block} bytes")
+                return frames, block_start, start, end
             if self._first_line:
                 self._first_line = False
                 if buf.startswith(_BOM, start):
@@ -189,22 +136,13 @@ class SSEDecoder:
                 lf = buf.find(b"\n", start)
             if 0 <= cr < start:
                 cr = buf.find(b"\r", start)
-        partial_end = end - 1 if held_cr else end
-        if partial_end - start > self._max_line:
-            self._fail(f"line longer than {self._max_line} bytes")
-            return frames
-        if buf is self._pending:
-            del self._pending[:block_start]
-        else:
-            self._pending = bytearray(buf[block_start:])
-        self._line_start = start - block_start
-        self._scan_from = partial_end - block_start
-        return frames
+        return frames, block_start, start, line_end
+
+    def _leftover(self, raw: bytes) -> Frame:
+        return Frame(raw, None)
 
     def _fail(self, reason: str) -> None:
-        self._state = _State.FAILED
-        self._failure = reason
-        self._pending = bytearray()
+        super()._fail(reason)
         self._data = []
 
     def _interpret(self, buf: bytes | bytearray, start: int, eol: int) -> None:

@@ -8,13 +8,10 @@ that becomes ``UpstreamFailed`` or ``TimedOut``, and an error answer before the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import trio
 
 from tproxy.asgi import ASGISend
 from tproxy.core.dialects import Dialect, dialect_for
-from tproxy.core.dialects.base import Decoder
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import (
     AnswerDelivered,
@@ -63,9 +60,6 @@ async def write_client(
     """
     started = False
     delivered = False
-    payload = (
-        _PayloadFeed(capture, max_line_bytes, dialect_of(request)) if capture is not None else None
-    )
     async with feed.receive_channel as items:
         pending: Item | None = None
         while True:
@@ -103,8 +97,9 @@ async def write_client(
                     await send({"type": "http.response.body", "body": data, "more_body": not last})
                     feed.sent(len(data))
                     exchange.note_delivered(len(data))
-                    if payload is not None and data:
-                        payload.feed(data)
+                if capture is not None:
+                    for part in parts:
+                        capture.observe_chunk(part)
                 if last:
                     if not exchange.finished:
                         exchange.handle(ResponseFinished(), trio.current_time())
@@ -114,8 +109,6 @@ async def write_client(
             elif isinstance(item, HeadersReceived):
                 exchange.handle(item, now)
                 started = True
-                if payload is not None:
-                    payload.start(item.headers)
                 await send(
                     {
                         "type": "http.response.start",
@@ -162,27 +155,6 @@ def _take_queued_chunks(first: Chunk, feed: ClientFeed) -> tuple[list[Chunk], It
         size += len(queued.data)
     feed.taken(len(parts) - 1 + (stop is not None))
     return parts, stop
-
-
-class _PayloadFeed:
-    """Hands one client's answer to its payload capture: events for a stream, else bytes."""
-
-    def __init__(self, capture: PayloadCapture, max_line_bytes: int, dialect: Dialect) -> None:
-        self._capture = capture
-        self._max_line_bytes = max_line_bytes
-        self._dialect = dialect
-        self._decoder: Decoder | None = None
-
-    def start(self, headers: Iterable[Header]) -> None:
-        self._decoder = self._dialect.decoder(headers, self._max_line_bytes)
-
-    def feed(self, data: bytes) -> None:
-        if self._decoder is None:
-            self._capture.observe_body(data)
-            return
-        for frame in self._decoder.feed(data):
-            if frame.event is not None:
-                self._capture.observe_event(frame.event)
 
 
 async def send_error(

@@ -36,13 +36,21 @@ from tproxy.upstream import UpstreamPool
 
 @dataclass(frozen=True, slots=True)
 class Reader:
-    """What every flight of one server reads with."""
+    """What every flight of one server reads with.
+
+    ``frames_to_clients``: each :class:`~tproxy.core.fanout.Chunk` carries the frames decoded
+    from it, for the clients' payload capture (the payload log is on), so that a stream is
+    decoded once per flight, not once more per client. Off, the chunks carry bytes only: a
+    shared flight's history would otherwise hold every decoded frame (about 2.5 times the
+    bytes) for nobody.
+    """
 
     pool: UpstreamPool
     store_writer: StoreWriter | None
     registry: FlightRegistry
     max_line_bytes: int
     drop_client_credentials: bool
+    frames_to_clients: bool = True
 
     async def read(self, flight: LiveFlight) -> None:
         """Read the upstream answer into the flight and its cache writer, then end the flight."""
@@ -159,6 +167,7 @@ class Reader:
             else:
                 abandon(cache, f"status {status}")
                 cache = None
+        to_clients = self.frames_to_clients
         async for data in chunks:
             frames: list[Frame] | None = None
             events = 0
@@ -166,7 +175,8 @@ class Reader:
             if decoder is not None:
                 frames = decoder.feed(data)
                 events = flight.observe(frames)
-            await flight.publish(Chunk(data, events, flight.is_whole(received, length)))
+            whole = flight.is_whole(received, length)
+            await flight.publish(Chunk(data, events, whole, frames if to_clients else None))
             if decoder is not None and decoder.failed is not None and cache is not None:
                 abandon(cache, decoder.failed)
                 cache = None
@@ -184,7 +194,7 @@ class Reader:
                 events = flight.observe(frames)
                 if events:
                     whole = flight.is_whole(received, length)
-                    await flight.publish(Chunk(b"", events, whole))
+                    await flight.publish(Chunk(b"", events, whole, frames if to_clients else None))
                 if cache is not None:
                     raw = b"".join(frame.raw for frame in frames)
                     offset = trio.current_time() - started

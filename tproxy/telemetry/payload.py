@@ -1,8 +1,9 @@
 """The payload log's content: the request body and the answer of one exchange, kept bounded.
 
-:class:`PayloadCapture` is fed by the pipeline while the answer passes (events of a stream, or the
-bytes of a JSON body) and keeps at most ``payload_log.max_record_bytes`` of each side; with
-``raw_events`` it keeps the events, else it assembles them (:mod:`tproxy.core.assemble`).
+:class:`PayloadCapture` is fed by the pipeline while the answer passes (the events its flight's
+reader decoded from a stream, or the bytes of a JSON body) and keeps at most
+``payload_log.max_record_bytes`` of each side; with ``raw_events`` it keeps the events, else it
+assembles them (:mod:`tproxy.core.assemble`).
 :func:`encode_payload_event` writes one as a CloudEvent, for the file and HTTP sinks.
 """
 
@@ -17,6 +18,7 @@ from tproxy.core.assemble import DEFAULT_MAX_CHARS, Answer
 from tproxy.core.dialects import JSON_ONLY, Dialect
 from tproxy.core.dialects.base import Assembler
 from tproxy.core.entry import StoredEntry
+from tproxy.core.fanout import Chunk
 from tproxy.core.sse import ServerSentEvent, SSEDecoder
 from tproxy.telemetry.records import ExchangeRecord, iso_time
 
@@ -80,6 +82,18 @@ class PayloadCapture:
             self._truncated = True
             self._left = 0
 
+    def observe_chunk(self, chunk: Chunk) -> None:
+        """Take the next chunk of a live answer as its flight's reader decoded it: the events of
+        its frames for a stream, else its bytes. Nothing decodes here: a flight decodes its
+        stream once, however many clients capture it."""
+        if chunk.frames is None:
+            if chunk.data:
+                self.observe_body(chunk.data)
+            return
+        for frame in chunk.frames:
+            if frame.event is not None:
+                self.observe_event(frame.event)
+
     def observe_body(self, data: bytes) -> None:
         """Take the next bytes of an answer that is not an event stream."""
         if self._body is None:
@@ -91,7 +105,14 @@ class PayloadCapture:
             self._truncated = True
 
     def observe_entry(self, entry: StoredEntry, max_line_bytes: int = 1 << 20) -> None:
-        """Take a stored answer that is being replayed from the cache."""
+        """Take a stored answer that is being replayed from the cache.
+
+        A stored stream is decoded here, once per replay (the replay itself sends its bytes
+        without decoding them): the entry keeps the exact bytes a replay sends, one chunk per
+        frame, and not the events, which would make every entry larger in the store, and every
+        hit slower to read, for the payload log alone. Its chunks being whole frames, the
+        decoder takes each one without buffering it.
+        """
         if not entry.streamed:
             for chunk in entry.chunks:
                 self.observe_body(chunk)
