@@ -37,7 +37,8 @@ from email.utils import formatdate
 import trio
 from trio_util import AsyncValue
 
-from tests.h11peer import Peer, SeenRequest, cased, connection_handler, serve_on_loopback
+from tests.h11peer import Peer, cased, serve_connection, serve_on_loopback
+from tests.h11peer import SeenRequest as SeenRequest  # what FakeUpstream.requests holds
 
 FRAMINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 
@@ -71,8 +72,11 @@ class FakeUpstream:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self.port = await nursery.start(serve_on_loopback, connection_handler(self._received))
+            self.port = await nursery.start(serve_on_loopback, self._connection)
             task_status.started()
+
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        await serve_connection(self._received, stream)
 
     async def _received(self, peer: Peer, request: SeenRequest) -> None:
         self.requests.append(request)

@@ -71,11 +71,11 @@ class RequestTooLarge(Exception):
 
 
 class Peer:
-    """One accepted connection, server side."""
+    """One accepted connection, server side (TCP, or TLS over it)."""
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        stream: trio.abc.Stream,
         *,
         request_timeout: float = REQUEST_TIMEOUT,
         max_body: int = MAX_BODY,
@@ -104,7 +104,7 @@ class Peer:
                 data = await self.stream.receive_some(65536)
                 if not data and head is None:
                     return None
-                self.connection.receive_data(data)
+                self.connection.receive_data(bytes(data))
             elif isinstance(event, h11.Request):
                 head = event
             elif isinstance(event, h11.Data):
@@ -169,6 +169,7 @@ class Peer:
 
     def reset_on_close(self) -> None:
         """Make the coming close send RST instead of FIN (SO_LINGER on, timeout 0)."""
+        assert isinstance(self.stream, trio.SocketStream), "a reset is for plain TCP"
         self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
@@ -185,7 +186,7 @@ PEER_GONE = (
 
 async def serve_connection(
     answer: Answer,
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     *,
     keep_alive: bool = True,
     request_timeout: float = REQUEST_TIMEOUT,

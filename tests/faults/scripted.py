@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 from trio_util import AsyncValue
@@ -68,15 +69,16 @@ class ScriptedUpstream:
             async with stream:
                 await self.wait_for_close(stream)
             return
-        await serve_connection(self._received, stream, keep_alive=False)
+        await serve_connection(partial(self._received, stream), stream, keep_alive=False)
 
-    async def _received(self, peer: Peer, request: SeenRequest) -> None:
+    async def _received(self, stream: trio.SocketStream, _: Peer, request: SeenRequest) -> None:
+        """Hand the socket to the script, or answer well; the connection closes after."""
         self.requests.append(request)
         self.received.value += 1
         if "x-fault" in request.headers:
-            await self.script(peer.stream, request)
+            await self.script(stream, request)
         else:
-            await answer(peer.stream, request)
+            await answer(stream, request)
 
     async def wait_for_close(self, stream: trio.SocketStream) -> None:
         """Park until the proxy closes (or resets) the connection; count that it did."""
