@@ -26,7 +26,13 @@ import trio
 from trio_util import AsyncValue
 
 from tests.fakeupstream import completion_answer, stream_events
-from tests.h11peer import Peer, SeenRequest, serve_connection, serve_on_loopback
+from tests.h11peer import (
+    REQUEST_TIMEOUT,
+    Peer,
+    SeenRequest,
+    serve_connection,
+    serve_on_loopback,
+)
 
 Script = Callable[[trio.SocketStream, SeenRequest], Awaitable[None]]
 
@@ -89,8 +95,11 @@ class ScriptedUpstream:
 
 async def read_request(stream: trio.SocketStream) -> SeenRequest | None:
     """One whole request, read afresh (a script answers it in raw bytes, so h11 cannot follow
-    the connection to the next one), or None if the peer closed before sending one."""
-    return await Peer(stream).next_request()
+    the connection to the next one), or None if the peer closed before sending one or did not
+    send it within :data:`~tests.h11peer.REQUEST_TIMEOUT`."""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        return await Peer(stream).next_request()
+    return None
 
 
 def response_head(
