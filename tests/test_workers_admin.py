@@ -1,17 +1,28 @@
 """The supervisor's side of the workers' admin listeners: one GET to each, and the answers merged.
 
-The workers here are fake admin listeners on 127.0.0.1 (``tests/h11peer.py``); the whole service,
-real processes included, is ``tests/test_workers.py``'s.
+The workers here are fake admin listeners on 127.0.0.1 (``tests/h11peer.py``), or a fake
+supervisor whose workers' answers are set by hand; the whole service, real processes included, is
+``tests/test_workers.py``'s.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pytest
 import trio
 
 from tests.h11peer import Peer, SeenRequest, connection_handler, serve_on_loopback
 from tproxy import workers_admin
-from tproxy.workers_admin import AdminCallFailed, admin_get, ask_workers, merge_scrapes
+from tproxy.admin import AdminUnavailable
+from tproxy.workers_admin import (
+    AdminCallFailed,
+    Answers,
+    WorkersAdmin,
+    admin_get,
+    ask_workers,
+    merge_scrapes,
+)
 
 
 async def start_worker_admin(nursery: trio.Nursery, *, silent: bool = False) -> str:
@@ -71,6 +82,70 @@ async def test_an_answer_over_the_limit_is_refused(
     url = await start_worker_admin(nursery)
     with pytest.raises(AdminCallFailed, match="an answer larger than 10 bytes"):
         await admin_get(url, "/metrics", None)
+
+
+@dataclass
+class FakeWorkers:
+    """The supervisor as the admin listener sees it, with each worker's answer set by hand."""
+
+    answers: Answers
+    count: int = 2
+    token: str | None = None
+    stop: trio.Event = field(default_factory=trio.Event)
+    restarts: int = 0
+    asked: list[str] = field(default_factory=list)
+
+    async def ask_workers(self, path: str) -> Answers:
+        self.asked.append(path)
+        return self.answers
+
+
+async def test_the_service_is_ready_only_when_every_worker_is() -> None:
+    ready = (200, b'{"status": "ready"}')
+    both = WorkersAdmin(FakeWorkers({1: ready, 2: ready}))
+    one_silent = WorkersAdmin(FakeWorkers({1: ready, 2: (0, b"worker 2: no answer within 2s")}))
+    one_listening = WorkersAdmin(FakeWorkers({1: ready}))
+    assert await both.readiness() == (
+        200,
+        {"status": "ready", "workers": {"1": {"status": "ready"}, "2": {"status": "ready"}}},
+    )
+    status, document = await one_silent.readiness()
+    assert (status, document["reason"]) == (503, "1 of 2 workers ready")
+    assert document["workers"] == {
+        "1": {"status": "ready"},
+        "2": {"error": "worker 2: no answer within 2s"},
+    }
+    assert (await one_listening.readiness())[0] == 503
+
+
+async def test_exchanges_in_flight_are_joined_oldest_first_with_their_worker() -> None:
+    workers = FakeWorkers(
+        {
+            1: (200, b'{"count": 1, "exchanges": [{"id": "a", "age_s": 1.5}]}'),
+            2: (
+                200,
+                b'{"count": 2, "exchanges": [{"id": "b", "age_s": 3}, {"id": "c", "age_s": 0.1}]}',
+            ),
+        }
+    )
+    joined = await WorkersAdmin(workers).inflight(tenants=True)
+    assert workers.asked == ["/inflight?tenants=1"]
+    assert joined == {
+        "count": 3,
+        "exchanges": [
+            {"id": "b", "age_s": 3, "worker": 2},
+            {"id": "a", "age_s": 1.5, "worker": 1},
+            {"id": "c", "age_s": 0.1, "worker": 2},
+        ],
+    }
+
+
+async def test_a_worker_that_cannot_be_asked_makes_the_merged_answers_unavailable() -> None:
+    admin = WorkersAdmin(FakeWorkers({1: (200, b""), 2: (0, b"worker 2: ConnectError")}))
+    with pytest.raises(AdminUnavailable, match="worker 2: ConnectError"):
+        await admin.metrics()
+    with pytest.raises(AdminUnavailable, match="worker 2 did not list its exchanges"):
+        await admin.inflight(tenants=False)
 
 
 def test_merged_metrics_add_up_series_and_take_shared_gauges_once() -> None:
