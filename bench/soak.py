@@ -42,7 +42,6 @@ import os
 import random
 import re
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -58,14 +57,17 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-import h11
 import httpx2
 import trio
 from prometheus_client.parser import text_string_to_metric_families
-from upstream import ClientGoneError, read_request
+from upstream import MAX_BODY_BYTES
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for the fakes' HTTP/1.1 peer (tests/h11peer.py)
+
+from tests.h11peer import Peer, SeenRequest, connection_handler  # noqa: E402
 
 LEVEL = re.compile(r'"level":\s*"(\w+)"')
-ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 64
 UPSTREAM_FAULTS = ("reset", "stall", "status_500", "close_mid_event", "slow_start")
 FAULT_HEADER = b"x-soak-fault"
@@ -168,87 +170,54 @@ class UpstreamStats:
     faults: Counter[str] = field(default_factory=Counter)
 
 
-def _head(conn: h11.Connection, status: int, content_type: bytes, length: int | None) -> bytes:
+def _head(content_type: bytes, length: int | None) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", content_type)]
     if length is not None:
         headers.append((b"content-length", str(length).encode()))
-    return conn.send(h11.Response(status_code=status, headers=headers))
+    return headers
 
 
-async def _answer(
-    conn: h11.Connection,
-    stream: trio.SocketStream,
-    request: h11.Request,
-    body: bytes,
-    stats: UpstreamStats,
-) -> bool:
-    """Answer one request; False when the fault closed the connection."""
-    if request.target == b"/soak/stats":
+async def _answer(stats: UpstreamStats, peer: Peer, request: SeenRequest) -> None:
+    """Answer one request; a fault leaves the answer unfinished, so the connection closes."""
+    if request.target == "/soak/stats":
         data = _dumps({"requests": stats.requests, "faults": stats.faults})
-        await stream.send_all(
-            _head(conn, 200, b"application/json", len(data))
-            + conn.send(h11.Data(data=data))
-            + conn.send(h11.EndOfMessage())
-        )
-        return True
-    fault = dict(request.headers).get(FAULT_HEADER, b"").decode()
-    stats.requests[request.target.decode()] += 1
+        await peer.respond(200, _head(b"application/json", len(data)), data)
+        return
+    fault = request.headers.get(FAULT_HEADER.decode(), "")
+    stats.requests[request.target] += 1
     if fault:
         stats.faults[fault] += 1
     if fault == "status_500":
         data = _dumps({"error": {"message": "injected", "type": "server_error"}})
-        await stream.send_all(
-            _head(conn, 500, b"application/json", len(data))
-            + conn.send(h11.Data(data=data))
-            + conn.send(h11.EndOfMessage())
-        )
-        return True
+        await peer.respond(500, _head(b"application/json", len(data)), data)
+        return
     if fault == "slow_start":
         await trio.sleep(SLOW_START_SECONDS)
-    content_type, parts = answer_parts(request.target, body)
+    content_type, parts = answer_parts(request.target.encode(), request.body)
     streamed = content_type == b"text/event-stream"
     if not streamed and fault in ("reset", "stall", "close_mid_event"):
         whole = parts[0]
         parts = [whole[: len(whole) // 2], whole[len(whole) // 2 :]]
-    await stream.send_all(
-        _head(conn, 200, content_type, None if streamed else sum(len(p) for p in parts))
-    )
+    await peer.send_head(200, _head(content_type, None if streamed else sum(map(len, parts))))
     if fault in ("reset", "stall", "close_mid_event"):
         for part in parts[: max(1, len(parts) // 2)]:
-            await stream.send_all(conn.send(h11.Data(data=part)))
+            await peer.send_data(part)
         if fault == "stall":
             await trio.sleep(STALL_SECONDS)
         elif fault == "reset":
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.reset_on_close()
         elif streamed:
             middle = parts[len(parts) // 2]
-            await stream.send_all(conn.send(h11.Data(data=middle[: len(middle) // 2])))
-        return False
-    for part in parts:
-        await stream.send_all(conn.send(h11.Data(data=part)))
-    await stream.send_all(conn.send(h11.EndOfMessage()))
-    return True
-
-
-async def _serve_connection(stats: UpstreamStats, stream: trio.SocketStream) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
-    try:
-        while True:
-            received = await read_request(conn, stream)
-            if received is None or not await _answer(conn, stream, *received, stats):
-                return
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            conn.start_next_cycle()
-    except (ClientGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
+            await peer.send_data(middle[: len(middle) // 2])
         return
-    finally:
-        await stream.aclose()
+    for part in parts:
+        await peer.send_data(part)
+    await peer.send_end()
 
 
 def serve_upstream(port: int) -> None:
     """Run the fault-injecting upstream on 127.0.0.1:PORT until killed."""
-    handler = partial(_serve_connection, UpstreamStats())
+    handler = connection_handler(partial(_answer, UpstreamStats()), max_body=MAX_BODY_BYTES)
     trio.run(partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
 
 

@@ -35,7 +35,6 @@ from enum import Enum
 from functools import partial
 from pathlib import Path
 
-import h11
 import trio
 from load import LoadPool, LoadStuckError, Measurement, Mode, percentile
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,6 +62,10 @@ from run import (
 )
 from upstream import EVENTS
 
+sys.path.insert(0, str(ROOT))  # for the fakes' HTTP/1.1 peer (tests/h11peer.py)
+
+from tests.h11peer import Peer, SeenRequest, connection_handler
+
 DEFAULT_OUT = ROOT / "docs" / "benchmarks-telemetry.md"
 SINK_DELAY = 5.0  # seconds the slow sink takes to answer each POST
 INTERVAL_MS = 10.0
@@ -73,32 +76,15 @@ BATCH_SIZE = 4
 # --- the slow sink: a trio + h11 server that reads a POST, then waits before answering 200 -----
 
 
-async def _slow_answer(stream: trio.SocketStream, delay: float) -> None:
-    """Read one whole request, sleep ``delay``, answer 200 and close (tproxy sends one per
-    connection)."""
-    connection = h11.Connection(h11.SERVER)
-    async with stream:
-        try:
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(bytes(await stream.receive_some(65536)))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    return
-            await trio.sleep(delay)
-            headers = [(b"content-length", b"0"), (b"connection", b"close")]
-            await stream.send_all(
-                connection.send(h11.Response(status_code=200, headers=headers))
-                + connection.send(h11.EndOfMessage())
-            )
-        except (trio.BrokenResourceError, h11.RemoteProtocolError):
-            return
+async def _slow_answer(delay: float, peer: Peer, request: SeenRequest) -> None:
+    """Wait ``delay``, then answer 200 and close (tproxy sends one request per connection)."""
+    await trio.sleep(delay)
+    await peer.respond(200, [(b"content-length", b"0"), (b"connection", b"close")])
 
 
 def serve_slow_sink(port: int, delay: float) -> None:
-    trio.run(partial(trio.serve_tcp, partial(_slow_answer, delay=delay), port, host="127.0.0.1"))
+    handler = connection_handler(partial(_slow_answer, delay), keep_alive=False)
+    trio.run(partial(trio.serve_tcp, handler, port, host="127.0.0.1"))
 
 
 # --- what is measured ------------------------------------------------------------------------

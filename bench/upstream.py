@@ -8,8 +8,9 @@ chunking a real model server produces. Each chunk carries ``"t"``, the upstream'
 time to measure what a proxy adds to every event. ``x-bench-interval-ms`` sets the gap between
 two events (default 0: as fast as the socket takes them).
 
-It is deliberately cheaper than any proxy under test (no framework, bodies prebuilt), so that the
-proxies, not the upstream, are what the numbers show.
+It is deliberately cheaper than any proxy under test (no framework, bodies prebuilt; the
+connection loop is ``tests/h11peer.py``'s, as every fake's), so that the proxies, not the
+upstream, are what the numbers show.
 
     python bench/upstream.py --port 8101
 """
@@ -18,11 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
-import h11
 import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the fakes' HTTP/1.1 peer is the tests' (tests/h11peer.py)
+
+from tests.h11peer import Peer, SeenRequest, connection_handler  # noqa: E402
 
 EVENTS = 50
 MAX_BODY_BYTES = 1 << 20
@@ -78,51 +85,8 @@ def stream_body() -> bytes:
     return b"".join(events) + _DONE
 
 
-class ClientGoneError(Exception):
-    """The client closed the connection or sent something h11 refuses (soak.py uses this too)."""
-
-
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await stream.receive_some(65536)
-        except trio.BrokenResourceError as error:
-            raise ClientGoneError from error
-        conn.receive_data(data)
-
-
-async def read_request(
-    conn: h11.Connection, stream: trio.SocketStream
-) -> tuple[h11.Request, bytes] | None:
-    """The next request and its body, or None when the client closed the connection."""
-    event = await _next_event(conn, stream)
-    if isinstance(event, h11.ConnectionClosed):
-        return None
-    if not isinstance(event, h11.Request):
-        raise ClientGoneError
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        part = await _next_event(conn, stream)
-        if isinstance(part, h11.Data):
-            size += len(part.data)
-            if size > MAX_BODY_BYTES:
-                raise ClientGoneError
-            parts.append(part.data)
-        elif isinstance(part, h11.EndOfMessage):
-            return event, b"".join(parts)
-        else:
-            raise ClientGoneError
-
-
-def _interval(request: h11.Request) -> float:
-    for name, value in request.headers:
-        if name == b"x-bench-interval-ms":
-            return max(0.0, float(value)) / 1000
-    return 0.0
+def _interval(request: SeenRequest) -> float:
+    return max(0.0, float(request.headers.get("x-bench-interval-ms", "0"))) / 1000
 
 
 def wants_stream(body: bytes) -> bool:
@@ -134,45 +98,22 @@ def wants_stream(body: bytes) -> bool:
     return isinstance(document, dict) and document.get("stream") is True
 
 
-async def _answer(
-    conn: h11.Connection, stream: trio.SocketStream, request: h11.Request, body: bytes
-) -> None:
-    if request.method != b"POST" or request.target != b"/v1/chat/completions":
-        head = conn.send(h11.Response(status_code=404, headers=[(b"content-length", b"0")]))
-        await stream.send_all(head + conn.send(h11.EndOfMessage()))
+async def answer(peer: Peer, request: SeenRequest) -> None:
+    """Answer one request: the completion, the stream, or a 404."""
+    if request.method != "POST" or request.target != "/v1/chat/completions":
+        await peer.respond(404, [(b"content-length", b"0")])
         return
-    if not wants_stream(body):
-        head = conn.send(h11.Response(status_code=200, headers=_JSON_HEADERS))
-        await stream.send_all(
-            head + conn.send(h11.Data(data=COMPLETION)) + conn.send(h11.EndOfMessage())
-        )
+    if not wants_stream(request.body):
+        await peer.respond(200, _JSON_HEADERS, COMPLETION)
         return
     interval = _interval(request)
-    await stream.send_all(conn.send(h11.Response(status_code=200, headers=_SSE_HEADERS)))
+    await peer.send_head(200, _SSE_HEADERS)
     for index in range(EVENTS):
         if index and interval:
             await trio.sleep(interval)
-        await stream.send_all(conn.send(h11.Data(data=chunk_event(index, index == EVENTS - 1))))
-    await stream.send_all(conn.send(h11.Data(data=_DONE)))
-    await stream.send_all(conn.send(h11.EndOfMessage()))
-
-
-async def serve_connection(stream: trio.SocketStream) -> None:
-    """Answer requests on one keep-alive connection until the client leaves."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
-    try:
-        while True:
-            received = await read_request(conn, stream)
-            if received is None:
-                return
-            await _answer(conn, stream, *received)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
-            conn.start_next_cycle()
-    except (ClientGoneError, h11.RemoteProtocolError, trio.BrokenResourceError):
-        return
-    finally:
-        await stream.aclose()
+        await peer.send_data(chunk_event(index, index == EVENTS - 1))
+    await peer.send_data(_DONE)
+    await peer.send_end()
 
 
 def main() -> None:
@@ -180,7 +121,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    trio.run(partial(trio.serve_tcp, serve_connection, args.port, host=args.host))
+    handler = connection_handler(answer, max_body=MAX_BODY_BYTES)
+    trio.run(partial(trio.serve_tcp, handler, args.port, host=args.host))
 
 
 if __name__ == "__main__":

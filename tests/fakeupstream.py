@@ -34,9 +34,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from email.utils import formatdate
 
-import h11
 import trio
 from trio_util import AsyncValue
+
+from tests.h11peer import Peer, cased, serve_connection, serve_on_loopback
+from tests.h11peer import SeenRequest as SeenRequest  # what FakeUpstream.requests holds
 
 FRAMINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 
@@ -45,31 +47,10 @@ HEADER_CASES = ("title", "mixed", "lower")
 SERVER_NAME = b"fake-upstream"
 
 
-def cased(name: str, case: str) -> bytes:
-    """A header name written in ``case``: ``title``, ``mixed`` or ``lower``."""
-    if case == "title":
-        written = "-".join(part.capitalize() for part in name.split("-"))
-    elif case == "mixed":
-        written = "".join(c.lower() if i % 2 else c.upper() for i, c in enumerate(name))
-    else:
-        written = name.lower()
-    return written.encode("ascii")
-
-
-def answer_head(status: int, case: str, headers: dict[str, bytes]) -> h11.Response:
-    """A response head with ``headers`` and the ``Date`` and ``Server`` real servers add."""
+def answer_headers(case: str, headers: dict[str, bytes]) -> list[tuple[bytes, bytes]]:
+    """``headers`` and the ``Date`` and ``Server`` real servers add, names written in ``case``."""
     every = {**headers, "date": formatdate(usegmt=True).encode(), "server": SERVER_NAME}
-    return h11.Response(
-        status_code=status, headers=[(cased(name, case), value) for name, value in every.items()]
-    )
-
-
-@dataclass
-class SeenRequest:
-    method: str
-    target: str
-    headers: dict[str, str]
-    body: bytes
+    return [(cased(name, case), value) for name, value in every.items()]
 
 
 @dataclass
@@ -90,65 +71,22 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(serve_on_loopback, self._connection)
+            task_status.started()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        try:
-            while True:
-                request = await self._read_request(stream, connection)
-                if request is None:
-                    return
-                await self._answer(stream, connection, request)
-                if connection.our_state is not h11.DONE:
-                    return
-                connection.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            return
-        finally:
-            await stream.aclose()
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        await serve_connection(self._received, stream)
 
-    async def _read_request(
-        self, stream: trio.SocketStream, connection: h11.Connection
-    ) -> SeenRequest | None:
-        head: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                connection.receive_data(data)
-                if not data and head is None:
-                    return None
-                continue
-            if isinstance(event, h11.Request):
-                head = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert head is not None
-                headers = {n.decode().lower(): v.decode("latin-1") for n, v in head.headers}
-                seen = SeenRequest(head.method.decode(), head.target.decode(), headers, bytes(body))
-                self.requests.append(seen)
-                self.calls[seen.target] += 1
-                return seen
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
+    async def _received(self, peer: Peer, request: SeenRequest) -> None:
+        self.requests.append(request)
+        self.calls[request.target] += 1
+        await self._answer(peer, request)
 
-    async def _answer(
-        self, stream: trio.SocketStream, connection: h11.Connection, request: SeenRequest
-    ) -> None:
-        async def send(event: h11.Event) -> None:
-            data = connection.send(event)
-            if data:
-                await stream.send_all(data)
-
+    async def _answer(self, peer: Peer, request: SeenRequest) -> None:
         knobs = request.headers
         if "x-fake-stall-headers" in knobs:
-            await self._wait_for_close(stream)
+            await self._wait_for_close(peer)
             return
         if "x-fake-hang-up" in knobs:
             return  # the connection is closed with our side of the exchange unfinished
@@ -160,23 +98,24 @@ class FakeUpstream:
             payload = {}
         if status != 200:
             body = json.dumps({"error": {"message": "fake failure", "code": status}}).encode()
-            await send(_json_head(status, body, case))
-            await send(h11.Data(data=body))
-            await send(h11.EndOfMessage())
+            await peer.send_head(status, _json_headers(body, case))
+            await peer.send_data(body)
+            await peer.send_end()
             return
-        path = request.target.split("?")[0]
-        if path.endswith("/embeddings"):
+        if request.path.endswith("/embeddings"):
             body = json.dumps(embedding_answer(payload)).encode()
         elif payload.get("stream"):
-            await self._stream(stream, send, request, payload, case)
+            await self._stream(peer, request, payload, case)
             return
         else:
             body = json.dumps(completion_answer(payload)).encode()
-        await send(_json_head(200, body, case, _cache_control(knobs)))
-        await send(h11.Data(data=body))
-        await send(h11.EndOfMessage())
+        await peer.send_head(200, _json_headers(body, case, _cache_control(knobs)))
+        await peer.send_data(body)
+        await peer.send_end()
 
-    async def _stream(self, stream, send, request: SeenRequest, payload: dict, case: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    async def _stream(
+        self, peer: Peer, request: SeenRequest, payload: dict[str, object], case: str
+    ) -> None:
         knobs = request.headers
         eol = FRAMINGS[knobs.get("x-fake-framing", "lf")]
         delay = float(knobs.get("x-fake-delay", "0"))
@@ -186,28 +125,27 @@ class FakeUpstream:
         if "x-fake-error-event" in knobs:
             events[-1] = b"event: error\ndata: " + json.dumps({"error": "boom"}).encode()
         content_type = {"content-type": b"text/event-stream; charset=utf-8"}
-        await send(answer_head(200, case, {**content_type, **_cache_control(knobs)}))
+        await peer.send_head(200, answer_headers(case, {**content_type, **_cache_control(knobs)}))
         self.active_streams += 1
         try:
             for index, event in enumerate(events):
                 if index == break_after:
-                    await stream.send_all(b"")
-                    await stream.aclose()
+                    await peer.stream.aclose()
                     return
                 if index == stall_after:
-                    await self._wait_for_close(stream)
+                    await self._wait_for_close(peer)
                     return
                 framed = event.replace(b"\n", eol) + eol + eol
                 if "x-fake-byte-chunks" in knobs:
                     for byte in framed:
-                        await send(h11.Data(data=bytes([byte])))
+                        await peer.send_data(bytes([byte]))
                 else:
-                    await send(h11.Data(data=framed))
+                    await peer.send_data(framed)
                 if delay:
                     with trio.move_on_after(delay):
-                        await self._wait_for_close(stream)
+                        await self._wait_for_close(peer)
                         return
-            await send(h11.EndOfMessage())
+            await peer.send_end()
             self.streams_completed.value += 1
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._note_disconnect()  # the peer left while we were writing to it
@@ -215,22 +153,20 @@ class FakeUpstream:
         finally:
             self.active_streams -= 1
 
-    async def _wait_for_close(self, stream: trio.SocketStream) -> None:
+    async def _wait_for_close(self, peer: Peer) -> None:
         """Park until the peer closes the connection; record that it did."""
-        while await stream.receive_some(65536):
-            pass
-        self._note_disconnect()
+        if await peer.wait_for_close():
+            self._note_disconnect()
 
     def _note_disconnect(self) -> None:
         self.disconnects += 1
         self.disconnected.set()
 
 
-def _json_head(
-    status: int, body: bytes, case: str, extra: dict[str, bytes] | None = None
-) -> h11.Response:
-    return answer_head(
-        status,
+def _json_headers(
+    body: bytes, case: str, extra: dict[str, bytes] | None = None
+) -> list[tuple[bytes, bytes]]:
+    return answer_headers(
         case,
         {
             "content-type": b"application/json",

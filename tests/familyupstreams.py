@@ -27,10 +27,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import h11
 import trio
 
-from tests.fakeupstream import FakeUpstream, SeenRequest, words_of
+from tests.fakeupstream import FakeUpstream, words_of
+from tests.h11peer import Peer, SeenRequest
 
 SSE = b"text/event-stream"
 NDJSON = b"application/x-ndjson"
@@ -292,12 +292,10 @@ class FamilyUpstream(FakeUpstream):
     """Serve with :meth:`serve` in a nursery; ``calls`` counts requests by target. OpenAI chat,
     completions and embeddings, and the connection handling, are :class:`FakeUpstream`'s."""
 
-    async def _answer(
-        self, stream: trio.SocketStream, connection: h11.Connection, request: SeenRequest
-    ) -> None:
-        path = request.target.split("?")[0]
+    async def _answer(self, peer: Peer, request: SeenRequest) -> None:
+        path = request.path
         if path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-            await super()._answer(stream, connection, request)
+            await super()._answer(peer, request)
             return
         payload = json.loads(request.body) if request.body else {}
         knobs = {"cut": "x-fake-cut" in request.headers, "error": "x-fake-error" in request.headers}
@@ -340,10 +338,10 @@ class FamilyUpstream(FakeUpstream):
         headers = [(b"Content-Type", media + (b"; charset=utf-8" if media == JSON else b""))]
         if media == JSON:
             headers.append((b"Content-Length", str(len(parts[0])).encode()))
-        await stream.send_all(connection.send(h11.Response(status_code=200, headers=headers)))
+        await peer.send_head(200, headers)
         delay = float(request.headers.get("x-fake-delay", "0"))
         for index, part in enumerate(parts):
             if delay and index:
                 await trio.sleep(delay)
-            await stream.send_all(connection.send(h11.Data(data=part)))
-        await stream.send_all(connection.send(h11.EndOfMessage()))
+            await peer.send_data(part)
+        await peer.send_end()

@@ -29,7 +29,7 @@ IO_LIBRARIES = {
 }
 LIBRARY_HOME = {
     "httpx2": {"upstream"},
-    "httpcore2": {"upstream"},
+    "httpcore2": {"upstream", "workers_admin"},
     "lmdb": {"store.lmdb"},
     "hypercorn": {"server", "serving"},
     "cryptography": {"tls"},
@@ -46,7 +46,7 @@ LAYERS = [
     {"pipeline"},
     {"app"},
     {"admin", "serving"},
-    {"server"},
+    {"server", "workers_admin"},
     {"workers", "demo"},
     {"cli"},
     {"__main__"},

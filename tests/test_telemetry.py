@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from platform import python_version
 
-import h11
 import pytest
 import trio
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.h11peer import Peer, SeenRequest, connection_handler, serve_on_loopback
 from tproxy import __version__
 from tproxy.config import (
     CacheSettings,
@@ -510,7 +510,7 @@ class Collector:
     delay: float = 0.0
     statuses: list[int] = dataclasses.field(default_factory=list)
     port: int = 0
-    posts: list[tuple[dict[bytes, bytes], bytes]] = dataclasses.field(default_factory=list)
+    posts: list[SeenRequest] = dataclasses.field(default_factory=list)
     arrived: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     @property
@@ -518,34 +518,17 @@ class Collector:
         return f"http://127.0.0.1:{self.port}/ingest"
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            handler = connection_handler(self._answer, keep_alive=False)
+            self.port = await nursery.start(serve_on_loopback, handler)
+            task_status.started()
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        headers: dict[bytes, bytes] = {}
-        body = b""
-        for _ in range(10_000):
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                connection.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                headers = dict(event.headers)
-                headers[b":target"] = event.target
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        self.posts.append((headers, body))
+    async def _answer(self, peer: Peer, request: SeenRequest) -> None:
+        self.posts.append(request)
         self.arrived.set()
         await trio.sleep(self.delay)  # the endpoint's slowness, not a synchronisation
         status = self.statuses.pop(0) if self.statuses else 200
-        reply = connection.send(h11.Response(status_code=status, headers=[("content-length", "0")]))
-        end = connection.send(h11.EndOfMessage())
-        await stream.send_all((reply or b"") + (end or b""))
-        await stream.aclose()
+        await peer.respond(status, [("content-length", "0")])
 
 
 @pytest.fixture
@@ -597,11 +580,11 @@ async def test_the_http_sink_posts_cloudevent_batches_with_the_token(
         with trio.fail_after(10):
             await t.flush()
         assert t.statistics()["http"].written == 3
-    headers, _ = collector.posts[0]
-    assert headers[b":target"] == b"/ingest"
-    assert headers[b"content-type"] == CLOUDEVENTS_BATCH.encode()
-    assert headers[b"authorization"] == b"Bearer tok"
-    batch = [event for _, body in collector.posts for event in json.loads(body)]
+    post = collector.posts[0]
+    assert post.target == "/ingest"
+    assert post.headers["content-type"] == CLOUDEVENTS_BATCH
+    assert post.headers["authorization"] == "Bearer tok"
+    batch = [event for post in collector.posts for event in json.loads(post.body)]
     assert len(batch) == 3
     assert {event["specversion"] for event in batch} == {"1.0"}
 

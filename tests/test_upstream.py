@@ -10,15 +10,14 @@ virtual clock.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 
-import h11
 import httpcore2
 import pytest
 import trio
 import trio.testing
 
+from tests.h11peer import Peer, SeenRequest, connection_handler, serve_on_loopback
 from tproxy.config import Overrides, load_settings
 from tproxy.core.errors import UpstreamTimeout
 from tproxy.upstream import UpstreamResponse, open_upstream_pool
@@ -75,39 +74,19 @@ async def test_without_an_idle_scope_the_body_is_read_as_it_comes(
 # --- the request as it leaves, over a real socket ----------------------------------------------
 
 
-class CookieSettingUpstream:
-    """An upstream that answers every request with a ``Set-Cookie`` and keeps the heads it read."""
-
-    def __init__(self) -> None:
-        self.heads: list[h11.Request] = []
-
-    async def serve(self, stream: trio.SocketStream) -> None:
-        connection = h11.Connection(h11.SERVER)
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some()
-                if not data:
-                    return
-                connection.receive_data(data)
-            elif isinstance(event, h11.Request):
-                self.heads.append(event)
-            elif isinstance(event, h11.EndOfMessage):
-                headers = [("Content-Length", "2"), ("Set-Cookie", "session=upstream-secret")]
-                for reply in (h11.Response(status_code=200, headers=headers), h11.Data(data=b"ok")):
-                    await stream.send_all(connection.send(reply) or b"")
-                await stream.send_all(connection.send(h11.EndOfMessage()) or b"")
-                connection.start_next_cycle()
-
-
 async def test_the_request_carries_the_callers_headers_host_and_length_and_no_cookie(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     """Nothing is added but Host and Content-Length: no client defaults, and no cookie jar (a
     cookie one client's answer set must never ride on another client's request)."""
-    upstream = CookieSettingUpstream()
-    (listener,) = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"), upstream.serve, 0)
-    port = listener.socket.getsockname()[1]
+    requests: list[SeenRequest] = []
+
+    async def answer_with_a_cookie(peer: Peer, request: SeenRequest) -> None:
+        requests.append(request)
+        cookie = [("Content-Length", "2"), ("Set-Cookie", "session=upstream-secret")]
+        await peer.respond(200, cookie, b"ok")
+
+    port = await nursery.start(serve_on_loopback, connection_handler(answer_with_a_cookie))
     url = f"http://127.0.0.1:{port}/base"
     settings = load_settings(None, Overrides(upstream=url, cache_dir=tmp_path))
     async with open_upstream_pool(settings, environ={}) as pool:
@@ -122,10 +101,10 @@ async def test_the_request_carries_the_callers_headers_host_and_length_and_no_co
             ) as response:
                 assert [chunk async for chunk in response.chunks()] == [b"ok"]
                 assert (b"set-cookie", b"session=upstream-secret") in response.headers
-    assert [(head.method, head.target) for head in upstream.heads] == [
-        (b"POST", b"/base/v1/chat/completions?x=1")
+    assert [(request.method, request.target) for request in requests] == [
+        ("POST", "/base/v1/chat/completions?x=1")
     ] * 2
-    assert [list(head.headers) for head in upstream.heads] == [
+    assert [list(request.header_lines) for request in requests] == [
         [(b"host", b"127.0.0.1:%d" % port), (b"content-length", b"2"), (b"x-client", client)]
         for client in (b"first", b"second")
     ]

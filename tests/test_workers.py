@@ -30,7 +30,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakeupstream import FakeUpstream
 from tests.tlsfiles import write_pair
 from tproxy.notify import socket_address
-from tproxy.workers import merge_scrapes
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
@@ -406,36 +405,3 @@ async def test_a_worker_that_keeps_failing_to_start_stops_the_service_instead_of
     assert "tproxy cannot serve" in failure.string
     assert f"cannot open the cache store at {store}" in failure.string
     assert service.messages.count(failure.string) == 1
-
-
-def test_merged_metrics_add_up_series_and_take_shared_gauges_once() -> None:
-    scrape = """\
-# HELP tproxy_requests_total Requests.
-# TYPE tproxy_requests_total counter
-tproxy_requests_total{cache="hit"} %d
-# HELP tproxy_ttfb_seconds Time to first byte.
-# TYPE tproxy_ttfb_seconds histogram
-tproxy_ttfb_seconds_bucket{le="0.1"} %d
-tproxy_ttfb_seconds_bucket{le="+Inf"} %d
-tproxy_ttfb_seconds_sum 0.5
-tproxy_ttfb_seconds_count %d
-# HELP tproxy_cache_entries Entries.
-# TYPE tproxy_cache_entries gauge
-tproxy_cache_entries 7
-# HELP process_start_time_seconds Start time.
-# TYPE process_start_time_seconds gauge
-process_start_time_seconds %d
-"""
-    families = {
-        family.name: {(s.name, tuple(s.labels.items())): s.value for s in family.samples}
-        for family in merge_scrapes([scrape % (1, 1, 2, 2, 100), scrape % (3, 2, 2, 2, 90)])
-    }
-    assert families["tproxy_requests"] == {("tproxy_requests_total", (("cache", "hit"),)): 4}
-    assert families["tproxy_ttfb_seconds"] == {
-        ("tproxy_ttfb_seconds_bucket", (("le", "0.1"),)): 3,
-        ("tproxy_ttfb_seconds_bucket", (("le", "+Inf"),)): 4,
-        ("tproxy_ttfb_seconds_sum", ()): 1.0,
-        ("tproxy_ttfb_seconds_count", ()): 4,
-    }
-    assert families["tproxy_cache_entries"] == {("tproxy_cache_entries", ()): 7}
-    assert families["process_start_time_seconds"] == {("process_start_time_seconds", ()): 90}

@@ -17,7 +17,7 @@ Between the supervisor and a worker:
   the supervisor alone, and the unit says ``KillMode=mixed`` so that systemd signals it alone;
 - the supervisor's **admin listener** asks every worker's admin listener (each call with its
   own deadline) and answers for them all: ``/metrics`` summed, ``/inflight`` joined, ``/readyz``
-  ready when every worker is.
+  ready when every worker is (:mod:`tproxy.workers_admin`).
 
 Only the supervisor talks to systemd (workers do not inherit ``NOTIFY_SOCKET``): ``READY=1`` once
 every worker listens, ``STOPPING=1`` when the drain starts, the watchdog pinged only while every
@@ -38,19 +38,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import BinaryIO
 
-import h11
 import trio
-from prometheus_client import generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
-from tproxy.admin import AdminApp, AdminUnavailable, read_admin_token
+from tproxy.admin import read_admin_token
 from tproxy.config import Settings, parse_host_port
 from tproxy.core.errors import TproxyError, leaf_errors
 from tproxy.notify import Notifier, open_notifier
@@ -62,15 +57,12 @@ from tproxy.server import (
     run_until_signalled,
     start_admin_listener,
 )
+from tproxy.workers_admin import Answers, WorkersAdmin, ask_workers
 
 log = logging.getLogger("tproxy.workers")
 
 # Seconds a worker has, from its start, to listen or to say why it cannot.
 START_TIMEOUT = 30.0
-# Seconds each call to a worker's admin listener may take.
-ADMIN_CALL_TIMEOUT = 2.0
-# The largest answer read from a worker's admin listener.
-MAX_ADMIN_ANSWER = 64 * 1024 * 1024
 # Restart backoff: the first pause, and the most it doubles to.
 RESTART_BACKOFF_FIRST = 0.5
 RESTART_BACKOFF_MAX = 30.0
@@ -85,11 +77,6 @@ KILL_TIMEOUT = 5.0
 
 # Variables for systemd: only the supervisor speaks to it.
 _SERVICE_MANAGER_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-# Gauges every worker reads from the shared store file or the build: the same, not added up.
-_SHARED_GAUGES = frozenset(
-    {"tproxy_cache_entries", "tproxy_cache_bytes", "tproxy_cache_max_bytes", "tproxy_build_info"}
-)
-_EARLIEST = frozenset({"process_start_time_seconds"})
 
 
 class WorkerFailed(TproxyError):
@@ -193,6 +180,10 @@ class Supervisor:
             for name, value in os.environ.items()
             if name not in _SERVICE_MANAGER_VARIABLES
         }
+
+    @property
+    def count(self) -> int:
+        return len(self.slots)
 
     async def run(self) -> None:
         """Serve until the workers have drained after SIGTERM/SIGINT (or could not start)."""
@@ -399,28 +390,10 @@ class Supervisor:
             f" {inflight} in flight, {self.restarts} restarts"
         )
 
-    async def ask_workers(self, path: str) -> dict[int, tuple[int, bytes]]:
-        """GET ``path`` from every listening worker at once: each worker's status and body (0
-        and the reason when it did not answer in time)."""
-        answers: dict[int, tuple[int, bytes]] = {}
-
-        async def ask(slot: WorkerSlot, url: str) -> None:
-            try:
-                answers[slot.number] = await admin_get(url, path, self.token)
-            except (
-                OSError,
-                trio.BrokenResourceError,
-                h11.ProtocolError,
-                trio.TooSlowError,
-                ValueError,
-            ) as error:
-                answers[slot.number] = (0, f"worker {slot.number}: {error!r}".encode())
-
-        async with trio.open_nursery() as nursery:
-            for slot in self.slots:
-                if slot.admin is not None:
-                    nursery.start_soon(ask, slot, slot.admin)
-        return answers
+    async def ask_workers(self, path: str) -> Answers:
+        """GET ``path`` from every listening worker at once (:func:`ask_workers`)."""
+        admins = {slot.number: slot.admin for slot in self.slots if slot.admin is not None}
+        return await ask_workers(admins, path, self.token)
 
 
 def _nothing() -> None:
@@ -493,143 +466,3 @@ class _LineReader:
                 continue
             if isinstance(message, dict) and message:
                 return message
-
-
-# --- the workers' admin listeners, asked and summed -----------------------------------------
-
-
-async def admin_get(url: str, path: str, token: str | None) -> tuple[int, bytes]:
-    """GET ``url + path`` within :data:`ADMIN_CALL_TIMEOUT`: the status and the body.
-
-    Raises OSError, trio.BrokenResourceError, h11.ProtocolError, trio.TooSlowError, or
-    ValueError (a body too large).
-    """
-    host, port = parse_host_port(url.partition("://")[2])
-    headers = [("Host", f"{host}:{port}"), ("Connection", "close")]
-    if token is not None:
-        headers.append(("Authorization", f"Bearer {token}"))
-    connection = h11.Connection(h11.CLIENT)
-    status = 0
-    body = bytearray()
-    with trio.fail_after(ADMIN_CALL_TIMEOUT):
-        async with await trio.open_tcp_stream(host, port) as stream:
-            request = h11.Request(method="GET", target=path, headers=headers)
-            await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_ADMIN_ANSWER:
-                        raise ValueError(f"an answer larger than {MAX_ADMIN_ANSWER} bytes")
-                elif isinstance(event, h11.EndOfMessage):
-                    return status, bytes(body)
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise h11.RemoteProtocolError("the worker closed the connection early")
-
-
-class WorkersAdmin(AdminApp):
-    """The supervisor's admin listener: the same endpoints, token and TLS, for all workers."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        super().__init__(None, token=supervisor.token, stopping=supervisor.stop)
-        self._supervisor = supervisor
-
-    async def readiness(self) -> tuple[int, dict[str, object]]:
-        if self._supervisor.stop.is_set():
-            return 503, {"status": "not ready", "reason": "draining"}
-        answers = await self._supervisor.ask_workers("/readyz")
-        workers = {str(number): _document(body) for number, (_, body) in answers.items()}
-        total = len(self._supervisor.slots)
-        if len(answers) < total or any(status != 200 for status, _ in answers.values()):
-            reason = f"{sum(s == 200 for s, _ in answers.values())} of {total} workers ready"
-            return 503, {"status": "not ready", "reason": reason, "workers": workers}
-        return 200, {"status": "ready", "workers": workers}
-
-    async def metrics(self) -> bytes:
-        answers = await self._supervisor.ask_workers("/metrics")
-        failed = [body.decode() for status, body in answers.values() if status != 200]
-        if failed:
-            raise AdminUnavailable(f"a worker's metrics could not be read: {failed[0]}")
-        families = merge_scrapes(body.decode() for _, body in answers.values())
-        return generate_latest(_Families([*families, *self._own_metrics(len(answers))]))
-
-    def _own_metrics(self, listening: int) -> list[Metric]:
-        return [
-            GaugeMetricFamily("tproxy_workers", "Worker processes listening.", value=listening),
-            CounterMetricFamily(
-                "tproxy_worker_restarts",
-                "Workers restarted after they exited on their own.",
-                value=self._supervisor.restarts,
-            ),
-        ]
-
-    async def inflight(self, tenants: bool) -> dict[str, object]:
-        path = "/inflight?tenants=1" if tenants else "/inflight"
-        answers = await self._supervisor.ask_workers(path)
-        exchanges: list[dict[str, object]] = []
-        for number, (status, body) in sorted(answers.items()):
-            if status != 200:
-                raise AdminUnavailable(f"worker {number} did not list its exchanges")
-            listed = _document(body).get("exchanges", [])
-            for exchange in listed if isinstance(listed, list) else []:
-                exchanges.append({**exchange, "worker": number})
-        exchanges.sort(key=_age, reverse=True)
-        return {"count": len(exchanges), "exchanges": exchanges}
-
-
-def _age(exchange: dict[str, object]) -> float:
-    age = exchange.get("age_s")
-    return float(age) if isinstance(age, int | float) else 0.0
-
-
-def _document(body: bytes) -> dict[str, object]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return {"error": body.decode(errors="replace")}
-    return document if isinstance(document, dict) else {"error": "not a JSON object"}
-
-
-def merge_scrapes(scrapes: Iterable[str]) -> list[Metric]:
-    """The workers' metrics as one process's: each series (name and labels) summed across the
-    workers, histograms bucket by bucket; the store's and the build's gauges (the same in every
-    worker) taken once, and ``process_start_time_seconds`` the earliest."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in scrapes:
-        for family in text_string_to_metric_families(text):
-            merged = families.setdefault(
-                family.name, Metric(family.name, family.documentation, family.type, family.unit)
-            )
-            series = values.setdefault(merged.name, {})
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                seen = series.get(key)
-                if seen is None:
-                    series[key] = sample.value
-                elif family.name in _SHARED_GAUGES:
-                    series[key] = max(seen, sample.value)
-                elif family.name in _EARLIEST:
-                    series[key] = min(seen, sample.value)
-                else:
-                    series[key] = seen + sample.value
-    for name, merged in families.items():
-        merged.samples = [
-            Sample(sample_name, dict(labels), value)
-            for (sample_name, labels), value in values[name].items()
-        ]
-    return list(families.values())
-
-
-@dataclass(frozen=True, slots=True)
-class _Families:
-    """Metric families ready for ``generate_latest``, which asks for a ``collect()``."""
-
-    metrics: list[Metric]
-
-    def collect(self) -> Iterable[Metric]:
-        return iter(self.metrics)

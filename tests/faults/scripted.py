@@ -18,16 +18,21 @@ socket a script has left in an unknown state.
 from __future__ import annotations
 
 import json
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
-import h11
 import trio
 from trio_util import AsyncValue
 
-from tests.fakeupstream import SeenRequest, completion_answer, stream_events
+from tests.fakeupstream import completion_answer, stream_events
+from tests.h11peer import (
+    REQUEST_TIMEOUT,
+    Peer,
+    SeenRequest,
+    serve_connection,
+    serve_on_loopback,
+)
 
 Script = Callable[[trio.SocketStream, SeenRequest], Awaitable[None]]
 
@@ -60,65 +65,41 @@ class ScriptedUpstream:
         return sum(1 for request in self.requests if request.target == target)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            self.port = await nursery.start(serve_on_loopback, self._connection)
+            task_status.started()
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        try:
-            if self.connections <= self.silent:
+        if self.connections <= self.silent:
+            async with stream:
                 await self.wait_for_close(stream)
-                return
-            request = await read_request(stream)
-            if request is None:
-                return
-            self.requests.append(request)
-            self.received.value += 1
-            if "x-fault" in request.headers:
-                await self.script(stream, request)
-            else:
-                await answer(stream, request)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             return
-        finally:
-            await stream.aclose()
+        await serve_connection(partial(self._received, stream), stream, keep_alive=False)
+
+    async def _received(self, stream: trio.SocketStream, _: Peer, request: SeenRequest) -> None:
+        """Hand the socket to the script, or answer well; the connection closes after."""
+        self.requests.append(request)
+        self.received.value += 1
+        if "x-fault" in request.headers:
+            await self.script(stream, request)
+        else:
+            await answer(stream, request)
 
     async def wait_for_close(self, stream: trio.SocketStream) -> None:
         """Park until the proxy closes (or resets) the connection; count that it did."""
-        with trio.move_on_after(30):  # bounded: a proxy that never closes fails the test later
-            try:
-                while await stream.receive_some(65536):
-                    pass
-            except trio.BrokenResourceError:
-                pass
+        if await Peer(stream).wait_for_close():
             self.peer_closed += 1
             self.peer_closed_event.set()
 
 
 async def read_request(stream: trio.SocketStream) -> SeenRequest | None:
-    """One whole request, or None if the peer closed before sending one."""
-    connection = h11.Connection(h11.SERVER)
-    head: h11.Request | None = None
-    body = bytearray()
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data and head is None:
-                return None
-            connection.receive_data(data)
-        elif isinstance(event, h11.Request):
-            head = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            assert head is not None
-            headers = {n.decode().lower(): v.decode("latin-1") for n, v in head.headers}
-            return SeenRequest(head.method.decode(), head.target.decode(), headers, bytes(body))
-        else:
-            return None
+    """One whole request, read afresh (a script answers it in raw bytes, so h11 cannot follow
+    the connection to the next one), or None if the peer closed before sending one or did not
+    send it within :data:`~tests.h11peer.REQUEST_TIMEOUT`."""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        return await Peer(stream).next_request()
+    return None
 
 
 def response_head(
@@ -181,4 +162,4 @@ async def no_faults_here(stream: trio.SocketStream, request: SeenRequest) -> Non
 
 def reset(stream: trio.SocketStream) -> None:
     """Make the coming close send RST instead of FIN (SO_LINGER on, timeout 0)."""
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    Peer(stream).reset_on_close()

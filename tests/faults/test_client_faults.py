@@ -20,7 +20,6 @@ import trio
 from trio_util import AsyncValue
 
 from tests.conftest import RunningProxy, StartProxy, access_lines
-from tests.fakeupstream import SeenRequest
 from tests.faults.conftest import CHAT, FAULT, StartScripted, assert_recovered, chat
 from tests.faults.scripted import (
     ScriptedUpstream,
@@ -29,6 +28,7 @@ from tests.faults.scripted import (
     response_head,
     sse_body,
 )
+from tests.h11peer import SeenRequest
 from tests.security.rawhttp import address, post, read_reply
 
 NO_STORE = {"cache-control": "no-store"}

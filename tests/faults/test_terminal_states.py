@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines
-from tests.fakeupstream import SeenRequest
 from tests.faults.conftest import CHAT, StartScripted, chat
 from tests.faults.scripted import chunked, reset, response_head, sse_body
+from tests.h11peer import SeenRequest
 from tproxy import app
 
 TIMEOUTS = (

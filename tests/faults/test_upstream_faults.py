@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from tests.conftest import RunningProxy, StartProxy, access_lines
-from tests.fakeupstream import FakeUpstream, SeenRequest, stream_events
+from tests.fakeupstream import FakeUpstream, stream_events
 from tests.faults.conftest import CHAT, FAULT, StartScripted, assert_recovered, chat
 from tests.faults.scripted import (
     JSON,
@@ -32,6 +32,7 @@ from tests.faults.scripted import (
     response_head,
     sse_body,
 )
+from tests.h11peer import SeenRequest
 
 FAST_TIMEOUTS = "[upstreams.default]\nfirst_byte_timeout = 0.3\nidle_timeout = 0.3\n"
 
