@@ -22,7 +22,6 @@ from tproxy.core.cachekey import (
     cache_key,
     canonical_json,
     decide,
-    format_cache_status,
     parse_cache_control,
     response_store_refusal,
     tenant_namespace,
@@ -702,74 +701,3 @@ def test_decide_reads_headers_given_as_a_one_shot_iterator() -> None:
         shared=False,
     )
     assert once == listed
-
-
-# --- Cache-Status ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("arguments", "expected"),
-    [
-        ({"hit": True, "ttl": 3512}, "tproxy; hit; ttl=3512"),
-        ({"hit": False, "fwd": "miss"}, "tproxy; fwd=miss"),
-        ({"hit": False, "fwd": "miss", "stored": True}, "tproxy; fwd=miss; stored"),
-        ({"hit": False, "fwd": "request"}, "tproxy; fwd=request"),
-        (
-            {"hit": False, "fwd": "uri-miss", "detail": "not-json"},
-            "tproxy; fwd=uri-miss; detail=not-json",
-        ),
-        ({"hit": False, "fwd": "miss", "collapsed": True}, "tproxy; fwd=miss; collapsed"),
-        ({"hit": False}, "tproxy"),
-        ({"hit": True, "ttl": -5}, "tproxy; hit; ttl=-5"),
-        ({"hit": True, "ttl": 10**20}, "tproxy; hit; ttl=999999999999999"),
-        (
-            {
-                "hit": False,
-                "fwd": "miss",
-                "ttl": 60,
-                "stored": True,
-                "collapsed": True,
-                "detail": "x",
-            },
-            "tproxy; fwd=miss; ttl=60; stored; collapsed; detail=x",
-        ),
-    ],
-)
-def test_cache_status_values(arguments: dict[str, Any], expected: str) -> None:
-    assert format_cache_status(**arguments) == expected
-
-
-@pytest.mark.parametrize(
-    ("detail", "written"),
-    [
-        ("no-store", "no-store"),
-        ("key/v1:x", "key/v1:x"),
-        ("two words", '"two words"'),
-        ("1st", '"1st"'),
-        ("", '""'),
-        ('say "hi" \\ bye', '"say \\"hi\\" \\\\ bye"'),
-        ("café\r\nSet-Cookie: x", '"caf???Set-Cookie: x"'),
-    ],
-)
-def test_a_detail_that_is_not_a_token_is_quoted(detail: str, written: str) -> None:
-    assert format_cache_status(hit=False, fwd="bypass", detail=detail) == (
-        f"tproxy; fwd=bypass; detail={written}"
-    )
-
-
-def test_a_hit_was_not_forwarded() -> None:
-    with pytest.raises(ValueError, match="not forwarded"):
-        format_cache_status(hit=True, fwd="miss")
-
-
-@pytest.mark.parametrize("fwd", ["", "two words", "miss;x", "1miss"])
-def test_fwd_must_be_a_token(fwd: str) -> None:
-    with pytest.raises(ValueError, match="token"):
-        format_cache_status(hit=False, fwd=fwd)
-
-
-@settings(max_examples=200)
-@given(st.text(), st.integers())
-def test_cache_status_is_always_printable_ascii(detail: str, ttl: int) -> None:
-    value = format_cache_status(hit=False, fwd="miss", ttl=ttl, detail=detail)
-    assert all(" " <= char <= "~" for char in value)

@@ -167,7 +167,7 @@ def _describe(exchange: Exchange, now: float, tenants: bool) -> dict[str, object
         "upstream": exchange.upstream,
         "model": exchange.model,
         "status": exchange.status,
-        "cache_status": exchange.cache_status,
+        "cache_status": None if exchange.cache_status is None else exchange.cache_status.text,
         "bytes_out": exchange.delivered_bytes,
         "upstream_bytes": exchange.upstream_bytes,
         "events": exchange.events,

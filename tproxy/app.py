@@ -28,15 +28,16 @@ from tproxy.core.cachekey import (
     CacheDecision,
     Verdict,
     decide,
-    format_cache_status,
     tenant_namespace,
 )
+from tproxy.core.cachestatus import CacheStatus, Forward
 from tproxy.core.clientauth import ClientKeys
 from tproxy.core.dialects import dialect_for
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import (
     CacheHit,
+    Classified,
     ClientGone,
     InternalError,
     Rejected,
@@ -53,10 +54,10 @@ from tproxy.store import CacheStore, CacheTier, LocalTier, SharedTier, look_up
 from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
 _BYPASS = {
-    Verdict.DISABLED: "bypass",
-    Verdict.METHOD: "bypass",
-    Verdict.PATH: "bypass",
-    Verdict.NO_STORE: "request",
+    Verdict.DISABLED: Forward.BYPASS,
+    Verdict.METHOD: Forward.BYPASS,
+    Verdict.PATH: Forward.BYPASS,
+    Verdict.NO_STORE: Forward.REQUEST,
 }
 
 
@@ -79,7 +80,7 @@ class _Lookup:
     entry: StoredEntry | None
     age: float
     plan: CachePlan | None
-    cache_status: str | None
+    cache_status: CacheStatus
     refuse_miss: bool = False  # only-if-cached and nothing usable is stored
     model: str | None = None
 
@@ -161,10 +162,11 @@ class ProxyApp:
             capture = self._telemetry.capture(
                 request.body, dialect_for(request.target.partition("?")[0])
             )
-            exchange.tenant = tenant_namespace(request.headers, shared=False)
+            tenant = tenant_namespace(request.headers, shared=False)
             lookup = await self._look_up(request, route, model)
-            exchange.model = lookup.model or model
-            exchange.cache_status = lookup.cache_status
+            exchange.handle(
+                Classified(tenant, lookup.model or model, lookup.cache_status), trio.current_time()
+            )
             if lookup.entry is not None:
                 replayed = lookup.entry
                 exchange.handle(CacheHit(lookup.age), trio.current_time())
@@ -177,10 +179,10 @@ class ProxyApp:
             if lookup.refuse_miss:
                 refusal = RequestRejected(504, "not_cached", "only-if-cached: no stored answer")
                 exchange.handle(Rejected(504, "not_cached"), trio.current_time())
-                await send_error(send, refusal, request_id, _encode(lookup.cache_status))
+                await send_error(send, refusal, request_id, lookup.cache_status.header)
                 return
             report = await self._exchanger.run(
-                request, exchange, receive, send, lookup.plan, lookup.cache_status, capture
+                request, exchange, receive, send, lookup.plan, capture
             )
         except BaseException as error:
             # Every exchange ends once in a known state, even on the way out of an exception:
@@ -204,7 +206,6 @@ class ProxyApp:
                     else None
                 ),
                 cache_outcome=report.reason if report is not None and report.attempted else None,
-                collapsed=exchange.collapsed,
                 now_unix=time.time(),
             )
             self._telemetry.exchange_finished(
@@ -332,11 +333,14 @@ class ProxyApp:
             memo=self._bodies,
         )
         if decision.verdict is not Verdict.CACHEABLE or decision.key is None:
-            fwd = _BYPASS.get(decision.verdict, "miss")
-            detail = None if decision.verdict in _BYPASS else decision.verdict.value
-            status = format_cache_status(hit=False, fwd=fwd, detail=detail)
+            bypass = _BYPASS.get(decision.verdict)
+            status = (
+                CacheStatus.forwarded(Forward.MISS, detail=decision.verdict.value)
+                if bypass is None
+                else CacheStatus.forwarded(bypass)
+            )
             return _Lookup(None, 0.0, None, status, refuse_miss=decision.only_if_cached)
-        fwd = "request" if not decision.lookup else "miss"
+        fwd = Forward.MISS if decision.lookup else Forward.REQUEST
         if decision.lookup and self._tiers:
             now = time.time()
             max_age = decision.max_age
@@ -349,8 +353,8 @@ class ProxyApp:
                 self._keep_locally(decision.key, found.entry)
                 return _hit(found.entry, now, decision, tier=self._tiers[found.tier].name)
             if found.stale:
-                fwd = "stale"
-        status = format_cache_status(hit=False, fwd=fwd)
+                fwd = Forward.STALE
+        status = CacheStatus.forwarded(fwd)
         if decision.only_if_cached:
             return _Lookup(None, 0.0, None, status, refuse_miss=True, model=decision.model)
         plan = _plan(cache, route, decision) if decision.store else None
@@ -370,7 +374,7 @@ def _fresh_enough(entry: StoredEntry, now: float, max_age: float | None) -> bool
 def _hit(entry: StoredEntry, now: float, decision: CacheDecision, tier: str | None) -> _Lookup:
     """A hit from the local store (``tier`` None) or from the tier ``tier`` names."""
     ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
-    status = format_cache_status(hit=True, ttl=ttl, detail=tier)
+    status = CacheStatus.hit(ttl, tier)
     return _Lookup(entry, max(0.0, now - entry.created_at), None, status, model=decision.model)
 
 
@@ -391,10 +395,6 @@ def _only_cancelled(error: BaseException) -> bool:
     if isinstance(error, BaseExceptionGroup):
         return error.split(trio.Cancelled)[1] is None
     return isinstance(error, trio.Cancelled)
-
-
-def _encode(cache_status: str | None) -> bytes | None:
-    return None if cache_status is None else cache_status.encode()
 
 
 def _closing(send: ASGISend) -> ASGISend:
@@ -427,7 +427,7 @@ def _too_large(limit: int) -> RequestRejected:
 
 
 async def replay(
-    send: ASGISend, entry: StoredEntry, request_id: bytes, age: float, cache_status: str | None
+    send: ASGISend, entry: StoredEntry, request_id: bytes, age: float, cache_status: CacheStatus
 ) -> None:
     """Send a stored answer in one body message, byte for byte as the upstream sent it."""
     body = b"".join(entry.chunks)
@@ -436,8 +436,7 @@ async def replay(
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id),
         (b"age", str(int(age)).encode()),
+        (b"cache-status", cache_status.header),
     ]
-    if cache_status is not None:
-        headers.append((b"cache-status", cache_status.encode()))
     await send({"type": "http.response.start", "status": entry.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -80,7 +80,6 @@ CACHEABLE_METHODS = frozenset({"GET", "POST"})
 CREDENTIAL_HEADERS = DIALECT_CREDENTIAL_HEADERS
 ANONYMOUS = "anonymous"
 SHARED = "shared"
-CACHE_NAME = "tproxy"
 
 # Domain separation: a key and a namespace are hashes of different kinds of tuple.
 _KEY_DOMAIN = b"tproxy/cache-key"
@@ -96,10 +95,6 @@ _DIRECTIVE = re.compile(
 )
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _DIGITS = re.compile(r"[0-9]+")
-
-# RFC 8941 §3.3.4 and §3.3.1: what may appear bare in a structured field, and integer range.
-_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
-_SF_INTEGER_MAX = 999_999_999_999_999
 
 
 def _length_prefixed(fields: Iterable[bytes]) -> bytes:
@@ -499,49 +494,3 @@ class BodyMemo:
 
 def _held(body: bytes, facts: BodyFacts | None) -> int:
     return len(body) + (0 if facts is None else len(facts.canonical))
-
-
-def _token_or_string(text: str) -> str:
-    """``text`` as an RFC 8941 token, or else as a string.
-
-    A string holds printable ASCII only, so anything else (CR and LF included) becomes ``?``.
-    """
-    if _SF_TOKEN.fullmatch(text):
-        return text
-    printable = "".join(char if " " <= char <= "~" else "?" for char in text)
-    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def format_cache_status(
-    *,
-    hit: bool,
-    fwd: str | None = None,
-    ttl: int | None = None,
-    collapsed: bool = False,
-    detail: str | None = None,
-    stored: bool = False,
-) -> str:
-    """The ``Cache-Status`` value (RFC 9211) for one answer, e.g. ``tproxy; fwd=miss; stored``.
-
-    ``ttl`` is clamped to the structured-field integer range, and ``detail`` is quoted when it is
-    not a token. Raises ValueError for ``hit`` with ``fwd`` (a hit was not forwarded) or a ``fwd``
-    that is not a token.
-    """
-    if hit and fwd is not None:
-        raise ValueError(f"a hit is not forwarded: got hit and fwd={fwd!r}")
-    if fwd is not None and not _SF_TOKEN.fullmatch(fwd):
-        raise ValueError(f"fwd must be a token, got {fwd!r}")
-    parameters = [CACHE_NAME]
-    if hit:
-        parameters.append("hit")
-    if fwd is not None:
-        parameters.append(f"fwd={fwd}")
-    if ttl is not None:
-        parameters.append(f"ttl={max(-_SF_INTEGER_MAX, min(_SF_INTEGER_MAX, ttl))}")
-    if stored:
-        parameters.append("stored")
-    if collapsed:
-        parameters.append("collapsed")
-    if detail is not None:
-        parameters.append(f"detail={_token_or_string(detail)}")
-    return "; ".join(parameters)

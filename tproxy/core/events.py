@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tproxy.core.cachestatus import CacheStatus
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -16,6 +18,18 @@ class Rejected:
 
     status: int
     code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """The request was read and routed, and the cache has said what it does with it: whose
+    request it is (``tenant``, a hash of the credential, never the credential), the model it
+    names, and the ``Cache-Status`` its answer carries (None: the cache was not asked).
+    Accounting that arrives as a fact: the state stays ``received``."""
+
+    tenant: str | None
+    model: str | None
+    cache_status: CacheStatus | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +133,7 @@ class InternalError:
 
 Fact = (
     Rejected
+    | Classified
     | CacheHit
     | UpstreamRequested
     | JoinedFlight

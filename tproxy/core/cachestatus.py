@@ -1,0 +1,110 @@
+"""Cache-Status as a value: one object gives the header (RFC 9211) and the metric label.
+
+Theory of operation: the app builds a :class:`CacheStatus` once it knows what the cache does with
+a request: a hit (from which tier, with how long to live) or forwarded to the upstream, and why.
+The exchange keeps it (the ``Classified`` fact); a request that joins an identical one in flight
+is told ``JoinedFlight``, and its status becomes :meth:`CacheStatus.joined`. The header's bytes,
+the access log's text and the one word of the metric labels and the console line are all read
+from the same fields: nothing parses a header back.
+
+The header is ``tproxy`` then its parameters, in this order: ``hit`` or ``fwd=<reason>``,
+``ttl=<seconds>``, ``collapsed``, ``detail=<token or string>``; for instance
+``tproxy; hit; ttl=60; detail=shared`` or ``tproxy; fwd=miss; collapsed``. It is always
+printable ASCII: ``ttl`` is clamped to the structured-field integer range (RFC 8941 §3.3.1) and
+``detail`` is written as a token when it is one, else as a string whose characters outside
+printable ASCII (CR and LF included) become ``?``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass
+
+CACHE_NAME = "tproxy"
+
+# RFC 8941 §3.3.4 and §3.3.1: what may appear bare in a structured field, and integer range.
+_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
+_SF_INTEGER_MAX = 999_999_999_999_999
+
+
+class Forward(enum.Enum):
+    """Why a request went to the upstream: the RFC 9211 ``fwd`` reasons tproxy sends. Each is a
+    structured-field token, and is also the request's metric label."""
+
+    BYPASS = "bypass"  # not cacheable: the cache is off, or the method or path is not cached
+    REQUEST = "request"  # the client's Cache-Control said no-store or no-cache
+    MISS = "miss"  # nothing stored (with detail=not-json: the body has no canonical form)
+    STALE = "stale"  # stored, but older than the client's max-age allows
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatus:
+    """What the cache did for one answer. ``fwd`` None is a hit.
+
+    ``detail`` is free text (the tier that answered a hit, or why a body could not be keyed).
+    Raises ValueError for a collapsed hit: a request that joined a flight was forwarded.
+    """
+
+    fwd: Forward | None
+    ttl: int | None = None
+    collapsed: bool = False
+    detail: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fwd is None and self.collapsed:
+            raise ValueError("a hit is not collapsed: a request that joins a flight is forwarded")
+
+    @classmethod
+    def hit(cls, ttl: int | None = None, tier: str | None = None) -> CacheStatus:
+        """A stored answer; ``tier`` names the tier that had it when it is not the first."""
+        return cls(None, ttl=ttl, detail=tier)
+
+    @classmethod
+    def forwarded(cls, fwd: Forward, detail: str | None = None) -> CacheStatus:
+        return cls(fwd, detail=detail)
+
+    def joined(self) -> CacheStatus:
+        """This status for a request that joined an identical one in flight."""
+        return dataclasses.replace(self, collapsed=True)
+
+    @property
+    def is_hit(self) -> bool:
+        return self.fwd is None
+
+    @property
+    def text(self) -> str:
+        """The header's value, e.g. ``tproxy; fwd=miss; collapsed`` (printable ASCII)."""
+        parameters = [CACHE_NAME, "hit" if self.fwd is None else f"fwd={self.fwd.value}"]
+        if self.ttl is not None:
+            parameters.append(f"ttl={max(-_SF_INTEGER_MAX, min(_SF_INTEGER_MAX, self.ttl))}")
+        if self.collapsed:
+            parameters.append("collapsed")
+        if self.detail is not None:
+            parameters.append(f"detail={_token_or_string(self.detail)}")
+        return "; ".join(parameters)
+
+    @property
+    def header(self) -> bytes:
+        """The ``Cache-Status`` header's value as sent."""
+        return self.text.encode("ascii")
+
+    @property
+    def label(self) -> str:
+        """One word for a metric label or a console line: ``hit``, ``collapsed`` (joined an
+        identical request in flight), or the ``fwd`` reason."""
+        if self.fwd is None:
+            return "hit"
+        return "collapsed" if self.collapsed else self.fwd.value
+
+
+def _token_or_string(text: str) -> str:
+    """``text`` as an RFC 8941 token, or else as a string.
+
+    A string holds printable ASCII only, so anything else (CR and LF included) becomes ``?``.
+    """
+    if _SF_TOKEN.fullmatch(text):
+        return text
+    printable = "".join(char if " " <= char <= "~" else "?" for char in text)
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
