@@ -13,8 +13,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tproxy.core import cachekey
-from tproxy.core.cachekey import BodyMemo, CacheDecision, decide
+from tproxy.core import body as request_body
+from tproxy.core.body import BodyMemo, RequestBody
+from tproxy.core.cachekey import CacheDecision, decide
 
 PATHS = ("/v1/chat/completions", "/api/chat", "/v1/embeddings")
 IGNORED = ("user",)
@@ -50,10 +51,9 @@ def decision(path: str, body: bytes, memo: BodyMemo | None) -> CacheDecision:
         query="",
         cacheable_paths=frozenset(PATHS),
         headers=[(b"authorization", b"Bearer k")],
-        body=body,
-        ignore_fields=IGNORED,
+        body=RequestBody(path, body, IGNORED, memo),
+        tenant="k",
         shared=False,
-        memo=memo,
     )
 
 
@@ -69,13 +69,13 @@ def test_a_decision_is_the_same_with_and_without_the_memo(
 
 def test_a_repeated_body_is_parsed_once(monkeypatch: Any) -> None:
     parsed: list[bytes] = []
-    parse = cachekey._parse_canonical
+    parse = request_body._parse
 
-    def counting(body: bytes, ignore_fields: Any) -> Any:
+    def counting(body: bytes) -> Any:
         parsed.append(body)
-        return parse(body, ignore_fields)
+        return parse(body)
 
-    monkeypatch.setattr(cachekey, "_parse_canonical", counting)
+    monkeypatch.setattr(request_body, "_parse", counting)
     memo = BodyMemo()
     body = b'{"model": "m", "messages": []}'
     first = decision(PATHS[0], body, memo)
@@ -87,7 +87,7 @@ def test_the_least_recently_used_body_leaves_first_and_the_bound_holds() -> None
     def body(n: int) -> bytes:
         return b'{"model": "m%03d"}' % n
 
-    canonical = cachekey.canonical_json(body(0))
+    canonical = request_body.canonical_json(body(0))
     assert canonical is not None
     each = len(body(0)) + len(canonical)
     memo = BodyMemo(max_bytes=each * 3, max_body_bytes=64)  # room for three

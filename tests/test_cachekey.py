@@ -13,14 +13,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tproxy.core import cachekey
+from tproxy.core.body import CANONICAL_BODY_LIMIT, RequestBody, canonical_json
 from tproxy.core.cachekey import (
-    CANONICAL_BODY_LIMIT,
     KEY_VERSION,
     CacheDecision,
     RequestCacheControl,
     Verdict,
     cache_key,
-    canonical_json,
     decide,
     parse_cache_control,
     response_store_refusal,
@@ -59,6 +58,8 @@ def decide_for(
     ignore_fields: tuple[str, ...] = ("user",),
     shared: bool = False,
 ) -> CacheDecision:
+    headers = headers if headers is not None else [(b"authorization", b"Bearer sk-alice")]
+    data = body_of(REQUEST) if body is None else body
     return decide(
         enabled=enabled,
         method=method,
@@ -66,9 +67,9 @@ def decide_for(
         path=path,
         query=query,
         cacheable_paths=PATHS,
-        headers=headers if headers is not None else [(b"authorization", b"Bearer sk-alice")],
-        body=body_of(REQUEST) if body is None else body,
-        ignore_fields=ignore_fields,
+        headers=headers,
+        body=RequestBody(path, data, ignore_fields),
+        tenant=tenant_namespace(headers, shared=False),
         shared=shared,
     )
 
@@ -373,6 +374,26 @@ def test_shared_puts_every_client_in_one_namespace() -> None:
     alice = decide_for(headers=[(b"authorization", b"Bearer sk-alice")], shared=True)
     bob = decide_for(headers=[(b"authorization", b"Bearer sk-bob")], shared=True)
     assert alice.key == bob.key
+
+
+def test_the_key_takes_the_tenant_the_caller_hashed() -> None:
+    """The credential is hashed once per request, by the caller (the exchange's tenant is the
+    same hash): the decision keys under the tenant it is handed, never hashing again."""
+    alice = [(b"authorization", b"Bearer sk-alice")]
+    bob = [(b"authorization", b"Bearer sk-bob")]
+    handed_bob = decide(
+        enabled=True,
+        method="POST",
+        route="local",
+        path=CHAT,
+        query="",
+        cacheable_paths=PATHS,
+        headers=alice,
+        body=RequestBody(CHAT, body_of(REQUEST), ("user",)),
+        tenant=tenant_namespace(bob, shared=False),
+        shared=False,
+    )
+    assert handed_bob.key == decide_for(headers=bob).key != decide_for(headers=alice).key
 
 
 def test_the_credential_never_appears_in_the_namespace_or_the_decision() -> None:
@@ -696,8 +717,8 @@ def test_decide_reads_headers_given_as_a_one_shot_iterator() -> None:
         query="",
         cacheable_paths=PATHS,
         headers=iter([(b"cache-control", b"no-cache"), (b"api-key", b"k")]),
-        body=body_of(REQUEST),
-        ignore_fields=("user",),
+        body=RequestBody(CHAT, body_of(REQUEST), ("user",)),
+        tenant=tenant_namespace([(b"api-key", b"k")], shared=False),
         shared=False,
     )
     assert once == listed

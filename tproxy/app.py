@@ -23,13 +23,8 @@ import trio
 
 from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope
 from tproxy.config import CacheSettings, RouteSettings, Settings
-from tproxy.core.cachekey import (
-    BodyMemo,
-    CacheDecision,
-    Verdict,
-    decide,
-    tenant_namespace,
-)
+from tproxy.core.body import BodyMemo, RequestBody
+from tproxy.core.cachekey import CacheDecision, Verdict, decide, tenant_namespace
 from tproxy.core.cachestatus import CacheStatus, Forward
 from tproxy.core.clientauth import ClientKeys
 from tproxy.core.dialects import dialect_for
@@ -49,7 +44,7 @@ from tproxy.core.headers import Header, client_request_id, header_value
 from tproxy.core.target import check_request_line
 from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
-from tproxy.routing import body_model, choose_route, needs_model
+from tproxy.routing import choose_route, needs_model
 from tproxy.store import CacheStore, CacheTier, LocalTier, SharedTier, look_up
 from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
@@ -148,7 +143,7 @@ class ProxyApp:
         bytes_in = 0
         try:
             try:
-                request, route, model = await self._read_request(scope, receive, request_id)
+                request, route, body, model = await self._read_request(scope, receive, request_id)
             except RequestRejected as rejection:
                 exchange.handle(Rejected(rejection.status, rejection.code), trio.current_time())
                 close = isinstance(rejection, _RefusedUnread) and scope["http_version"] != "2"
@@ -162,8 +157,9 @@ class ProxyApp:
             capture = self._telemetry.capture(
                 request.body, dialect_for(request.target.partition("?")[0])
             )
+            # The credential's hash, once: the exchange's tenant and the cache key's namespace.
             tenant = tenant_namespace(request.headers, shared=False)
-            lookup = await self._look_up(request, route, model)
+            lookup = await self._look_up(request, route, body, tenant)
             exchange.handle(
                 Classified(tenant, lookup.model or model, lookup.cache_status), trio.current_time()
             )
@@ -214,8 +210,11 @@ class ProxyApp:
 
     async def _read_request(
         self, scope: Scope, receive: ASGIReceive, request_id: bytes
-    ) -> tuple[ProxyRequest, RouteSettings, str | None]:
+    ) -> tuple[ProxyRequest, RouteSettings, RequestBody, str | None]:
         """Validate the request line and headers, read the body, choose the route.
+
+        Returns the request, its route, its body (parsed at most once, from here on) and the
+        model routing read from it (None when no route matches on models).
 
         Raises :class:`RequestRejected` for anything the proxy refuses, :class:`_ClientLeftError`
         if the client disconnects while sending its body.
@@ -234,11 +233,12 @@ class ProxyApp:
                 refusal = self._client_keys.check(headers)
             if refusal is not None:
                 raise refusal
-            body = await self._read_body(headers, receive)
+            data = await self._read_body(headers, receive)
         except RequestRejected as early:
             raise _RefusedUnread(early.status, early.code, early.message) from None
         path = raw_path.decode("latin-1")
-        model = body_model(body) if self._model_routing else None
+        body = RequestBody(path, data, self._settings.cache.ignore_fields, self._bodies)
+        model = body.model if self._model_routing else None
         route = choose_route(self._settings.routes, path, model)
         if route is None:
             raise RequestRejected(404, "no_route", f"no route accepts {method} {path}")
@@ -250,14 +250,14 @@ class ProxyApp:
             method=method,
             target=target,
             headers=headers,
-            body=body,
+            body=data,
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             upstreams=route.upstreams,
             retries=route.retries,
             total_timeout=self._settings.upstream(route.upstreams[0]).total_timeout,
         )
-        return request, route, model
+        return request, route, body, model
 
     def _check_head_size(
         self, scope: Scope, method: str, raw_path: bytes, headers: list[Header]
@@ -315,7 +315,7 @@ class ProxyApp:
                 return b"".join(parts)
 
     async def _look_up(
-        self, request: ProxyRequest, route: RouteSettings, model: str | None
+        self, request: ProxyRequest, route: RouteSettings, body: RequestBody, tenant: str
     ) -> _Lookup:
         cache = self._settings.cache
         path, _, query = request.target.partition("?")
@@ -327,10 +327,9 @@ class ProxyApp:
             query=query,
             cacheable_paths=cache.paths,
             headers=request.headers,
-            body=request.body,
-            ignore_fields=cache.ignore_fields,
+            body=body,
+            tenant=tenant,
             shared=cache.shared,
-            memo=self._bodies,
         )
         if decision.verdict is not Verdict.CACHEABLE or decision.key is None:
             bypass = _BYPASS.get(decision.verdict)
