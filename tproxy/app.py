@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope
+from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope, send_whole
 from tproxy.config import CacheSettings, RouteSettings, Settings
 from tproxy.core.body import BodyMemo, RequestBody
 from tproxy.core.cachekey import CacheDecision, Verdict, decide, tenant_namespace
@@ -437,5 +437,4 @@ async def replay(
         (b"age", str(int(age)).encode()),
         (b"cache-status", cache_status.header),
     ]
-    await send({"type": "http.response.start", "status": entry.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_whole(send, entry.status, headers, body)

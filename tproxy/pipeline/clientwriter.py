@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import trio
 
-from tproxy.asgi import ASGISend
+from tproxy.asgi import ASGISend, send_whole
 from tproxy.core.dialects import Dialect, dialect_for
 from tproxy.core.dialects.base import Decoder
 from tproxy.core.errors import RequestRejected
@@ -199,5 +199,4 @@ async def send_error(
         headers.append((b"www-authenticate", b"Bearer"))
     if cache_status is not None:
         headers.append((b"cache-status", cache_status))
-    await send({"type": "http.response.start", "status": rejection.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_whole(send, rejection.status, headers, body)
