@@ -1,4 +1,5 @@
-"""``BodyMemo``: a repeated body is not parsed again, and the decision does not change.
+"""``BodyMemo``: a repeated body is not parsed again (tests/test_body.py counts the parses), and
+the decision does not change.
 
 The memo is an optimisation only: every decision taken with it must equal the one taken without
 it, for any sequence of bodies (repeats, evictions, bodies with no canonical form, paths whose
@@ -8,7 +9,6 @@ API families stream by default or not). Its memory stays under its bound.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -65,22 +65,6 @@ def test_a_decision_is_the_same_with_and_without_the_memo(
     for path, body in requests_sent * 2:  # every request again: the second time from the memo
         assert decision(path, body, memo) == decision(path, body, None)
         assert memo.bytes_held <= max_bytes
-
-
-def test_a_repeated_body_is_parsed_once(monkeypatch: Any) -> None:
-    parsed: list[bytes] = []
-    parse = request_body._parse
-
-    def counting(body: bytes) -> Any:
-        parsed.append(body)
-        return parse(body)
-
-    monkeypatch.setattr(request_body, "_parse", counting)
-    memo = BodyMemo()
-    body = b'{"model": "m", "messages": []}'
-    first = decision(PATHS[0], body, memo)
-    assert decision(PATHS[0], bytes(bytearray(body)), memo) == first  # equal bytes, another object
-    assert parsed == [body]
 
 
 def test_the_least_recently_used_body_leaves_first_and_the_bound_holds() -> None:

@@ -57,7 +57,9 @@ def decide_for(
     enabled: bool = True,
     ignore_fields: tuple[str, ...] = ("user",),
     shared: bool = False,
+    tenant: str | None = None,
 ) -> CacheDecision:
+    """The decision for a request; ``tenant`` defaults to the hash of ``headers``' credential."""
     headers = headers if headers is not None else [(b"authorization", b"Bearer sk-alice")]
     data = body_of(REQUEST) if body is None else body
     return decide(
@@ -69,7 +71,7 @@ def decide_for(
         cacheable_paths=PATHS,
         headers=headers,
         body=RequestBody(path, data, ignore_fields),
-        tenant=tenant_namespace(headers, shared=False),
+        tenant=tenant_namespace(headers, shared=False) if tenant is None else tenant,
         shared=shared,
     )
 
@@ -381,18 +383,7 @@ def test_the_key_takes_the_tenant_the_caller_hashed() -> None:
     same hash): the decision keys under the tenant it is handed, never hashing again."""
     alice = [(b"authorization", b"Bearer sk-alice")]
     bob = [(b"authorization", b"Bearer sk-bob")]
-    handed_bob = decide(
-        enabled=True,
-        method="POST",
-        route="local",
-        path=CHAT,
-        query="",
-        cacheable_paths=PATHS,
-        headers=alice,
-        body=RequestBody(CHAT, body_of(REQUEST), ("user",)),
-        tenant=tenant_namespace(bob, shared=False),
-        shared=False,
-    )
+    handed_bob = decide_for(headers=alice, tenant=tenant_namespace(bob, shared=False))
     assert handed_bob.key == decide_for(headers=bob).key != decide_for(headers=alice).key
 
 

@@ -130,7 +130,7 @@ def test_the_header_and_the_label_say_the_same(status: CacheStatus) -> None:
     assert header == status.text.encode()
     parameters = read_back(header)
     assert status.label == label_of(parameters)
-    assert ("hit" in parameters) is status.is_hit
+    assert ("hit" in parameters) is (status.fwd is None)
     assert parameters.get("fwd") == (None if status.fwd is None else status.fwd.value)
     assert ("collapsed" in parameters) is status.collapsed
     if status.ttl is None:

@@ -70,10 +70,6 @@ class CacheStatus:
         return dataclasses.replace(self, collapsed=True)
 
     @property
-    def is_hit(self) -> bool:
-        return self.fwd is None
-
-    @property
     def text(self) -> str:
         """The header's value, e.g. ``tproxy; fwd=miss; collapsed`` (printable ASCII)."""
         parameters = [CACHE_NAME, "hit" if self.fwd is None else f"fwd={self.fwd.value}"]
