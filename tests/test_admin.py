@@ -28,6 +28,7 @@ from tproxy.core.events import (
     Classified,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     ResponseFinished,
     UpstreamEnded,
     UpstreamRequested,
@@ -105,7 +106,10 @@ def streaming_exchange(
     cache_status: CacheStatus | None = None,
 ) -> Exchange:
     exchange = Exchange(request_id, trio.current_time(), method="POST", path="/v1/chat/completions")
-    exchange.handle(Classified(tenant, model, cache_status), trio.current_time())
+    if tenant is not None:
+        exchange.handle(Identified(tenant), trio.current_time())
+    if cache_status is not None:
+        exchange.handle(Classified(model, cache_status), trio.current_time())
     exchange.handle(UpstreamRequested("local", 1), trio.current_time())
     exchange.handle(HeadersReceived(200), trio.current_time())
     exchange.note_upstream_chunk(300, trio.current_time())

@@ -41,11 +41,11 @@ from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import ConfigError
 from tproxy.core.events import (
     CacheHit,
-    Classified,
     ClientGone,
     Fact,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     InternalError,
     Rejected,
     ResponseFinished,
@@ -257,12 +257,10 @@ async def test_no_credential_reaches_a_record_a_log_line_or_a_payload(
 ) -> None:
     headers = [(b"authorization", f"Bearer {SECRET}".encode())]
     namespace = tenant_namespace(headers, shared=False)
-    proper = exchange_after(
-        (0.0, Classified(namespace, None, MISS)), ASKED, STREAMING, (0.5, ClientGone())
-    )
+    proper = exchange_after((0.0, Identified(namespace)), ASKED, STREAMING, (0.5, ClientGone()))
     # Even a credential put where the tenant hash belongs, or in a query string, stays out.
     careless = exchange_after(
-        (0.0, Classified(f"Bearer {SECRET}", None, None)),
+        (0.0, Identified(f"Bearer {SECRET}")),
         (0.1, Rejected(400, "bad")),
         path=f"/v1/x?key={SECRET}",
     )

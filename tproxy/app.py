@@ -34,6 +34,7 @@ from tproxy.core.events import (
     CacheHit,
     Classified,
     ClientGone,
+    Identified,
     InternalError,
     Rejected,
     ResponseFinished,
@@ -159,9 +160,10 @@ class ProxyApp:
             )
             # The credential's hash, once: the exchange's tenant and the cache key's namespace.
             tenant = tenant_namespace(request.headers, shared=False)
+            exchange.handle(Identified(tenant), trio.current_time())
             lookup = await self._look_up(request, route, body, tenant)
             exchange.handle(
-                Classified(tenant, lookup.model or model, lookup.cache_status), trio.current_time()
+                Classified(lookup.model or model, lookup.cache_status), trio.current_time()
             )
             if lookup.entry is not None:
                 replayed = lookup.entry

@@ -21,15 +21,22 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
-class Classified:
-    """The request was read and routed, and the cache has said what it does with it: whose
-    request it is (``tenant``, a hash of the credential, never the credential), the model it
-    names, and the ``Cache-Status`` its answer carries (None: the cache was not asked).
-    Accounting that arrives as a fact: the state stays ``received``."""
+class Identified:
+    """The request was read and routed; ``tenant`` says whose it is: a hash of the client's
+    credential, never the credential. Accounting that arrives as a fact: the state stays
+    ``received``."""
 
-    tenant: str | None
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """The cache has said what it does with the request: the model it names, and the
+    ``Cache-Status`` its answer carries. Accounting that arrives as a fact: the state stays
+    ``received``."""
+
     model: str | None
-    cache_status: CacheStatus | None
+    cache_status: CacheStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,7 @@ class InternalError:
 
 Fact = (
     Rejected
+    | Identified
     | Classified
     | CacheHit
     | UpstreamRequested

@@ -16,10 +16,10 @@ announced. ``AnswerDelivered`` moves ``STREAMING`` to ``DELIVERED``, and there t
 (``ClientGone``) completes the exchange: it did not leave early.
 
 ``FollowerJoined`` is accounting that arrives as a fact (another request joined the flight this
-exchange opened): it leaves the state where it is, and counts in ``followers``. So is
-``Classified`` (whose request, which model, its Cache-Status), told once the cache has decided and
-legal only in ``received``: nothing outside this module sets a field. ``JoinedFlight`` marks the
-exchange ``collapsed``, in its Cache-Status too.
+exchange opened): it leaves the state where it is, and counts in ``followers``. So are
+``Identified`` (whose request: the tenant) and ``Classified`` (the model, the Cache-Status), told
+before any answer starts and legal only in ``received``: nothing outside this module sets a field.
+``JoinedFlight`` marks the exchange ``collapsed``, in its Cache-Status too.
 
 Counters (bytes, chunks, events) are accounting, not lifecycle: they are plain methods that do not
 touch the state. Times are passed in by the caller (any monotonic clock), keeping this module pure.
@@ -41,6 +41,7 @@ from tproxy.core.events import (
     FellBehind,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     InternalError,
     JoinedFlight,
     Rejected,
@@ -103,6 +104,7 @@ _OPENING = (State.RECEIVED, State.CONNECTING, State.STREAMING, State.DELIVERED, 
 TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.RECEIVED, Rejected): State.REJECTED,
     # Who asked, for which model, and what the cache does: known before any answer starts.
+    (State.RECEIVED, Identified): State.RECEIVED,
     (State.RECEIVED, Classified): State.RECEIVED,
     (State.RECEIVED, CacheHit): State.REPLAYING,
     (State.RECEIVED, UpstreamRequested): State.CONNECTING,
@@ -206,8 +208,9 @@ class Exchange:
             case TimedOut(phase=phase, answered=answered):
                 self.reason = f"timeout:{phase}"
                 self._answered(answered)
-            case Classified(tenant=tenant, model=model, cache_status=cache_status):
+            case Identified(tenant=tenant):
                 self.tenant = tenant
+            case Classified(model=model, cache_status=cache_status):
                 self.model = model
                 self.cache_status = cache_status
             case CacheHit():
