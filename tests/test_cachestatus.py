@@ -68,7 +68,7 @@ def test_a_detail_that_is_not_a_token_is_quoted(detail: str, written: str) -> No
 
 def test_a_hit_is_never_collapsed() -> None:
     with pytest.raises(ValueError, match="not collapsed"):
-        CacheStatus(None, collapsed=True)
+        CacheStatus.hit(60).joined()
 
 
 def test_every_forward_reason_is_a_token() -> None:
