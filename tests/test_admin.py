@@ -22,10 +22,13 @@ from tproxy.config import (
     ServerSettings,
     Settings,
 )
+from tproxy.core.cachestatus import CacheStatus, Forward
 from tproxy.core.errors import ConfigError
 from tproxy.core.events import (
+    Classified,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     ResponseFinished,
     UpstreamEnded,
     UpstreamRequested,
@@ -95,10 +98,18 @@ def store(tmp_path: Path) -> Iterator[LmdbStore]:
     opened.close()
 
 
-def streaming_exchange(request_id: str, **fields: object) -> Exchange:
+def streaming_exchange(
+    request_id: str,
+    *,
+    tenant: str | None = None,
+    model: str | None = None,
+    cache_status: CacheStatus | None = None,
+) -> Exchange:
     exchange = Exchange(request_id, trio.current_time(), method="POST", path="/v1/chat/completions")
-    for name, value in fields.items():
-        setattr(exchange, name, value)
+    if tenant is not None:
+        exchange.handle(Identified(tenant), trio.current_time())
+    if cache_status is not None:
+        exchange.handle(Classified(model, cache_status), trio.current_time())
     exchange.handle(UpstreamRequested("local", 1), trio.current_time())
     exchange.handle(HeadersReceived(200), trio.current_time())
     exchange.note_upstream_chunk(300, trio.current_time())
@@ -186,7 +197,6 @@ async def test_metrics_are_prometheus_text_and_move_as_exchanges_finish(
         bytes_in=1,
         usage=None,
         cache_outcome=None,
-        collapsed=False,
         now_unix=0.0,
     )
     telemetry.exchange_finished(record)
@@ -202,7 +212,9 @@ async def test_inflight_shows_a_live_exchange_and_not_after_it_leaves(
 ) -> None:
     inflight = Inflight()
     app = AdminApp(None, inflight=inflight)
-    exchange = streaming_exchange("live-1", model="m1", tenant="a" * 32)
+    exchange = streaming_exchange(
+        "live-1", model="m1", tenant="a" * 32, cache_status=CacheStatus.forwarded(Forward.MISS)
+    )
     for _ in range(2):  # two identical requests joined the flight it opened
         exchange.handle(FollowerJoined(), trio.current_time())
     with inflight.track(exchange):
@@ -221,7 +233,7 @@ async def test_inflight_shows_a_live_exchange_and_not_after_it_leaves(
                 "upstream": "local",
                 "model": "m1",
                 "status": 200,
-                "cache_status": None,
+                "cache_status": "tproxy; fwd=miss",
                 "bytes_out": 300,
                 "upstream_bytes": 300,
                 "events": 4,

@@ -1,4 +1,5 @@
-"""``BodyMemo``: a repeated body is not parsed again, and the decision does not change.
+"""``BodyMemo``: a repeated body is not parsed again (tests/test_body.py counts the parses), and
+the decision does not change.
 
 The memo is an optimisation only: every decision taken with it must equal the one taken without
 it, for any sequence of bodies (repeats, evictions, bodies with no canonical form, paths whose
@@ -8,13 +9,13 @@ API families stream by default or not). Its memory stays under its bound.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tproxy.core import cachekey
-from tproxy.core.cachekey import BodyMemo, CacheDecision, decide
+from tproxy.core import body as request_body
+from tproxy.core.body import BodyMemo, RequestBody
+from tproxy.core.cachekey import CacheDecision, decide
 
 PATHS = ("/v1/chat/completions", "/api/chat", "/v1/embeddings")
 IGNORED = ("user",)
@@ -50,10 +51,9 @@ def decision(path: str, body: bytes, memo: BodyMemo | None) -> CacheDecision:
         query="",
         cacheable_paths=frozenset(PATHS),
         headers=[(b"authorization", b"Bearer k")],
-        body=body,
-        ignore_fields=IGNORED,
+        body=RequestBody(path, body, IGNORED, memo),
+        tenant="k",
         shared=False,
-        memo=memo,
     )
 
 
@@ -67,27 +67,11 @@ def test_a_decision_is_the_same_with_and_without_the_memo(
         assert memo.bytes_held <= max_bytes
 
 
-def test_a_repeated_body_is_parsed_once(monkeypatch: Any) -> None:
-    parsed: list[bytes] = []
-    parse = cachekey._parse_canonical
-
-    def counting(body: bytes, ignore_fields: Any) -> Any:
-        parsed.append(body)
-        return parse(body, ignore_fields)
-
-    monkeypatch.setattr(cachekey, "_parse_canonical", counting)
-    memo = BodyMemo()
-    body = b'{"model": "m", "messages": []}'
-    first = decision(PATHS[0], body, memo)
-    assert decision(PATHS[0], bytes(bytearray(body)), memo) == first  # equal bytes, another object
-    assert parsed == [body]
-
-
 def test_the_least_recently_used_body_leaves_first_and_the_bound_holds() -> None:
     def body(n: int) -> bytes:
         return b'{"model": "m%03d"}' % n
 
-    canonical = cachekey.canonical_json(body(0))
+    canonical = request_body.canonical_json(body(0))
     assert canonical is not None
     each = len(body(0)) + len(canonical)
     memo = BodyMemo(max_bytes=each * 3, max_body_bytes=64)  # room for three

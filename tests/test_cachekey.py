@@ -13,16 +13,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tproxy.core import cachekey
+from tproxy.core.body import CANONICAL_BODY_LIMIT, RequestBody, canonical_json
 from tproxy.core.cachekey import (
-    CANONICAL_BODY_LIMIT,
     KEY_VERSION,
     CacheDecision,
     RequestCacheControl,
     Verdict,
     cache_key,
-    canonical_json,
     decide,
-    format_cache_status,
     parse_cache_control,
     response_store_refusal,
     tenant_namespace,
@@ -59,7 +57,11 @@ def decide_for(
     enabled: bool = True,
     ignore_fields: tuple[str, ...] = ("user",),
     shared: bool = False,
+    tenant: str | None = None,
 ) -> CacheDecision:
+    """The decision for a request; ``tenant`` defaults to the hash of ``headers``' credential."""
+    headers = headers if headers is not None else [(b"authorization", b"Bearer sk-alice")]
+    data = body_of(REQUEST) if body is None else body
     return decide(
         enabled=enabled,
         method=method,
@@ -67,9 +69,9 @@ def decide_for(
         path=path,
         query=query,
         cacheable_paths=PATHS,
-        headers=headers if headers is not None else [(b"authorization", b"Bearer sk-alice")],
-        body=body_of(REQUEST) if body is None else body,
-        ignore_fields=ignore_fields,
+        headers=headers,
+        body=RequestBody(path, data, ignore_fields),
+        tenant=tenant_namespace(headers, shared=False) if tenant is None else tenant,
         shared=shared,
     )
 
@@ -374,6 +376,15 @@ def test_shared_puts_every_client_in_one_namespace() -> None:
     alice = decide_for(headers=[(b"authorization", b"Bearer sk-alice")], shared=True)
     bob = decide_for(headers=[(b"authorization", b"Bearer sk-bob")], shared=True)
     assert alice.key == bob.key
+
+
+def test_the_key_takes_the_tenant_the_caller_hashed() -> None:
+    """The credential is hashed once per request, by the caller (the exchange's tenant is the
+    same hash): the decision keys under the tenant it is handed, never hashing again."""
+    alice = [(b"authorization", b"Bearer sk-alice")]
+    bob = [(b"authorization", b"Bearer sk-bob")]
+    handed_bob = decide_for(headers=alice, tenant=tenant_namespace(bob, shared=False))
+    assert handed_bob.key == decide_for(headers=bob).key != decide_for(headers=alice).key
 
 
 def test_the_credential_never_appears_in_the_namespace_or_the_decision() -> None:
@@ -697,79 +708,8 @@ def test_decide_reads_headers_given_as_a_one_shot_iterator() -> None:
         query="",
         cacheable_paths=PATHS,
         headers=iter([(b"cache-control", b"no-cache"), (b"api-key", b"k")]),
-        body=body_of(REQUEST),
-        ignore_fields=("user",),
+        body=RequestBody(CHAT, body_of(REQUEST), ("user",)),
+        tenant=tenant_namespace([(b"api-key", b"k")], shared=False),
         shared=False,
     )
     assert once == listed
-
-
-# --- Cache-Status ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("arguments", "expected"),
-    [
-        ({"hit": True, "ttl": 3512}, "tproxy; hit; ttl=3512"),
-        ({"hit": False, "fwd": "miss"}, "tproxy; fwd=miss"),
-        ({"hit": False, "fwd": "miss", "stored": True}, "tproxy; fwd=miss; stored"),
-        ({"hit": False, "fwd": "request"}, "tproxy; fwd=request"),
-        (
-            {"hit": False, "fwd": "uri-miss", "detail": "not-json"},
-            "tproxy; fwd=uri-miss; detail=not-json",
-        ),
-        ({"hit": False, "fwd": "miss", "collapsed": True}, "tproxy; fwd=miss; collapsed"),
-        ({"hit": False}, "tproxy"),
-        ({"hit": True, "ttl": -5}, "tproxy; hit; ttl=-5"),
-        ({"hit": True, "ttl": 10**20}, "tproxy; hit; ttl=999999999999999"),
-        (
-            {
-                "hit": False,
-                "fwd": "miss",
-                "ttl": 60,
-                "stored": True,
-                "collapsed": True,
-                "detail": "x",
-            },
-            "tproxy; fwd=miss; ttl=60; stored; collapsed; detail=x",
-        ),
-    ],
-)
-def test_cache_status_values(arguments: dict[str, Any], expected: str) -> None:
-    assert format_cache_status(**arguments) == expected
-
-
-@pytest.mark.parametrize(
-    ("detail", "written"),
-    [
-        ("no-store", "no-store"),
-        ("key/v1:x", "key/v1:x"),
-        ("two words", '"two words"'),
-        ("1st", '"1st"'),
-        ("", '""'),
-        ('say "hi" \\ bye', '"say \\"hi\\" \\\\ bye"'),
-        ("café\r\nSet-Cookie: x", '"caf???Set-Cookie: x"'),
-    ],
-)
-def test_a_detail_that_is_not_a_token_is_quoted(detail: str, written: str) -> None:
-    assert format_cache_status(hit=False, fwd="bypass", detail=detail) == (
-        f"tproxy; fwd=bypass; detail={written}"
-    )
-
-
-def test_a_hit_was_not_forwarded() -> None:
-    with pytest.raises(ValueError, match="not forwarded"):
-        format_cache_status(hit=True, fwd="miss")
-
-
-@pytest.mark.parametrize("fwd", ["", "two words", "miss;x", "1miss"])
-def test_fwd_must_be_a_token(fwd: str) -> None:
-    with pytest.raises(ValueError, match="token"):
-        format_cache_status(hit=False, fwd=fwd)
-
-
-@settings(max_examples=200)
-@given(st.text(), st.integers())
-def test_cache_status_is_always_printable_ascii(detail: str, ttl: int) -> None:
-    value = format_cache_status(hit=False, fwd="miss", ttl=ttl, detail=detail)
-    assert all(" " <= char <= "~" for char in value)

@@ -6,15 +6,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tproxy.core.cachestatus import CacheStatus, Forward
 from tproxy.core.errors import IllegalTransition
 from tproxy.core.events import (
     AnswerDelivered,
     CacheHit,
+    Classified,
     ClientGone,
     Fact,
     FellBehind,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     InternalError,
     JoinedFlight,
     Rejected,
@@ -126,6 +129,31 @@ def test_a_replay_has_no_followers() -> None:
         exchange.handle(FollowerJoined(), 1.1)
 
 
+MISS = CacheStatus.forwarded(Forward.MISS)
+
+
+def test_who_asked_for_what_arrives_as_facts_before_the_answer_starts() -> None:
+    exchange = new_exchange()
+    exchange.handle(Identified("tenant-hash"), 1.0)
+    exchange.handle(Classified("m1", MISS), 1.1)
+    assert (exchange.state, exchange.history) == (State.RECEIVED, [])
+    assert (exchange.tenant, exchange.model, exchange.cache_status) == ("tenant-hash", "m1", MISS)
+    exchange.handle(UpstreamRequested("u", 1), 1.2)
+    for late in (Identified("other"), Classified("m2", CacheStatus.hit())):
+        with pytest.raises(IllegalTransition):
+            exchange.handle(late, 1.3)
+    assert (exchange.tenant, exchange.model, exchange.cache_status) == ("tenant-hash", "m1", MISS)
+
+
+def test_a_follower_is_collapsed_in_its_cache_status_too() -> None:
+    exchange = new_exchange()
+    exchange.handle(Classified(None, MISS), 1.0)
+    exchange.handle(JoinedFlight(), 1.1)
+    assert exchange.collapsed
+    assert exchange.cache_status == MISS.joined()
+    assert exchange.cache_status.text == "tproxy; fwd=miss; collapsed"
+
+
 def test_a_retry_stays_connecting_and_counts_attempts() -> None:
     exchange = new_exchange()
     exchange.handle(UpstreamRequested("a", 1), 1.0)
@@ -184,6 +212,8 @@ def test_the_diagram_names_every_transition() -> None:
 
 ALL_FACTS: list[Fact] = [
     Rejected(400, "bad"),
+    Identified("t"),
+    Classified("m", MISS),
     JoinedFlight(),
     FollowerJoined(),
     FellBehind(),
@@ -229,6 +259,8 @@ def lifecycle(state: State, fact: Fact) -> State | None:
             return S.COMPLETED if state is S.DELIVERED else S.CLIENT_GONE
         case Rejected():
             return S.REJECTED if state is S.RECEIVED else None
+        case Identified() | Classified():
+            return S.RECEIVED if state is S.RECEIVED else None
         case CacheHit():
             return S.REPLAYING if state is S.RECEIVED else None
         case JoinedFlight():

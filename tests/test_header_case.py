@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import RunningProxy, StartProxy, access_lines
 from tests.fakeupstream import FakeUpstream
+from tproxy.core.body import RequestBody
 from tproxy.core.cachekey import decide, tenant_namespace
 from tproxy.core.headers import (
     Header,
@@ -193,8 +194,8 @@ def test_the_case_of_request_header_names_never_changes_a_cache_decision_or_a_lo
             query="",
             cacheable_paths={"/v1/chat/completions"},
             headers=headers,
-            body=body,
-            ignore_fields=(),
+            body=RequestBody("/v1/chat/completions", body),
+            tenant=tenant_namespace(headers, shared=False),
             shared=False,
         )
         for headers in seen

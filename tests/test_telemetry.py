@@ -36,6 +36,7 @@ from tproxy.config import (
     UpstreamSettings,
 )
 from tproxy.core.cachekey import tenant_namespace
+from tproxy.core.cachestatus import CacheStatus, Forward
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import ConfigError
 from tproxy.core.events import (
@@ -44,6 +45,7 @@ from tproxy.core.events import (
     Fact,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     InternalError,
     Rejected,
     ResponseFinished,
@@ -79,6 +81,7 @@ from tproxy.telemetry import (
 )
 
 SECRET = "sk-live-0123456789abcdef"
+MISS = CacheStatus.forwarded(Forward.MISS)
 T0 = 1000.0
 NOW_UNIX = 1_700_000_000.0
 
@@ -98,11 +101,9 @@ def make_settings(
     )
 
 
-def exchange_after(*steps: tuple[float, Fact], **fields: object) -> Exchange:
+def exchange_after(*steps: tuple[float, Fact], path: str = "/v1/chat/completions") -> Exchange:
     """An exchange that started at T0 and was told ``steps`` (seconds after T0, fact)."""
-    exchange = Exchange("req-1", T0, method="POST", path="/v1/chat/completions", client="10.0.0.7")
-    for name, value in fields.items():
-        setattr(exchange, name, value)
+    exchange = Exchange("req-1", T0, method="POST", path=path, client="10.0.0.7")
     for offset, fact in steps:
         if isinstance(fact, UpstreamEnded):
             exchange.note_upstream_chunk(120, T0 + offset - 0.5)
@@ -118,7 +119,6 @@ def record_of(exchange: Exchange, **overrides: object) -> ExchangeRecord:
         "bytes_in": 42,
         "usage": None,
         "cache_outcome": None,
-        "collapsed": False,
         "now_unix": NOW_UNIX,
     }
     arguments.update(overrides)
@@ -196,7 +196,7 @@ async def test_an_access_line_has_every_documented_field_in_order(
 ) -> None:
     exchange = TERMINAL_CASES["completed"]
     usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8, "details": {}}
-    record = record_of(exchange, usage=usage, cache_outcome="stored", collapsed=False, bytes_in=512)
+    record = record_of(exchange, usage=usage, cache_outcome="stored", bytes_in=512)
     [line] = await logged_access_lines(caplog, record)
     fields = [name for name in record.to_json() if name != "time"]
     assert list(line) == ["time", "level", "logger", *fields]
@@ -213,7 +213,7 @@ def test_the_console_form_is_one_readable_line() -> None:
         TERMINAL_CASES["completed"],
         usage={"prompt_tokens": 3, "completion_tokens": 5},
     )
-    record = dataclasses.replace(record, cache_status="tproxy; fwd=miss; stored", model="m1")
+    record = dataclasses.replace(record, cache_status=MISS, model="m1")
     assert record.summary() == (
         "200 POST /v1/chat/completions completed 2100.0ms ttfb=1500.0ms in=42B out=120B"
         " events=3 cache=miss upstream=local model=m1 tokens=3+5 id=req-1"
@@ -258,10 +258,12 @@ async def test_no_credential_reaches_a_record_a_log_line_or_a_payload(
 ) -> None:
     headers = [(b"authorization", f"Bearer {SECRET}".encode())]
     namespace = tenant_namespace(headers, shared=False)
-    proper = exchange_after(ASKED, STREAMING, (0.5, ClientGone()), tenant=namespace)
+    proper = exchange_after((0.0, Identified(namespace)), ASKED, STREAMING, (0.5, ClientGone()))
     # Even a credential put where the tenant hash belongs, or in a query string, stays out.
     careless = exchange_after(
-        (0.0, Rejected(400, "bad")), tenant=f"Bearer {SECRET}", path=f"/v1/x?key={SECRET}"
+        (0.0, Identified(f"Bearer {SECRET}")),
+        (0.1, Rejected(400, "bad")),
+        path=f"/v1/x?key={SECRET}",
     )
     records = [record_of(proper), record_of(careless)]
     assert records[0].tenant == tenant_label(namespace)
@@ -765,7 +767,7 @@ async def test_metrics_parse_and_counters_move_as_exchanges_finish(store: LmdbSt
 
     completed = dataclasses.replace(
         record_of(TERMINAL_CASES["completed"], usage={"prompt_tokens": 3, "completion_tokens": 5}),
-        cache_status="tproxy; fwd=miss; stored",
+        cache_status=MISS,
         model="m1",
     )
     telemetry.exchange_finished(completed)
@@ -773,10 +775,12 @@ async def test_metrics_parse_and_counters_move_as_exchanges_finish(store: LmdbSt
     telemetry.exchange_finished(record_of(TERMINAL_CASES["timed_out"]))
     telemetry.exchange_finished(record_of(TERMINAL_CASES["upstream_failed"]))
     hit = dataclasses.replace(
-        record_of(TERMINAL_CASES["replayed"]), cache_status="tproxy; hit; ttl=60"
+        record_of(TERMINAL_CASES["replayed"]), cache_status=CacheStatus.hit(60)
     )
     telemetry.exchange_finished(hit)
-    follower = dataclasses.replace(record_of(TERMINAL_CASES["completed"]), collapsed=True)
+    follower = dataclasses.replace(
+        record_of(TERMINAL_CASES["completed"]), cache_status=MISS.joined(), collapsed=True
+    )
     telemetry.exchange_finished(follower)
     telemetry.note_background_completion("stored")
     store.get("absent", 0.0)
@@ -892,16 +896,19 @@ def test_tokens_are_spent_once_per_upstream_answer_and_saved_by_hits_and_followe
     usage = {"prompt_tokens": 3, "completion_tokens": 5}
     leader = dataclasses.replace(
         record_of(TERMINAL_CASES["completed"], usage=usage),
-        cache_status="tproxy; fwd=miss",
+        cache_status=MISS,
         model="m1",
     )
-    follower = dataclasses.replace(leader, cache_status="tproxy; fwd=miss; collapsed")
+    follower = dataclasses.replace(leader, cache_status=MISS.joined(), collapsed=True)
     early_leaver = dataclasses.replace(
-        record_of(TERMINAL_CASES["client_gone"], usage=usage, collapsed=True), model="m1"
+        record_of(TERMINAL_CASES["client_gone"], usage=usage),
+        cache_status=MISS.joined(),
+        collapsed=True,
+        model="m1",
     )
     hit = dataclasses.replace(
         record_of(TERMINAL_CASES["replayed"], usage=usage),
-        cache_status="tproxy; hit; ttl=60",
+        cache_status=CacheStatus.hit(60),
         model="m1",
     )
     for record in (leader, follower, follower, early_leaver, hit):
@@ -938,21 +945,21 @@ def test_client_chosen_model_names_cannot_grow_the_metrics_without_bound() -> No
 
 
 @pytest.mark.parametrize(
-    ("header", "label"),
+    ("status", "label"),
     [
         (None, "none"),
-        ("tproxy; hit; ttl=30", "hit"),
-        ("tproxy; fwd=miss; stored", "miss"),
-        ("tproxy; fwd=miss; collapsed", "collapsed"),
-        ("tproxy; fwd=stale", "stale"),
-        ("tproxy; fwd=bypass", "bypass"),
-        ("tproxy; fwd=request", "request"),
-        ("tproxy; fwd=weird", "other"),
-        ("tproxy", "other"),
+        (CacheStatus.hit(30), "hit"),
+        (CacheStatus.hit(30, "shared"), "hit"),
+        (MISS, "miss"),
+        (MISS.joined(), "collapsed"),
+        (CacheStatus.forwarded(Forward.STALE), "stale"),
+        (CacheStatus.forwarded(Forward.BYPASS), "bypass"),
+        (CacheStatus.forwarded(Forward.REQUEST), "request"),
+        (CacheStatus.forwarded(Forward.MISS, detail="not-json"), "miss"),
     ],
 )
-def test_cache_status_becomes_one_label(header: str | None, label: str) -> None:
-    assert cache_label(header) == label
+def test_cache_status_becomes_one_label(status: CacheStatus | None, label: str) -> None:
+    assert cache_label(status) == label
 
 
 @pytest.mark.parametrize(

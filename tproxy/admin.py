@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Scope
+from tproxy.asgi import ASGIReceive, ASGISend, Scope, send_whole
 from tproxy.config import Settings
 from tproxy.core.errors import ConfigError, StoreError, TproxyError
 from tproxy.core.exchange import Exchange
@@ -167,7 +167,7 @@ def _describe(exchange: Exchange, now: float, tenants: bool) -> dict[str, object
         "upstream": exchange.upstream,
         "model": exchange.model,
         "status": exchange.status,
-        "cache_status": exchange.cache_status,
+        "cache_status": None if exchange.cache_status is None else exchange.cache_status.text,
         "bytes_out": exchange.delivered_bytes,
         "upstream_bytes": exchange.upstream_bytes,
         "events": exchange.events,
@@ -197,5 +197,4 @@ async def _reply(
         (b"cache-control", b"no-store"),
         *(extra or []),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
+    await send_whole(send, status, headers, b"" if head else body)

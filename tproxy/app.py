@@ -21,23 +21,20 @@ from dataclasses import dataclass
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope
+from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope, send_whole
 from tproxy.config import CacheSettings, RouteSettings, Settings
-from tproxy.core.cachekey import (
-    BodyMemo,
-    CacheDecision,
-    Verdict,
-    decide,
-    format_cache_status,
-    tenant_namespace,
-)
+from tproxy.core.body import BodyMemo, RequestBody
+from tproxy.core.cachekey import CacheDecision, Verdict, decide, tenant_namespace
+from tproxy.core.cachestatus import CacheStatus, Forward
 from tproxy.core.clientauth import ClientKeys
 from tproxy.core.dialects import dialect_for
 from tproxy.core.entry import StoredEntry
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import (
     CacheHit,
+    Classified,
     ClientGone,
+    Identified,
     InternalError,
     Rejected,
     ResponseFinished,
@@ -48,15 +45,15 @@ from tproxy.core.headers import Header, client_request_id, header_value
 from tproxy.core.target import check_request_line
 from tproxy.inflight import Inflight
 from tproxy.pipeline import CachePlan, CacheReport, Exchanger, ProxyRequest, send_error
-from tproxy.routing import body_model, choose_route, needs_model
+from tproxy.routing import choose_route, needs_model
 from tproxy.store import CacheStore, CacheTier, LocalTier, SharedTier, look_up
 from tproxy.telemetry import ExchangeRecord, PayloadCapture, Telemetry
 
 _BYPASS = {
-    Verdict.DISABLED: "bypass",
-    Verdict.METHOD: "bypass",
-    Verdict.PATH: "bypass",
-    Verdict.NO_STORE: "request",
+    Verdict.DISABLED: Forward.BYPASS,
+    Verdict.METHOD: Forward.BYPASS,
+    Verdict.PATH: Forward.BYPASS,
+    Verdict.NO_STORE: Forward.REQUEST,
 }
 
 
@@ -79,7 +76,7 @@ class _Lookup:
     entry: StoredEntry | None
     age: float
     plan: CachePlan | None
-    cache_status: str | None
+    cache_status: CacheStatus
     refuse_miss: bool = False  # only-if-cached and nothing usable is stored
     model: str | None = None
 
@@ -147,7 +144,7 @@ class ProxyApp:
         bytes_in = 0
         try:
             try:
-                request, route, model = await self._read_request(scope, receive, request_id)
+                request, route, body, model = await self._read_request(scope, receive, request_id)
             except RequestRejected as rejection:
                 exchange.handle(Rejected(rejection.status, rejection.code), trio.current_time())
                 close = isinstance(rejection, _RefusedUnread) and scope["http_version"] != "2"
@@ -161,10 +158,13 @@ class ProxyApp:
             capture = self._telemetry.capture(
                 request.body, dialect_for(request.target.partition("?")[0])
             )
-            exchange.tenant = tenant_namespace(request.headers, shared=False)
-            lookup = await self._look_up(request, route, model)
-            exchange.model = lookup.model or model
-            exchange.cache_status = lookup.cache_status
+            # The credential's hash, once: the exchange's tenant and the cache key's namespace.
+            tenant = tenant_namespace(request.headers, shared=False)
+            exchange.handle(Identified(tenant), trio.current_time())
+            lookup = await self._look_up(request, route, body, tenant)
+            exchange.handle(
+                Classified(lookup.model or model, lookup.cache_status), trio.current_time()
+            )
             if lookup.entry is not None:
                 replayed = lookup.entry
                 exchange.handle(CacheHit(lookup.age), trio.current_time())
@@ -177,10 +177,10 @@ class ProxyApp:
             if lookup.refuse_miss:
                 refusal = RequestRejected(504, "not_cached", "only-if-cached: no stored answer")
                 exchange.handle(Rejected(504, "not_cached"), trio.current_time())
-                await send_error(send, refusal, request_id, _encode(lookup.cache_status))
+                await send_error(send, refusal, request_id, lookup.cache_status.header)
                 return
             report = await self._exchanger.run(
-                request, exchange, receive, send, lookup.plan, lookup.cache_status, capture
+                request, exchange, receive, send, lookup.plan, capture
             )
         except BaseException as error:
             # Every exchange ends once in a known state, even on the way out of an exception:
@@ -204,7 +204,6 @@ class ProxyApp:
                     else None
                 ),
                 cache_outcome=report.reason if report is not None and report.attempted else None,
-                collapsed=exchange.collapsed,
                 now_unix=time.time(),
             )
             self._telemetry.exchange_finished(
@@ -213,8 +212,11 @@ class ProxyApp:
 
     async def _read_request(
         self, scope: Scope, receive: ASGIReceive, request_id: bytes
-    ) -> tuple[ProxyRequest, RouteSettings, str | None]:
+    ) -> tuple[ProxyRequest, RouteSettings, RequestBody, str | None]:
         """Validate the request line and headers, read the body, choose the route.
+
+        Returns the request, its route, its body (parsed at most once, from here on) and the
+        model routing read from it (None when no route matches on models).
 
         Raises :class:`RequestRejected` for anything the proxy refuses, :class:`_ClientLeftError`
         if the client disconnects while sending its body.
@@ -233,11 +235,12 @@ class ProxyApp:
                 refusal = self._client_keys.check(headers)
             if refusal is not None:
                 raise refusal
-            body = await self._read_body(headers, receive)
+            data = await self._read_body(headers, receive)
         except RequestRejected as early:
             raise _RefusedUnread(early.status, early.code, early.message) from None
         path = raw_path.decode("latin-1")
-        model = body_model(body) if self._model_routing else None
+        body = RequestBody(path, data, self._settings.cache.ignore_fields, self._bodies)
+        model = body.model if self._model_routing else None
         route = choose_route(self._settings.routes, path, model)
         if route is None:
             raise RequestRejected(404, "no_route", f"no route accepts {method} {path}")
@@ -249,14 +252,14 @@ class ProxyApp:
             method=method,
             target=target,
             headers=headers,
-            body=body,
+            body=data,
             client_host=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             upstreams=route.upstreams,
             retries=route.retries,
             total_timeout=self._settings.upstream(route.upstreams[0]).total_timeout,
         )
-        return request, route, model
+        return request, route, body, model
 
     def _check_head_size(
         self, scope: Scope, method: str, raw_path: bytes, headers: list[Header]
@@ -314,7 +317,7 @@ class ProxyApp:
                 return b"".join(parts)
 
     async def _look_up(
-        self, request: ProxyRequest, route: RouteSettings, model: str | None
+        self, request: ProxyRequest, route: RouteSettings, body: RequestBody, tenant: str
     ) -> _Lookup:
         cache = self._settings.cache
         path, _, query = request.target.partition("?")
@@ -326,17 +329,19 @@ class ProxyApp:
             query=query,
             cacheable_paths=cache.paths,
             headers=request.headers,
-            body=request.body,
-            ignore_fields=cache.ignore_fields,
+            body=body,
+            tenant=tenant,
             shared=cache.shared,
-            memo=self._bodies,
         )
         if decision.verdict is not Verdict.CACHEABLE or decision.key is None:
-            fwd = _BYPASS.get(decision.verdict, "miss")
-            detail = None if decision.verdict in _BYPASS else decision.verdict.value
-            status = format_cache_status(hit=False, fwd=fwd, detail=detail)
+            bypass = _BYPASS.get(decision.verdict)
+            status = (
+                CacheStatus.forwarded(Forward.MISS, detail=decision.verdict.value)
+                if bypass is None
+                else CacheStatus.forwarded(bypass)
+            )
             return _Lookup(None, 0.0, None, status, refuse_miss=decision.only_if_cached)
-        fwd = "request" if not decision.lookup else "miss"
+        fwd = Forward.MISS if decision.lookup else Forward.REQUEST
         if decision.lookup and self._tiers:
             now = time.time()
             max_age = decision.max_age
@@ -349,8 +354,8 @@ class ProxyApp:
                 self._keep_locally(decision.key, found.entry)
                 return _hit(found.entry, now, decision, tier=self._tiers[found.tier].name)
             if found.stale:
-                fwd = "stale"
-        status = format_cache_status(hit=False, fwd=fwd)
+                fwd = Forward.STALE
+        status = CacheStatus.forwarded(fwd)
         if decision.only_if_cached:
             return _Lookup(None, 0.0, None, status, refuse_miss=True, model=decision.model)
         plan = _plan(cache, route, decision) if decision.store else None
@@ -370,7 +375,7 @@ def _fresh_enough(entry: StoredEntry, now: float, max_age: float | None) -> bool
 def _hit(entry: StoredEntry, now: float, decision: CacheDecision, tier: str | None) -> _Lookup:
     """A hit from the local store (``tier`` None) or from the tier ``tier`` names."""
     ttl = int(entry.expires_at - now) if entry.expires_at != float("inf") else None
-    status = format_cache_status(hit=True, ttl=ttl, detail=tier)
+    status = CacheStatus.hit(ttl, tier)
     return _Lookup(entry, max(0.0, now - entry.created_at), None, status, model=decision.model)
 
 
@@ -391,10 +396,6 @@ def _only_cancelled(error: BaseException) -> bool:
     if isinstance(error, BaseExceptionGroup):
         return error.split(trio.Cancelled)[1] is None
     return isinstance(error, trio.Cancelled)
-
-
-def _encode(cache_status: str | None) -> bytes | None:
-    return None if cache_status is None else cache_status.encode()
 
 
 def _closing(send: ASGISend) -> ASGISend:
@@ -427,7 +428,7 @@ def _too_large(limit: int) -> RequestRejected:
 
 
 async def replay(
-    send: ASGISend, entry: StoredEntry, request_id: bytes, age: float, cache_status: str | None
+    send: ASGISend, entry: StoredEntry, request_id: bytes, age: float, cache_status: CacheStatus
 ) -> None:
     """Send a stored answer in one body message, byte for byte as the upstream sent it."""
     body = b"".join(entry.chunks)
@@ -436,8 +437,6 @@ async def replay(
         (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id),
         (b"age", str(int(age)).encode()),
+        (b"cache-status", cache_status.header),
     ]
-    if cache_status is not None:
-        headers.append((b"cache-status", cache_status.encode()))
-    await send({"type": "http.response.start", "status": entry.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_whole(send, entry.status, headers, body)

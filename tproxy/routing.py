@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
@@ -10,20 +9,9 @@ from tproxy.config import RouteSettings
 
 
 def needs_model(routes: Sequence[RouteSettings]) -> bool:
-    """True when some route matches on the body's model, so the body must be looked at."""
+    """True when some route matches on the body's model, so the body must be looked at (its
+    ``model``, read by :class:`tproxy.core.body.RequestBody` in the one parse of the body)."""
     return any(route.models for route in routes)
-
-
-def body_model(body: bytes) -> str | None:
-    """The JSON body's ``model`` when it is a string, else None (never raises)."""
-    if not body.lstrip().startswith(b"{"):
-        return None
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    model = parsed.get("model") if isinstance(parsed, dict) else None
-    return model if isinstance(model, str) else None
 
 
 def choose_route(

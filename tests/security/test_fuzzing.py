@@ -15,7 +15,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tproxy.core.cachekey import CacheDecision, Verdict, decide
+from tproxy.core.body import RequestBody
+from tproxy.core.cachekey import CacheDecision, Verdict, decide, tenant_namespace
 from tproxy.core.sse import Frame, SSEDecoder
 
 # --- the SSE decoder: any bytes, any chunking, any limits --------------------------------------
@@ -112,7 +113,10 @@ headers = st.lists(st.tuples(header_names, st.binary(max_size=24)), max_size=6)
 bodies = st.binary(max_size=200) | json_values.map(lambda value: json.dumps(value).encode())
 
 
-def decide_with(**facts: Any) -> CacheDecision:
+def decide_with(
+    *, body: bytes = b"{}", ignore_fields: tuple[str, ...] = ("user",), **facts: Any
+) -> CacheDecision:
+    """The decision for these request facts; the body and the tenant as the app hands them."""
     arguments: dict[str, Any] = {
         "enabled": True,
         "method": "POST",
@@ -121,11 +125,11 @@ def decide_with(**facts: Any) -> CacheDecision:
         "query": "",
         "cacheable_paths": (CHAT, "/v1/embeddings"),
         "headers": [],
-        "body": b"{}",
-        "ignore_fields": ("user",),
         "shared": False,
     }
     arguments.update(facts)
+    arguments["body"] = RequestBody(arguments["path"], body, ignore_fields)
+    arguments["tenant"] = tenant_namespace(arguments["headers"], shared=False)
     return decide(**arguments)
 
 

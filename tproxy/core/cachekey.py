@@ -1,31 +1,23 @@
 """Cache keys and cacheability: may the cache answer or keep this request, and under which key.
 
 Theory of operation: :func:`decide` takes one request's facts (is the cache on, method, path,
-headers, body) and returns a :class:`CacheDecision` whose :class:`Verdict` says why. The checks run
-cheapest first and the body is parsed last; the first refusal wins. A cacheable request's key is
-the sha256 of a versioned tuple in which every field is length-prefixed::
+headers, the body as :class:`~tproxy.core.body.RequestBody`, the tenant) and returns a
+:class:`CacheDecision` whose :class:`Verdict` says why. The checks run cheapest first and the body
+is read last (parsed then, unless routing or the memo already did: :mod:`tproxy.core.body`); the
+first refusal wins. A cacheable request's key is the sha256 of a versioned tuple in which every
+field is length-prefixed::
 
     (KEY_VERSION, METHOD, route, path?query, tenant namespace, canonical body)
 
 so two different tuples never give the same hashed bytes, and raising ``KEY_VERSION`` retires
-every stored entry at once. What the decision reads of a body (canonical bytes, model, stream
-flag) may come from a :class:`BodyMemo` of recent bodies: a cache hit repeats bytes seen before,
-and parsing them is the largest part of deciding.
+every stored entry at once. A body without a canonical form is not cached (``NOT_JSON``) and
+passes through untouched. A body larger than ``CANONICAL_BODY_LIMIT`` (256 KiB) is keyed by its
+bytes as they came, in a tuple with one more field (``b"raw"``) so it never meets a canonical one:
+a byte-keyed request is never merged with another one, so it can never be given another request's
+answer; the same request written differently merely misses.
 
-A body larger than ``CANONICAL_BODY_LIMIT`` (256 KiB) is keyed by its bytes as they came, in a
-tuple with one more field (``b"raw"``) so it never meets a canonical one: parsing and writing
-back JSON costs up to ~80 ns a byte (1.3 s for 16 MB of small objects, on the event loop) where
-sha256 costs ~1 ns. A byte-keyed request is never merged with another one, so it can never be
-given another request's answer; the same request written differently merely misses, and its
-``model`` and ``stream`` are not read (docs/store.md, "Keying large bodies").
-
-The canonical body is the JSON parsed and written again with keys sorted at every depth, no
-insignificant whitespace and UTF-8 text: one request written differently (key order, spacing,
-``\\u00e9`` or ``é``, ``1.0`` or ``1.00``) has one key. Numbers are read as an upstream reads
-them: integers exactly, the others as float64, so ``1`` and ``1.0`` stay different. What cannot
-be read one way only is not cached (``NOT_JSON``) and passes through untouched: bytes that are not
-UTF-8 JSON, NaN or Infinity (also a number that overflows to it), an object with a duplicate name
-(parsers disagree on which one wins), nesting deeper than 64 levels.
+This module is the decision; :mod:`tproxy.core.body` is what a body says (its one parse, the
+canonical form, the memo): routing reads the body too, and before the decision.
 
 Decisions:
 
@@ -33,8 +25,7 @@ Decisions:
   different bytes; whether a request streams is its API family's rule (Ollama streams unless
   ``"stream": false``). One entry serving both forms is later work.
 - Only fields that cannot change the answer may be ignored (the default is ``("user",)``, an
-  end-user id for abuse monitoring), and only at the top level: a ``user`` inside a message is
-  content.
+  end-user id for abuse monitoring), and only at the top level (see :mod:`tproxy.core.body`).
 - The key covers the route (the upstream route's name): two routes never share entries, even
   for the same model name.
 - A path is cacheable only when it is listed exactly (no prefix match); the query string is part
@@ -45,7 +36,8 @@ Decisions:
   ``api-key``, ``x-api-key``, ``x-goog-api-key``: whichever header carries it), so clients with
   different credentials never see each other's answers. No credential gives ``"anonymous"``;
   ``shared`` puts every client in ``"shared"``. The namespace is a truncated hash: the credential
-  itself never reaches a key, a log or the store.
+  itself never reaches a key, a log or the store. It is computed once per request, by the caller
+  (the exchange's tenant is the same hash), and handed to :func:`decide`.
 - Request Cache-Control (RFC 9111 §5.2.1): ``no-store`` bypasses the cache entirely (no lookup,
   nothing stored); ``no-cache`` skips the lookup but stores the fresh answer; ``max-age`` and
   ``only-if-cached`` are passed on for the caller to apply to a found entry or a miss. ``Pragma``
@@ -61,26 +53,21 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import re
 import struct
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from tproxy.core.body import CANONICAL_BODY_LIMIT, BodyFacts, RequestBody
 from tproxy.core.dialects import CREDENTIAL_HEADERS as DIALECT_CREDENTIAL_HEADERS
-from tproxy.core.dialects import dialect_for
 
 KEY_VERSION: int = 1
 
-MAX_DEPTH = 64
-CANONICAL_BODY_LIMIT = 256 * 1024
 CACHEABLE_METHODS = frozenset({"GET", "POST"})
 # Every header that carries a client's credential for one of the API families (see dialects).
 CREDENTIAL_HEADERS = DIALECT_CREDENTIAL_HEADERS
 ANONYMOUS = "anonymous"
 SHARED = "shared"
-CACHE_NAME = "tproxy"
 
 # Domain separation: a key and a namespace are hashes of different kinds of tuple.
 _KEY_DOMAIN = b"tproxy/cache-key"
@@ -97,80 +84,9 @@ _DIRECTIVE = re.compile(
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _DIGITS = re.compile(r"[0-9]+")
 
-# RFC 8941 §3.3.4 and §3.3.1: what may appear bare in a structured field, and integer range.
-_SF_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
-_SF_INTEGER_MAX = 999_999_999_999_999
-
 
 def _length_prefixed(fields: Iterable[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(field)) + field for field in fields)
-
-
-class _DuplicateNameError(ValueError):
-    """An object names one member twice."""
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    members = dict(pairs)
-    if len(members) != len(pairs):
-        raise _DuplicateNameError
-    return members
-
-
-def _within_depth(value: Any) -> bool:
-    """Whether containers nest at most MAX_DEPTH levels, walked one level at a time.
-
-    Parsed JSON holds only exact ``dict`` and ``list`` containers, so comparing types is enough.
-    """
-    level = [value] if isinstance(value, dict | list) else []
-    for _ in range(MAX_DEPTH):
-        if not level:
-            return True
-        deeper: list[Any] = []
-        for node in level:
-            children = node.values() if isinstance(node, dict) else node
-            # Collecting the types runs in C: a long array of numbers is skipped quickly.
-            kinds = set(map(type, children))
-            if dict in kinds or list in kinds:
-                deeper.extend(child for child in children if isinstance(child, dict | list))
-        level = deeper
-    return not level
-
-
-def _parse_canonical(body: bytes, ignore_fields: Collection[str]) -> tuple[Any, bytes] | None:
-    """The parsed body (before any field is removed) and its canonical bytes, or None."""
-    try:
-        value = json.loads(body.decode("utf-8"), object_pairs_hook=_unique_members)
-    except (ValueError, RecursionError):
-        return None
-    # Each container opens with one of these bytes (never part of a multi-byte UTF-8 character),
-    # so a body with few of them nests no deeper than that: most requests skip the walk.
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and not _within_depth(value):
-        return None
-    kept = value
-    if ignore_fields and isinstance(value, dict):
-        kept = {name: member for name, member in value.items() if name not in ignore_fields}
-    try:
-        text = json.dumps(
-            kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-    except ValueError:
-        return None
-    # A lone surrogate (from a "\ud800" escape) has no UTF-8 form; backslashreplace writes it
-    # back as the very JSON escape it came from, so the text still means the same.
-    return value, text.encode("utf-8", "backslashreplace")
-
-
-def canonical_json(body: bytes, ignore_fields: Collection[str] = ()) -> bytes | None:
-    """One byte form for every way of writing the same JSON request, or None if it has none.
-
-    Keys are sorted at every depth, insignificant whitespace is gone, text is UTF-8, and top-level
-    members named in ``ignore_fields`` are removed (only when the top level is an object). None
-    when the body is not UTF-8 JSON, holds NaN or Infinity, names a member twice, or nests deeper
-    than 64 levels. Never raises.
-    """
-    parsed = _parse_canonical(body, ignore_fields)
-    return None if parsed is None else parsed[1]
 
 
 def tenant_namespace(headers: Iterable[tuple[bytes, bytes]], shared: bool) -> str:
@@ -374,14 +290,15 @@ def decide(
     query: str,
     cacheable_paths: Collection[str],
     headers: Iterable[tuple[bytes, bytes]],
-    body: bytes,
-    ignore_fields: Collection[str],
+    body: RequestBody,
+    tenant: str,
     shared: bool,
-    memo: BodyMemo | None = None,
 ) -> CacheDecision:
     """Whether and how the cache may serve and keep this request; never raises.
 
-    ``memo`` remembers the facts of bodies seen before (then ``ignore_fields`` must be hashable).
+    ``body`` is the request's (read for ``path``); it is parsed here only if nothing read it
+    before. ``tenant`` is :func:`tenant_namespace` of the request's headers, not shared: the key's
+    namespace, unless ``shared`` puts every client in one.
     """
     header_list = list(headers)
     control = parse_cache_control(
@@ -396,14 +313,13 @@ def decide(
         return _refused(Verdict.PATH, control)
     if control.no_store:
         return _refused(Verdict.NO_STORE, control)
-    raw_body = len(body) > CANONICAL_BODY_LIMIT
-    if raw_body or not (method == "POST" or body):
-        facts: BodyFacts | None = BodyFacts.of(path, body if raw_body else b"", None)
-    elif memo is not None:
-        facts = memo.facts(path, body, ignore_fields)
+    data = body.data
+    raw_body = len(data) > CANONICAL_BODY_LIMIT
+    if raw_body or not (method == "POST" or data):
+        facts = BodyFacts.of(path, data if raw_body else b"", None)
     else:
-        facts = BodyFacts.parse(path, body, ignore_fields)
-    if facts is None:
+        facts = body.facts()
+    if facts.canonical is None:
         return _refused(Verdict.NOT_JSON, control)
     target = f"{path}?{query}" if query else path
     return CacheDecision(
@@ -412,7 +328,7 @@ def decide(
             method,
             route,
             target,
-            tenant_namespace(header_list, shared),
+            SHARED if shared else tenant,
             facts.canonical,
             raw_body=raw_body,
         ),
@@ -423,125 +339,3 @@ def decide(
         streamed=facts.streamed,
         model=facts.model,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class BodyFacts:
-    """What a cache decision reads of a request body: its canonical bytes, the model it names
-    and whether it asks for a stream (by the rule of the path's API family)."""
-
-    canonical: bytes
-    model: str | None
-    streamed: bool
-
-    @classmethod
-    def of(cls, path: str, canonical: bytes, value: Any) -> BodyFacts:
-        members = value if isinstance(value, dict) else {}
-        model = members.get("model")
-        return cls(
-            canonical=canonical,
-            model=model if isinstance(model, str) else None,
-            streamed=dialect_for(path).asks_for_stream(members),
-        )
-
-    @classmethod
-    def parse(cls, path: str, body: bytes, ignore_fields: Collection[str]) -> BodyFacts | None:
-        """The facts of a JSON body, or None when it has no canonical form."""
-        parsed = _parse_canonical(body, ignore_fields)
-        return None if parsed is None else cls.of(path, parsed[1], parsed[0])
-
-
-class BodyMemo:
-    """The facts of the bodies seen last, so a repeated request (a cache hit) is not parsed again.
-
-    Parsing is the largest part of a decision (``json.loads`` with a Python hook for duplicate
-    names, then ``json.dumps`` sorted: ~10 µs for a 100-byte chat request, ~50 µs for 2 KB), and
-    a hit arrives with bytes seen before. Keyed by (path, ignored fields, body): the facts are a
-    pure function of those, so the decision is the same with or without the memo
-    (``tests/test_cachekey.py`` checks it). Least recently used first out.
-
-    Memory is bounded: bodies over ``max_body_bytes`` are not kept, and the kept bodies plus
-    their canonical forms stay under ``max_bytes`` (8 MiB by default, plus ~200 bytes of
-    bookkeeping per entry). Bodies without a canonical form are remembered as such.
-    """
-
-    def __init__(self, max_bytes: int = 8 * 1024 * 1024, max_body_bytes: int = 64 * 1024) -> None:
-        self._max_bytes = max_bytes
-        self._max_body_bytes = max_body_bytes
-        self._bytes = 0
-        self._entries: dict[tuple[str, Collection[str], bytes], BodyFacts | None] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def bytes_held(self) -> int:
-        """The bytes of the kept bodies and canonical forms."""
-        return self._bytes
-
-    def facts(self, path: str, body: bytes, ignore_fields: Collection[str]) -> BodyFacts | None:
-        """:meth:`BodyFacts.parse`, remembered. ``ignore_fields`` must be hashable (a tuple)."""
-        key = (path, ignore_fields, body)
-        entries = self._entries
-        if key in entries:
-            facts = entries.pop(key)
-            entries[key] = facts  # now the most recently used
-            return facts
-        facts = BodyFacts.parse(path, body, ignore_fields)
-        if len(body) <= self._max_body_bytes:
-            entries[key] = facts
-            self._bytes += _held(body, facts)
-            while self._bytes > self._max_bytes:
-                oldest = next(iter(entries))
-                self._bytes -= _held(oldest[2], entries.pop(oldest))
-        return facts
-
-
-def _held(body: bytes, facts: BodyFacts | None) -> int:
-    return len(body) + (0 if facts is None else len(facts.canonical))
-
-
-def _token_or_string(text: str) -> str:
-    """``text`` as an RFC 8941 token, or else as a string.
-
-    A string holds printable ASCII only, so anything else (CR and LF included) becomes ``?``.
-    """
-    if _SF_TOKEN.fullmatch(text):
-        return text
-    printable = "".join(char if " " <= char <= "~" else "?" for char in text)
-    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def format_cache_status(
-    *,
-    hit: bool,
-    fwd: str | None = None,
-    ttl: int | None = None,
-    collapsed: bool = False,
-    detail: str | None = None,
-    stored: bool = False,
-) -> str:
-    """The ``Cache-Status`` value (RFC 9211) for one answer, e.g. ``tproxy; fwd=miss; stored``.
-
-    ``ttl`` is clamped to the structured-field integer range, and ``detail`` is quoted when it is
-    not a token. Raises ValueError for ``hit`` with ``fwd`` (a hit was not forwarded) or a ``fwd``
-    that is not a token.
-    """
-    if hit and fwd is not None:
-        raise ValueError(f"a hit is not forwarded: got hit and fwd={fwd!r}")
-    if fwd is not None and not _SF_TOKEN.fullmatch(fwd):
-        raise ValueError(f"fwd must be a token, got {fwd!r}")
-    parameters = [CACHE_NAME]
-    if hit:
-        parameters.append("hit")
-    if fwd is not None:
-        parameters.append(f"fwd={fwd}")
-    if ttl is not None:
-        parameters.append(f"ttl={max(-_SF_INTEGER_MAX, min(_SF_INTEGER_MAX, ttl))}")
-    if stored:
-        parameters.append("stored")
-    if collapsed:
-        parameters.append("collapsed")
-    if detail is not None:
-        parameters.append(f"detail={_token_or_string(detail)}")
-    return "; ".join(parameters)

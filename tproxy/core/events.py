@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tproxy.core.cachestatus import CacheStatus
+
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
@@ -16,6 +18,25 @@ class Rejected:
 
     status: int
     code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    """The request was read and routed; ``tenant`` says whose it is: a hash of the client's
+    credential, never the credential. Accounting that arrives as a fact: the state stays
+    ``received``."""
+
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """The cache has said what it does with the request: the model it names, and the
+    ``Cache-Status`` its answer carries. Accounting that arrives as a fact: the state stays
+    ``received``."""
+
+    model: str | None
+    cache_status: CacheStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +140,8 @@ class InternalError:
 
 Fact = (
     Rejected
+    | Identified
+    | Classified
     | CacheHit
     | UpstreamRequested
     | JoinedFlight

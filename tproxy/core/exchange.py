@@ -16,7 +16,10 @@ announced. ``AnswerDelivered`` moves ``STREAMING`` to ``DELIVERED``, and there t
 (``ClientGone``) completes the exchange: it did not leave early.
 
 ``FollowerJoined`` is accounting that arrives as a fact (another request joined the flight this
-exchange opened): it leaves the state where it is, and counts in ``followers``.
+exchange opened): it leaves the state where it is, and counts in ``followers``. So are
+``Identified`` (whose request: the tenant) and ``Classified`` (the model, the Cache-Status), told
+before any answer starts and legal only in ``received``: nothing outside this module sets a field.
+``JoinedFlight`` marks the exchange ``collapsed``, in its Cache-Status too.
 
 Counters (bytes, chunks, events) are accounting, not lifecycle: they are plain methods that do not
 touch the state. Times are passed in by the caller (any monotonic clock), keeping this module pure.
@@ -27,15 +30,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from tproxy.core.cachestatus import CacheStatus
 from tproxy.core.errors import IllegalTransition
 from tproxy.core.events import (
     AnswerDelivered,
     CacheHit,
+    Classified,
     ClientGone,
     Fact,
     FellBehind,
     FollowerJoined,
     HeadersReceived,
+    Identified,
     InternalError,
     JoinedFlight,
     Rejected,
@@ -97,6 +103,9 @@ _OPENING = (State.RECEIVED, State.CONNECTING, State.STREAMING, State.DELIVERED, 
 
 TRANSITIONS: dict[tuple[State, type[Fact]], State] = {
     (State.RECEIVED, Rejected): State.REJECTED,
+    # Who asked, for which model, and what the cache does: known before any answer starts.
+    (State.RECEIVED, Identified): State.RECEIVED,
+    (State.RECEIVED, Classified): State.RECEIVED,
     (State.RECEIVED, CacheHit): State.REPLAYING,
     (State.RECEIVED, UpstreamRequested): State.CONNECTING,
     # A follower waits for the flight it joined exactly as a leader waits for its upstream.
@@ -143,7 +152,7 @@ class Exchange:
     state: State = State.RECEIVED
     model: str | None = None
     tenant: str | None = None  # a short hash of the client's credential, never the credential
-    cache_status: str | None = None
+    cache_status: CacheStatus | None = None
     followers: int = 0  # requests that joined the flight this one opened, in total
     collapsed: bool = False
     upstream: str | None = None
@@ -199,11 +208,18 @@ class Exchange:
             case TimedOut(phase=phase, answered=answered):
                 self.reason = f"timeout:{phase}"
                 self._answered(answered)
+            case Identified(tenant=tenant):
+                self.tenant = tenant
+            case Classified(model=model, cache_status=cache_status):
+                self.model = model
+                self.cache_status = cache_status
             case CacheHit():
                 self.status = 200
                 self.headers_at = now
             case JoinedFlight():
                 self.collapsed = True
+                if self.cache_status is not None:
+                    self.cache_status = self.cache_status.joined()
             case FollowerJoined():
                 self.followers += 1
             case _:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import trio
 
-from tproxy.asgi import ASGISend
+from tproxy.asgi import ASGISend, send_whole
 from tproxy.core.dialects import Dialect, dialect_for
 from tproxy.core.errors import RequestRejected
 from tproxy.core.events import (
@@ -171,5 +171,4 @@ async def send_error(
         headers.append((b"www-authenticate", b"Bearer"))
     if cache_status is not None:
         headers.append((b"cache-status", cache_status))
-    await send({"type": "http.response.start", "status": rejection.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_whole(send, rejection.status, headers, body)

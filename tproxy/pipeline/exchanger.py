@@ -102,17 +102,17 @@ class Exchanger:
         receive: ASGIReceive,
         send: ASGISend,
         plan: CachePlan | None,
-        cache_status: str | None,
         capture: PayloadCapture | None,
     ) -> CacheReport:
         """Serve one client from a private flight, or from a shared one it opens or joins.
 
+        The answer carries ``exchange``'s Cache-Status (``collapsed`` once it joined a flight).
         Never raises for upstream or client trouble: that is recorded on ``exchange``.
         ``trio.Cancelled`` from outside (server shutdown) goes on, for the caller to record.
         """
-        flight, status = self._flight_for(request, exchange, plan, cache_status)
+        flight = self._flight_for(request, exchange, plan)
         subscriber = flight.subscribe()
-        exchange.cache_status = None if status is None else status.decode()
+        status = None if exchange.cache_status is None else exchange.cache_status.header
         try:
             async with trio.open_nursery() as request_nursery:
                 watcher = trio.CancelScope()
@@ -170,25 +170,23 @@ class Exchanger:
         request: ProxyRequest,
         exchange: Exchange,
         plan: CachePlan | None,
-        cache_status: str | None,
-    ) -> tuple[LiveFlight, bytes | None]:
+    ) -> LiveFlight:
         """A private flight, or the shared one for the plan's key (joined or newly opened)."""
-        encoded = None if cache_status is None else cache_status.encode()
         if plan is None or not plan.shared:
-            return self._live_flight(request, plan, None), encoded
+            return self._live_flight(request, plan, None)
         book, is_new = self.registry.join(plan.key, self.policy)
         if is_new:
             flight = self._live_flight(request, plan, book, opener=exchange)
             self.live[id(book)] = flight
             self.flying.value += 1
             self.background.start_soon(self._fly, flight)
-            return flight, encoded
+            return flight
         now = trio.current_time()
         exchange.handle(JoinedFlight(), now)
         leader = self.live[id(book)]
         if leader.opener is not None and not leader.opener.finished:
             leader.opener.handle(FollowerJoined(), now)
-        return leader, (cache_status + "; collapsed").encode() if cache_status else None
+        return leader
 
     def _live_flight(
         self,

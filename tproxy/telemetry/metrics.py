@@ -181,7 +181,7 @@ class Metrics:
 
     def count(self, record: ExchangeRecord) -> None:
         """Move the counters and histograms ``record`` concerns."""
-        cache = cache_label(record.cache_status, record.collapsed)
+        cache = cache_label(record.cache_status)
         route = self._routes(record.route)
         upstream = self._upstreams(record.upstream)
         self._requests.labels(state=record.state, cache=cache, route=route, upstream=upstream).inc()

@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 
 from tproxy.core.assemble import normalise_usage
 from tproxy.core.cachekey import ANONYMOUS, SHARED
+from tproxy.core.cachestatus import CacheStatus
 from tproxy.core.exchange import Exchange, State
 
 _MAX_REASON_CHARS = 300
 _TIMEOUT_PHASES = frozenset({"connect", "first_byte", "idle", "total"})
-_KNOWN_FWD = frozenset({"miss", "stale", "request", "bypass", "uri-miss", "vary-miss", "method"})
 _TENANT_DOMAIN = b"tproxy/log-tenant\x00"
 _TENANT_HEX_DIGITS = 12
 
@@ -48,7 +48,7 @@ class ExchangeRecord:
     upstream: str | None
     model: str | None
     status: int | None
-    cache_status: str | None
+    cache_status: CacheStatus | None
     state: str
     reason: str | None
     bytes_in: int
@@ -73,7 +73,6 @@ class ExchangeRecord:
         bytes_in: int,
         usage: Mapping[str, object] | None,
         cache_outcome: str | None,
-        collapsed: bool,
         now_unix: float,
     ) -> ExchangeRecord:
         """The record of ``exchange``, which should be finished.
@@ -111,7 +110,7 @@ class ExchangeRecord:
             usage=normalise_usage(usage),
             tenant=tenant_label(exchange.tenant),
             cache=cache_outcome,
-            collapsed=collapsed,
+            collapsed=exchange.collapsed,
             upstream_answered=State.STREAMING in exchange.history,
         )
 
@@ -126,7 +125,7 @@ class ExchangeRecord:
             "upstream": self.upstream,
             "model": self.model,
             "status": self.status,
-            "cache_status": self.cache_status,
+            "cache_status": None if self.cache_status is None else self.cache_status.text,
             "state": self.state,
             "reason": self.reason,
             "bytes_in": self.bytes_in,
@@ -154,7 +153,7 @@ class ExchangeRecord:
         if self.ttfb is not None:
             parts.append(f"ttfb={_ms(self.ttfb)}ms")
         parts.append(f"in={self.bytes_in}B out={self.bytes_out}B events={self.events}")
-        parts.append(f"cache={cache_label(self.cache_status, self.collapsed)}")
+        parts.append(f"cache={cache_label(self.cache_status)}")
         for name, value in (("upstream", self.upstream), ("model", self.model)):
             if value is not None:
                 parts.append(f"{name}={value}")
@@ -167,24 +166,11 @@ class ExchangeRecord:
         return _printable(" ".join(parts))
 
 
-def cache_label(cache_status: str | None, collapsed: bool = False) -> str:
-    """A ``Cache-Status`` value reduced to one word for a metric label or a console line.
-
-    ``hit``, ``collapsed`` (joined an identical request in flight), the ``fwd`` reason
-    (``miss``, ``stale``, ``request``, ``bypass``...), ``other``, or ``none`` without a header.
-    """
-    parameters = [] if cache_status is None else [p.strip() for p in cache_status.split(";")[1:]]
-    if "hit" in parameters:
-        return "hit"
-    if collapsed or "collapsed" in parameters:
-        return "collapsed"
-    if cache_status is None:
-        return "none"
-    for parameter in parameters:
-        name, _, value = parameter.partition("=")
-        if name == "fwd":
-            return value if value in _KNOWN_FWD else "other"
-    return "other"
+def cache_label(cache_status: CacheStatus | None) -> str:
+    """An exchange's Cache-Status as one word for a metric label or a console line: its
+    :attr:`~tproxy.core.cachestatus.CacheStatus.label`, or ``none`` when the cache was not
+    asked (the request was refused before)."""
+    return "none" if cache_status is None else cache_status.label
 
 
 def upstream_error_kind(record: ExchangeRecord) -> str | None:
