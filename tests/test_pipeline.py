@@ -171,7 +171,7 @@ async def write(feed: ClientFeed) -> tuple[Exchange, list[Message]]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await write_client(REQUEST, exchange, feed, send, None, trio.CancelScope(), None, 1 << 16)
+    await write_client(REQUEST, exchange, feed, send, None, trio.CancelScope(), None)
     return exchange, sent
 
 

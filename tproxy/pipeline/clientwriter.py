@@ -47,7 +47,6 @@ async def write_client(
     cache_status: bytes | None,
     watcher: trio.CancelScope,
     capture: PayloadCapture | None,
-    max_line_bytes: int,
 ) -> None:
     """Hand the flight's items to one client, telling its exchange what happened.
 

@@ -75,7 +75,6 @@ class Exchanger:
 
     reader: Reader
     buffer_chunks: int
-    max_line_bytes: int
     policy: Policy
     finish_timeout: float
     background: trio.Nursery
@@ -138,7 +137,6 @@ class Exchanger:
                         status,
                         watcher,
                         capture,
-                        self.max_line_bytes,
                     )
                 if overall.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
@@ -267,9 +265,9 @@ async def open_exchanger(
                 registry=FlightRegistry(max_background=settings.cache.max_background),
                 max_line_bytes=settings.cache.max_line_bytes,
                 drop_client_credentials=settings.auth.enabled,
+                frames_to_clients=telemetry.wants_payloads,
             ),
             buffer_chunks=settings.server.stream_buffer_chunks,
-            max_line_bytes=settings.cache.max_line_bytes,
             policy=Policy(settings.cache.on_disconnect),
             finish_timeout=settings.cache.finish_timeout,
             background=background,
