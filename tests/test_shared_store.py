@@ -46,9 +46,10 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def shared_table(url: str, **extra: object) -> str:
-    """A ``[shared_store]`` table. Lookups get seconds unless a test says otherwise: only the
-    fault tests are about the deadline, and a loaded CI machine must not turn hits into misses."""
-    extra = {"lookup_timeout": 5, **extra}
+    """A ``[shared_store]`` table. Lookups and writes get seconds unless a test says otherwise:
+    only the fault tests are about deadlines, and a loaded CI machine must not turn hits into
+    misses."""
+    extra = {"lookup_timeout": 5, "write_timeout": 5, **extra}
     lines = [f'url = "{url}"', *(f"{key} = {value}" for key, value in extra.items())]
     return "[shared_store]\n" + "\n".join(lines) + "\n"
 
@@ -343,8 +344,11 @@ def cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 
 
 def cluster_table(addresses: list[str], **extra: object) -> str:
+    """A ``[shared_store]`` table for a cluster. Opening one fetches the slot map from its nodes,
+    which on a loaded machine can take more than the default second: the tests that are not about
+    deadlines give it ten, and writes five, so a slow start is never taken for a missing answer."""
     listed = ", ".join(f'"{address}"' for address in addresses)
-    extra = {"lookup_timeout": 5, **extra}
+    extra = {"lookup_timeout": 5, "write_timeout": 5, "connect_timeout": 10, **extra}
     lines = [f"cluster_nodes = [{listed}]", *(f"{key} = {value}" for key, value in extra.items())]
     return "[shared_store]\n" + "\n".join(lines) + "\n"
 
