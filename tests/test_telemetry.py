@@ -239,6 +239,16 @@ def test_the_log_format_setting_picks_json_or_console() -> None:
     assert console.format(plain).endswith("WARNING hello x")
 
 
+def test_a_workers_lines_name_it_in_either_format() -> None:
+    """Workers share the supervisor's stderr (the journal): each line says whose it is."""
+    plain = logging.LogRecord("tproxy", logging.WARNING, __file__, 1, "hello", (), None)
+    as_json = log_formatter(LogSettings(format="json"), terminal=False, worker=2)
+    assert json.loads(as_json.format(plain))["worker"] == 2
+    console = log_formatter(LogSettings(format="console"), terminal=True, worker=2)
+    assert console.format(plain).endswith("WARNING [worker 2] hello")
+    assert "worker" not in json.loads(JsonLogFormatter().format(plain))
+
+
 async def test_access_lines_are_not_queued_when_the_access_log_is_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

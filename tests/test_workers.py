@@ -43,6 +43,7 @@ class Service:
 
     process: trio.Process
     messages: list[str] = field(default_factory=list)
+    records: list[dict[str, object]] = field(default_factory=list)  # its JSON lines
     logged: trio.Event = field(default_factory=trio.Event)
     url: str = ""
     admin: str = ""
@@ -58,10 +59,14 @@ class Service:
                 except ValueError:
                     self.messages.append(line.decode(errors="replace"))
                 else:
+                    self.records.append(record)
                     self.messages.append(str(record.get("message", "")))
             self.logged.set()
             self.logged = trio.Event()
         self.logged.set()
+
+    def access_lines(self) -> list[dict[str, object]]:
+        return [record for record in self.records if record["logger"] == "tproxy.access"]
 
     async def wait_for(self, pattern: re.Pattern[str] | str, *, after: int = 0) -> re.Match[str]:
         """The first message from index ``after`` on that matches ``pattern``."""
@@ -185,6 +190,9 @@ async def test_two_workers_answer_on_one_port_share_one_store_and_the_admin_sums
             ready = await http.get(f"{service.admin}/readyz")
             inflight = (await http.get(f"{service.admin}/inflight")).json()
             healthy = await http.get(f"{service.admin}/healthz")
+        with trio.fail_after(STARTUP_TIMEOUT):  # access lines are written off the answers' path
+            while len(service.access_lines()) < len(statuses):
+                await service.logged.wait()
     assert ready.status_code == 200
     assert ready.json()["status"] == "ready"
     assert sorted(ready.json()["workers"]) == ["1", "2"]
@@ -198,6 +206,12 @@ async def test_two_workers_answer_on_one_port_share_one_store_and_the_admin_sums
     assert total(merged, "tproxy_cache_entries") == 1  # the shared store, counted once
     assert total(merged, "tproxy_workers") == 2
     assert total(merged, "tproxy_build_info") == 1
+    access = service.access_lines()
+    assert len(access) == len(statuses)
+    assert {record["worker"] for record in access} == {1, 2}  # each line names its worker
+    supervisor = [record for record in service.records if record["logger"] == "tproxy.workers"]
+    assert supervisor  # "worker 1 (pid ...) listening", ...: the supervisor's own lines
+    assert all("worker" not in record for record in supervisor)
 
 
 async def test_a_killed_worker_is_restarted_and_the_service_keeps_answering(

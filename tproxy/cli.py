@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.worker is not None:
-        return _serve_worker()
+        return _serve_worker(args.worker)
     overrides = Overrides(
         listen=args.listen,
         upstream=args.upstream,
@@ -135,12 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
     return _run(lambda: trio.run(serve, settings), "tproxy cannot serve: %s")
 
 
-def _serve_worker() -> int:
+def _serve_worker(number: int) -> int:
     """One of ``tproxy serve --workers N``'s processes, on the settings its supervisor sent."""
     from tproxy.workers import read_settings, run_worker
 
     settings = read_settings(sys.stdin.buffer)
-    configure_logging(settings.log)
+    configure_logging(settings.log, worker=number)
     return _run(lambda: trio.run(run_worker, settings), "tproxy worker cannot serve: %s")
 
 
@@ -198,12 +198,13 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
-def configure_logging(settings: LogSettings) -> None:
-    """Console lines on a terminal, JSON lines otherwise (``log.format`` decides)."""
+def configure_logging(settings: LogSettings, *, worker: int | None = None) -> None:
+    """Console lines on a terminal, JSON lines otherwise (``log.format`` decides); a worker's
+    lines carry its number."""
     from tproxy.telemetry import log_formatter  # not at the top: keeps --version quick
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(log_formatter(settings, terminal=sys.stderr.isatty()))
+    handler.setFormatter(log_formatter(settings, terminal=sys.stderr.isatty(), worker=worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())

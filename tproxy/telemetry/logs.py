@@ -14,7 +14,15 @@ ACCESS_FIELDS = "tproxy_access"  # the LogRecord attribute holding an access lin
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line. Access lines carry their fields at the top level."""
+    """One JSON object per line. Access lines carry their fields at the top level.
+
+    ``worker``: the number of the ``--workers`` process writing, on every line: the workers
+    share the supervisor's stderr, so each line must say whose it is.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, object] = {
@@ -22,6 +30,8 @@ class JsonLogFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if self._worker is not None:
+            document["worker"] = self._worker
         fields = getattr(record, ACCESS_FIELDS, None)
         if isinstance(fields, dict):
             document.update(fields)
@@ -32,14 +42,18 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(document, separators=(",", ":"))
 
 
-def log_formatter(settings: LogSettings, *, terminal: bool) -> logging.Formatter:
+def log_formatter(
+    settings: LogSettings, *, terminal: bool, worker: int | None = None
+) -> logging.Formatter:
     """The formatter ``log.format`` asks for; ``auto`` is console on a terminal, JSON otherwise.
+    A worker of ``--workers`` names itself on each line (``worker``).
 
     Access lines read well in both: their message is :meth:`ExchangeRecord.summary`.
     """
     if settings.format == "json" or (settings.format == "auto" and not terminal):
-        return JsonLogFormatter()
-    return logging.Formatter("%(asctime)s %(levelname)-7s %(message)s")
+        return JsonLogFormatter(worker)
+    whose = "" if worker is None else f"[worker {worker}] "
+    return logging.Formatter(f"%(asctime)s %(levelname)-7s {whose}%(message)s")
 
 
 def emit_access(records: list[ExchangeRecord]) -> None:
