@@ -60,6 +60,7 @@ class RawUpstream:
 
     script: Callable[[int], Reply]
     requests: list[h11.Request] = field(default_factory=list)
+    body_sizes: list[int] = field(default_factory=list)
     connections: int = 0
     closes_seen: int = 0
     closed_by_us: trio.Event = field(default_factory=trio.Event)
@@ -82,6 +83,9 @@ class RawUpstream:
                     protocol.receive_data(data)
                 elif isinstance(event, h11.Request):
                     self.requests.append(event)
+                    self.body_sizes.append(0)
+                elif isinstance(event, h11.Data):
+                    self.body_sizes[-1] += len(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     reply = self.script(len(self.requests))
                     for piece in reply.pieces:
@@ -123,17 +127,18 @@ async def ask(
     *,
     idle_timeout: float = 5.0,
     request: tuple[bytes, bytes, list[Header]] = REQUEST,
+    body: bytes = b"{}",
     read: int | None = None,
 ) -> tuple[PlainResponse, list[bytes]]:
     """One exchange: the answer and the chunks read (all of them, or the first ``read``)."""
     with trio.fail_after(5):
         response = await pool.send(
-            "local", request, b"{}", connect_timeout=5.0, idle_timeout=idle_timeout
+            "local", request, body, connect_timeout=5.0, idle_timeout=idle_timeout
         )
         chunks: list[bytes] = []
         try:
-            async with aclosing(response.chunks()) as body:
-                async for data in body:
+            async with aclosing(response.chunks()) as answer:
+                async for data in answer:
                     chunks.append(data)
                     if read is not None and len(chunks) == read:
                         break
@@ -229,14 +234,53 @@ async def test_the_pool_never_holds_more_connections_than_its_bound() -> None:
     assert (answers, upstream.connections) == ([[b"1"], [b"2"]], 1)
 
 
+async def until_a_close_is_seen(upstream: RawUpstream) -> None:
+    """Let the upstream's tasks run until one has seen the proxy's close (a loopback close
+    arrives at once; the bound is in scheduler passes, as the clock may be a mock)."""
+    for _ in range(1000):
+        if upstream.closes_seen:
+            return
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.lowlevel.checkpoint()
+    raise AssertionError("the upstream never saw the connection close")
+
+
+async def read_whole(pool: PlainPool) -> PlainResponse:
+    """An answer read to its end, its connection not yet released."""
+    response = await pool.send("local", REQUEST, b"{}", connect_timeout=5, idle_timeout=5)
+    async with aclosing(response.chunks()) as body:
+        assert [data async for data in body] == [b"{}"]
+    return response
+
+
+async def test_the_longest_idle_connection_is_closed_once_expired_though_another_is_used(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with running(always(json_answer(b"{}"))) as (upstream, pool):
+        older, newer = await read_whole(pool), await read_whole(pool)  # two connections
+        pool.release(older)
+        mock_clock.jump(20)
+        pool.release(newer)
+        mock_clock.jump(15)  # the older has been idle 35 s, past KEEPALIVE_EXPIRY; the newer 15
+        await ask(pool)  # on the newer
+        await until_a_close_is_seen(upstream)
+    assert (upstream.connections, len(upstream.requests)) == (2, 3)
+
+
+async def test_a_large_request_body_arrives_whole() -> None:
+    body = b"x" * (3 << 20)
+    async with running(always(json_answer(b"{}"))) as (upstream, pool):
+        headers = [(b"host", b"upstream"), (b"content-length", b"%d" % len(body))]
+        request = (b"POST", b"/v1/embeddings", headers)
+        await ask(pool, request=request, body=body)
+    assert upstream.body_sizes == [len(body)]
+
+
 async def test_closing_the_pool_closes_its_idle_connections() -> None:
     async with running(always(json_answer(b"{}"))) as (upstream, pool):
         await ask(pool)
         pool.close()
-        with trio.fail_after(5):
-            while upstream.closes_seen == 0:
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.lowlevel.checkpoint()
+        await until_a_close_is_seen(upstream)
 
 
 # --- chunks ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ The rules it keeps:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -64,6 +65,11 @@ class _Connection:
             and protocol.their_state is h11.DONE
             and not protocol.trailing_data[0]
         )
+
+    def fit(self, oldest_kept: float) -> bool:
+        """Whether an idle connection may carry a request: idle since ``oldest_kept`` or later,
+        and not readable (readable while idle: the server closed it, or sent unasked bytes)."""
+        return self.idle_since >= oldest_kept and not self.stream.socket.is_readable()
 
     def close(self) -> None:
         """Close at once (no await: it runs in ``finally`` blocks, cancelled or not)."""
@@ -121,7 +127,9 @@ class PlainPool:
         self._host = host
         self._port = port
         self._slots = trio.Semaphore(max_connections)
-        self._idle: list[_Connection] = []  # the most recently used last
+        # Idle connections, the most recently used last: used last in, first out (the likeliest
+        # to be alive), and closed first in, first out once unfit (so none lingers unseen).
+        self._idle: deque[_Connection] = deque()
 
     async def send(
         self,
@@ -173,16 +181,18 @@ class PlainPool:
             self._idle.pop().close()
 
     def _idle_connection(self) -> _Connection | None:
-        """The most recently used idle connection still fit to use; the unfit are closed."""
+        """The most recently used idle connection still fit to use. The unfit met on the way
+        are closed, and so is the longest idle one if it is unfit: a connection the server
+        closed does not wait in CLOSE_WAIT for the pool to drain down to it."""
         idle = self._idle
         oldest_kept = trio.current_time() - KEEPALIVE_EXPIRY
+        if idle and not idle[0].fit(oldest_kept):
+            idle.popleft().close()
         while idle:
             connection = idle.pop()
-            # Readable while idle: the server closed it (or sent what no request asked for).
-            if connection.idle_since < oldest_kept or connection.stream.socket.is_readable():
-                connection.close()
-                continue
-            return connection
+            if connection.fit(oldest_kept):
+                return connection
+            connection.close()
         return None
 
     async def _connect(self, name: str, connect_timeout: float) -> _Connection:
@@ -204,14 +214,18 @@ async def _exchange_head(
     method, target, headers = request
     try:
         try:
-            data = protocol.send(h11.Request(method=method, target=target, headers=headers)) or b""
+            writes = [protocol.send(h11.Request(method=method, target=target, headers=headers))]
             if body:
-                data += protocol.send(h11.Data(data=body)) or b""
-            data += protocol.send(h11.EndOfMessage()) or b""
+                writes.append(protocol.send(h11.Data(data=body)))
+            writes.append(protocol.send(h11.EndOfMessage()))
         except h11.LocalProtocolError as error:
             # h11's message quotes the refused header value, which may be a credential.
             raise UpstreamBroken(f"{name} failed before its response: invalid request") from error
-        await connection.stream.send_all(data)
+        if len(body) <= READ_SIZE:
+            writes = [b"".join(data or b"" for data in writes)]  # one write for a small request
+        for data in writes:
+            if data:
+                await connection.stream.send_all(data)
         while True:  # h11 gives only NEED_DATA, 1xx heads (skipped) and then the Response
             event = protocol.next_event()
             if type(event) is h11.Response:
