@@ -19,12 +19,14 @@ import h11
 import pytest
 import trio
 import trio.testing
+import trustme
 
+from tests.tlsfiles import server_context, write_ca, write_pair
 from tproxy.config import Overrides, load_settings
 from tproxy.core.errors import UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 from tproxy.core.headers import Header
 from tproxy.h11upstream import PlainPool, PlainResponse
-from tproxy.upstream import open_upstream_pool
+from tproxy.upstream import UpstreamResponse, open_upstream_pool
 
 JSON_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
 CHUNKED_HEAD = (
@@ -66,7 +68,7 @@ class RawUpstream:
     closed_by_us: trio.Event = field(default_factory=trio.Event)
     port: int = 0
 
-    async def serve(self, stream: trio.SocketStream) -> None:
+    async def serve(self, stream: trio.abc.Stream) -> None:
         self.connections += 1
         async with stream:
             protocol = h11.Connection(h11.SERVER)
@@ -80,7 +82,7 @@ class RawUpstream:
                     if not data:
                         self.closes_seen += 1
                         return
-                    protocol.receive_data(data)
+                    protocol.receive_data(bytes(data))
                 elif isinstance(event, h11.Request):
                     self.requests.append(event)
                     self.body_sizes.append(0)
@@ -450,3 +452,41 @@ async def test_an_http_upstream_goes_through_the_h11_client_with_its_deadlines(
                     pass
             assert raised.value.phase == "total"
             never.set()
+
+
+async def test_an_https_upstream_stays_on_httpcore2_whose_pool_guard_still_holds(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Bytes past an answer close httpcore2's connection too (``upstream.py``'s pool guard):
+    the faults test of it runs over ``http://``, now this client's, so it is checked here."""
+    ca = trustme.CA()
+    cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path / "upstream")
+
+    def script(n: int) -> Reply:
+        smuggled = json_answer(b'{"smuggled":1}') if n == 1 else b""
+        return Reply([json_answer(b'{"n":%d}' % n) + smuggled])
+
+    upstream = RawUpstream(script)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    secured = [trio.SSLListener(listener, server_context(cert, key)) for listener in listeners]
+    nursery.start_soon(trio.serve_listeners, upstream.serve, secured)
+    config = tmp_path / "tproxy.toml"
+    config.write_text(f'[upstreams.default]\nca_file = "{write_ca(ca, tmp_path / "ca.pem")}"\n')
+    url = f"https://127.0.0.1:{port}"
+    settings = load_settings(config, Overrides(upstream=url, cache_dir=tmp_path))
+    answers = []
+    async with open_upstream_pool(settings, environ={}) as pool:
+        for _ in range(3):
+            async with pool.open_response(
+                "default",
+                method="GET",
+                target="/v1/models",
+                headers=[],
+                body=b"",
+                deadline=trio.current_time() + 10,
+            ) as response:
+                assert isinstance(response, UpstreamResponse)
+                answers.append(b"".join([data async for data in response.chunks()]))
+    assert answers == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert upstream.connections == 2
