@@ -312,7 +312,8 @@ def _has_leftover_bytes(connection: httpcore2.AsyncConnectionInterface) -> bool:
 
     httpcore2 keeps them in h11's buffer and recycles the connection, so the next request on it,
     from any client, would read them as its answer. They are reached through private attributes
-    (httpcore2 has no public way); ``tests/faults`` fails if a new httpcore2 renames them.
+    (httpcore2 has no public way); ``tests/test_h11upstream.py`` fails if a new httpcore2
+    renames them (over https: an ``http://`` upstream is :mod:`tproxy.h11upstream`'s).
     """
     http11 = getattr(connection, "_connection", None)
     h11_state = getattr(http11, "_h11_state", None)
