@@ -35,7 +35,7 @@ from tproxy.core.headers import Header
 
 READ_SIZE = 64 * 1024  # bytes asked of the socket per read, as httpcore2 asks
 MAX_HEAD_BYTES = 100 * 1024  # the largest response head accepted, as httpcore2's
-KEEPALIVE_EXPIRY = 30.0  # seconds an idle connection is kept, as httpcore2's pool is told
+KEEPALIVE_EXPIRY = 30.0  # seconds an idle connection is kept (httpcore2's pool is told the same)
 
 # What a broken socket raises under Trio; the OSError is the cause of BrokenResourceError.
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)

@@ -55,7 +55,7 @@ from tproxy.core.errors import (
     UpstreamTimeout,
 )
 from tproxy.core.headers import Header, lowered_names
-from tproxy.h11upstream import PlainPool, PlainResponse
+from tproxy.h11upstream import KEEPALIVE_EXPIRY, PlainPool, PlainResponse
 from tproxy.tls import TLSFileError, upstream_context
 
 # Every error httpcore2 raises for a failed exchange (its whole hierarchy but the pool's
@@ -462,7 +462,7 @@ async def open_upstream_pool(
                 ssl_context=_ssl_context(upstream),
                 max_connections=upstream.max_connections,
                 max_keepalive_connections=upstream.max_connections,
-                keepalive_expiry=30.0,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
                 http1=True,
                 http2=upstream.http2,
             )
