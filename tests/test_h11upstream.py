@@ -96,6 +96,7 @@ class RawUpstream:
                         else:
                             await stream.send_all(piece)
                     if reply.close:
+                        await stream.aclose()
                         self.closed_by_us.set()
                         return
                     protocol = h11.Connection(h11.SERVER)  # the answer was written raw
