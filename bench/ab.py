@@ -12,7 +12,8 @@ shared with other work, whatever else runs lands on both alike (measured one aft
 a version compared with itself varied by ±15 % from one run to the next on a busy 2-core host).
 The ratio new/base (CPU per answer) is taken within each round; the table gives the median over
 the rounds and the range. A ratio under 1 means the change costs less. ``--new HEAD`` measures
-HEAD against itself: the noise floor.
+HEAD against itself: the noise floor. ``--base minimal`` puts ``minimal_proxy.py`` in the base's
+place, pinned alike (cache-off tests only): the issue's goals are ratios to it.
 
 Tests (``--tests``, comma-separated): ``json-16`` (small JSON, cache off), ``stream-16`` (the
 50-event stream, unpaced, cache off), ``paced-16`` (50 events 10 ms apart, cache off), ``hit-16``
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from load import LoadPool, Mode, request_body
 from run import (
+    BENCH,
     OFF_CONFIG,
     ROOT,
     BenchError,
@@ -42,6 +44,7 @@ from run import (
     Servers,
     free_ports,
     healthy,
+    port_open,
     post,
     start_script,
     wait_quiet,
@@ -92,6 +95,16 @@ def start_tproxy(
     command += ["--cache-dir", str(servers.workdir / f"store-{name}")]
     server = servers.start(name, command, env={"PYTHONPATH": str(source)})
     wait_until(partial(healthy, admin), server)
+    return server, port
+
+
+def start_minimal_pinned(servers: Servers, upstream_url: str, core: int) -> tuple[Server, int]:
+    """``minimal_proxy.py``, pinned to ``core`` as tproxy is; its port once it listens."""
+    (port,) = free_ports(1)
+    command = ["taskset", "-c", str(core), sys.executable, str(BENCH / "minimal_proxy.py")]
+    command += ["--upstream", upstream_url, "--listen", f"127.0.0.1:{port}"]
+    server = servers.start("base-minimal", command)
+    wait_until(partial(port_open, port), server)
     return server, port
 
 
@@ -190,14 +203,19 @@ def main() -> int:
             (up,) = free_ports(1)
             start_script(servers, "upstream", "upstream.py", ["--port", str(up)], up)
             upstream_url = f"http://127.0.0.1:{up}"
-            base_source = export(args.base, workdir / "base")
+            minimal = args.base == "minimal"
+            base_source = ROOT if minimal else export(args.base, workdir / "base")
             new_source = ROOT if args.new is None else export(args.new, workdir / "new")
             hit_modes = {t.mode for t in tests if t.hit}
+            if minimal and hit_modes:
+                raise BenchError("the minimal proxy has no cache: hit tests need a revision")
             versions = []
             for name, source in (("base", base_source), ("new", new_source)):
                 core = server_core if not args.no_pin else cores[0]
                 off = hit = None
-                if any(not t.hit for t in tests):
+                if minimal and name == "base":
+                    off = start_minimal_pinned(servers, upstream_url, core)
+                elif any(not t.hit for t in tests):
                     off = start_tproxy(
                         servers, f"{name}-off", source, OFF_CONFIG, upstream_url, core
                     )

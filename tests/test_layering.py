@@ -40,7 +40,7 @@ LIBRARY_HOME = {
 LAYERS = [
     {"core"},
     {"tls"},
-    {"asgi", "config", "notify", "batchqueue"},
+    {"asgi", "config", "notify", "batchqueue", "h11upstream"},
     {"store", "upstream", "routing", "inflight"},
     {"storewriter", "cache_commands", "telemetry"},  # telemetry reads the writer by a protocol
     {"pipeline"},

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
+import trio
+import trustme
 
 from tests.conftest import StartProxy
 from tests.security.rawhttp import raw_request
+from tests.test_tls_end_to_end import start_tls_upstream
+from tests.tlsfiles import write_ca
 
 SECRET = "sk-query-secret-7f3a"
 
@@ -61,11 +66,23 @@ async def test_no_log_record_at_any_level_holds_a_query_string(
 
 @pytest.mark.parametrize("level", ["info", "debug"])
 async def test_library_logs_come_back_at_the_level_the_settings_ask(
-    level: str, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    level: str,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    nursery: trio.Nursery,
+    tmp_path: Path,
 ) -> None:
-    """httpcore2 logs each step of a request at DEBUG: shown at ``debug``, not at ``info``."""
+    """httpcore2 logs each step of a request at DEBUG: shown at ``debug``, not at ``info``. The
+    upstream is ``https://``: httpcore2 is the client there (a plain ``http://`` upstream goes
+    through tproxy's own h11 client, which logs nothing)."""
     caplog.set_level(logging.DEBUG)
-    proxy = await start_proxy(f'[log]\nlibraries = "{level}"\n')
+    ca = trustme.CA()
+    upstream = await start_tls_upstream(nursery, ca, tmp_path)
+    ca_file = write_ca(ca, tmp_path / "ca.pem")
+    proxy = await start_proxy(
+        f'[upstreams.default]\nca_file = "{ca_file}"\n[log]\nlibraries = "{level}"\n',
+        upstream_url=upstream.url,
+    )
     await raw_request(proxy.url, request("/v1/chat/completions", chat("loud")))
     await proxy.flush()
 

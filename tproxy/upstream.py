@@ -21,6 +21,10 @@ open: httpcore2 logs each step of a request at DEBUG, and hpack logs header valu
 
 The connection pool is httpcore2's with one guard added (:class:`_LeftoverGuardPool`): a
 connection whose last response was followed by more bytes is closed instead of recycled.
+
+A plain ``http://`` upstream (HTTP/1.1 without TLS) goes through :mod:`tproxy.h11upstream`
+instead: h11 on a Trio socket, the same deadlines and errors, less CPU per chunk
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from tproxy.core.errors import (
     UpstreamTimeout,
 )
 from tproxy.core.headers import Header, lowered_names
+from tproxy.h11upstream import KEEPALIVE_EXPIRY, PlainPool, PlainResponse
 from tproxy.tls import TLSFileError, upstream_context
 
 # Every error httpcore2 raises for a failed exchange (its whole hierarchy but the pool's
@@ -151,18 +156,24 @@ class _Upstream:
     authorization: bytes | None
     extra_headers: tuple[Header, ...]
     server_name: str | None  # the TLS server name (httpcore2's ``sni_hostname`` extension)
+    plain: PlainPool | None  # the h11 client, for a plain-HTTP/1.1 upstream
+
+    def head(self, method: str, headers: Sequence[Header], body: bytes) -> list[Header]:
+        """``Host`` and ``Content-Length`` (as RFC 9110 asks: none for an empty GET), then the
+        caller's headers."""
+        head: list[Header] = [(b"host", self.address.host_header)]
+        if body or method in _BODY_METHODS:
+            head.append((b"content-length", b"%d" % len(body)))
+        head.extend(headers)
+        return head
 
     def request(
         self, method: str, target: str, headers: Sequence[Header], body: bytes
     ) -> httpcore2.Request:
-        """The request to send: ``Host`` and ``Content-Length`` (as RFC 9110 asks: none for an
-        empty GET), then the caller's headers; the connect timeout, the read timeout unset
+        """The request to send: :meth:`head`; the connect timeout, the read timeout unset
         until the headers are in, and the TLS server name."""
         address = self.address
-        head: list[Header] = [(b"host", address.host_header)]
-        if body or method in _BODY_METHODS:
-            head.append((b"content-length", b"%d" % len(body)))
-        head.extend(headers)
+        head = self.head(method, headers, body)
         extensions: dict[str, object] = {
             "timeout": {"connect": self.settings.connect_timeout, "read": None}
         }
@@ -203,7 +214,7 @@ class UpstreamPool:
         headers: Sequence[Header],
         body: bytes,
         deadline: float,
-    ) -> AsyncIterator[UpstreamResponse]:
+    ) -> AsyncIterator[UpstreamResponse | PlainResponse]:
         """Send one request and wait for the response headers; close the response on exit.
 
         Raises :class:`UpstreamConnectError` (no connection, retry-safe),
@@ -213,8 +224,18 @@ class UpstreamPool:
         """
         upstream = self._upstreams[name]
         settings = upstream.settings
-        request = upstream.request(method, target, headers, body)
         first_byte_deadline = min(deadline, trio.current_time() + settings.first_byte_timeout)
+        if upstream.plain is not None:
+            async with _plain_response(
+                upstream, upstream.plain, method, target, headers, body, first_byte_deadline
+            ) as plain:
+                if plain is None:
+                    raise UpstreamTimeout(
+                        "total" if deadline <= first_byte_deadline else "first_byte"
+                    )
+                yield plain
+            return
+        request = upstream.request(method, target, headers, body)
         response: httpcore2.Response | None = None
         with trio.CancelScope(deadline=first_byte_deadline) as scope:
             try:
@@ -251,12 +272,48 @@ class UpstreamPool:
                 await response.aclose()
 
 
+@asynccontextmanager
+async def _plain_response(
+    upstream: _Upstream,
+    plain: PlainPool,
+    method: str,
+    target: str,
+    headers: Sequence[Header],
+    body: bytes,
+    first_byte_deadline: float,
+) -> AsyncIterator[PlainResponse | None]:
+    """The h11 client's answer, None when ``first_byte_deadline`` passed first; its connection
+    is given back (or closed) on exit."""
+    settings = upstream.settings
+    response: PlainResponse | None = None
+    with trio.CancelScope(deadline=first_byte_deadline):
+        response = await plain.send(
+            settings.name,
+            (
+                method.encode("ascii"),
+                upstream.address.base_path + target.encode("latin-1"),
+                upstream.head(method, headers, body),
+            ),
+            body,
+            connect_timeout=settings.connect_timeout,
+            idle_timeout=settings.idle_timeout,
+        )
+    if response is None:
+        yield None
+        return
+    try:
+        yield response
+    finally:
+        plain.release(response)
+
+
 def _has_leftover_bytes(connection: httpcore2.AsyncConnectionInterface) -> bool:
     """Whether an HTTP/1.1 connection holds bytes its server sent past the last response.
 
     httpcore2 keeps them in h11's buffer and recycles the connection, so the next request on it,
     from any client, would read them as its answer. They are reached through private attributes
-    (httpcore2 has no public way); ``tests/faults`` fails if a new httpcore2 renames them.
+    (httpcore2 has no public way); ``tests/test_h11upstream.py`` fails if a new httpcore2
+    renames them (over https: an ``http://`` upstream is :mod:`tproxy.h11upstream`'s).
     """
     http11 = getattr(connection, "_connection", None)
     h11_state = getattr(http11, "_h11_state", None)
@@ -394,18 +451,25 @@ async def open_upstream_pool(
         stack.enter_context(_library_log_level(settings.log.libraries))
         upstreams: dict[str, _Upstream] = {}
         for upstream in settings.upstreams:
+            address = _Address.of(upstream.url)
+            plain: PlainPool | None = None
+            if address.scheme == b"http" and not upstream.http2:
+                plain = PlainPool(
+                    address.host.decode("ascii"), address.port or 80, upstream.max_connections
+                )
+                stack.callback(plain.close)
             pool = _LeftoverGuardPool(
                 ssl_context=_ssl_context(upstream),
                 max_connections=upstream.max_connections,
                 max_keepalive_connections=upstream.max_connections,
-                keepalive_expiry=30.0,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
                 http1=True,
                 http2=upstream.http2,
             )
             await stack.enter_async_context(pool)
             upstreams[upstream.name] = _Upstream(
                 settings=upstream,
-                address=_Address.of(upstream.url),
+                address=address,
                 pool=pool,
                 authorization=_authorization(upstream, env),
                 extra_headers=tuple(
@@ -414,6 +478,7 @@ async def open_upstream_pool(
                     )
                 ),
                 server_name=upstream.tls_server_name,
+                plain=plain,
             )
         yield UpstreamPool(upstreams)
 
