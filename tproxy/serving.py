@@ -469,10 +469,20 @@ class _PromptlyClosedConnection(TCPServer):
         return cast(AppWrapper, run_app)
 
     async def _read_data(self) -> None:
+        """Hypercorn's reading loop, without its cancel scope around every read: its
+        ``read_timeout`` is not set (the idle timer bounds a silent client)."""
         self._reader = trio.lowlevel.current_task()
         try:
             with self._reading:
-                await super()._read_data()
+                while True:
+                    try:
+                        data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                    await self.protocol.handle(RawData(bytes(data)))
+                    if not data:
+                        break
+                await self.protocol.handle(Closed())
         finally:
             self._reader_done.set()
         await self.idle_task.stop()
