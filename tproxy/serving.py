@@ -84,6 +84,9 @@ LINGER_BYTES = 16 << 20
 # are counted in the next one.
 FAILURE_LOG_INTERVAL = 10.0
 
+# How long closing an idle connection may take (a TLS close writes to the client).
+IDLE_CLOSE_SECONDS = 1.0
+
 # HPACK's decoder logs each header it decodes at DEBUG, authorization included: request bytes
 # reach no log, at any level tproxy is run with.
 _HEADER_DECODER_LOG = "hpack"
@@ -302,8 +305,11 @@ class _Connections:
                 self._drained.set()
 
     def start_draining(self) -> None:
-        """No new connection comes: :meth:`close_when_cancelled` returns once the last ends."""
+        """No new connection comes, idle ones close now, busy ones after their answer:
+        :meth:`close_when_cancelled` returns once the last ends."""
         self._draining = True
+        for connection in self._live:
+            connection.close_if_idle()
         if not self._live:
             self._drained.set()
 
@@ -365,6 +371,9 @@ class _PromptlyClosedConnection(TCPServer):
         self._failures = failures
         self._stall_timeout = stall_timeout
         self._reading = trio.CancelScope()
+        self._idle_timer = trio.CancelScope()  # its deadline: when an idle connection closes
+        self._idle = True
+        self._idle_timer_stopped = False
         self._reader: trio.lowlevel.Task | None = None
         self._reader_done = trio.Event()
         self._closing_answer = False
@@ -411,7 +420,8 @@ class _PromptlyClosedConnection(TCPServer):
                     stall_timeout=self._stall_timeout,
                 )
                 await self.protocol.initiate()
-                await self.idle_task.restart(task_group, self._idle_timeout)
+                self._set_idle(True)
+                task_group.spawn(self._close_when_idle)
                 await self._read_data()
         except OSError:
             pass
@@ -419,11 +429,42 @@ class _PromptlyClosedConnection(TCPServer):
             await self._close()
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            if not self._reader_done.is_set():  # after the client's side: no timer to move
+                self._set_idle(event.idle)
+            return
         if isinstance(event, Closed) and self._answer_in_progress():
             return  # the answer ends the connection itself, once it is whole
-        if isinstance(event, Updated) and event.idle and self._reader_done.is_set():
-            return  # requests that end after their client has gone restart no idle timer
         await super().protocol_send(event)
+
+    def _set_idle(self, idle: bool) -> None:
+        """Idle: the connection closes after ``keep_alive_timeout`` (at once while the server
+        drains); busy: never, until it is idle again."""
+        self._idle = idle
+        if not idle:
+            self._idle_timer.deadline = inf
+        elif self.context.terminated.is_set():
+            self._idle_timer.deadline = -inf
+        else:
+            self._idle_timer.deadline = trio.current_time() + self.config.keep_alive_timeout
+
+    def close_if_idle(self) -> None:
+        """The server drains: close now if no answer is in progress (busy connections close
+        after their answer, as Hypercorn's protocols check the drain)."""
+        if self._idle:
+            self._idle_timer.deadline = -inf
+
+    async def _close_when_idle(self) -> None:
+        """The connection's one idle timer, for all its requests: Hypercorn starts a task per
+        request for it, and a lock around each start and stop. Here a request only moves this
+        task's deadline (:meth:`_set_idle`)."""
+        with self._idle_timer:
+            await trio.sleep_forever()
+        if self._idle_timer_stopped:
+            return
+        with trio.move_on_after(IDLE_CLOSE_SECONDS, shield=True):
+            await self.protocol.handle(Closed())
+            await self.stream.aclose()
 
     def _answer_in_progress(self) -> bool:
         """Whether an HTTP/1.1 answer that ends the connection has started and not ended.
@@ -485,7 +526,8 @@ class _PromptlyClosedConnection(TCPServer):
                 await self.protocol.handle(Closed())
         finally:
             self._reader_done.set()
-        await self.idle_task.stop()
+        self._idle_timer_stopped = True
+        self._idle_timer.cancel()
 
     async def _close(self) -> None:
         try:
@@ -601,6 +643,6 @@ async def serve_asgi(
             task_status.started(binds)
             await shutdown_trigger()
             accepting.cancel_scope.cancel()
-        live.start_draining()
         await context.terminated.set()
+        live.start_draining()
         connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
