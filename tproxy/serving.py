@@ -46,7 +46,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, Response, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
@@ -216,6 +216,10 @@ class _ContinueWhenAsked(h11.Connection):
         return self.client_is_waiting_for_100_continue  # h11 serving: the other side is a client
 
 
+def _has_length(response: Response) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in response.headers)
+
+
 def _reason_phrase(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode("ascii")
@@ -239,6 +243,39 @@ class _H11Protocol(H11Protocol):
         self.connection = _ContinueWhenAsked(
             h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
         )
+        self._write = self.send
+        self.send = self._send_or_hold
+        self._holding_head = False
+        self._head = b""
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        """Hypercorn's, but the head of an answer with a Content-Length (a hit, a refusal, a JSON
+        answer) waits for the answer's first bytes, so that both leave in one write."""
+        if isinstance(event, Response) and event.status_code >= 200 and _has_length(event):
+            self._holding_head = True
+            try:
+                await super().stream_send(event)
+            finally:
+                self._holding_head = False
+        else:
+            await super().stream_send(event)
+
+    async def _send_or_hold(self, event: Event) -> None:
+        """The connection's ``send``: a held head goes out with the next bytes, or before
+        anything else the connection is told (the answer ended, the connection closes); an empty
+        write (the end of an answer framed by its Content-Length) is no write at all."""
+        if isinstance(event, RawData):
+            if self._holding_head:
+                self._head += event.data
+                return
+            data, self._head = self._head + event.data, b""
+            if data:
+                await self._write(RawData(data))
+            return
+        if self._head:
+            head, self._head = self._head, b""
+            await self._write(RawData(head))
+        await self._write(event)
 
     async def continue_if_expected(self) -> None:
         """Send ``100 Continue`` if the client waits for it before sending its body."""
