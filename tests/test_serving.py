@@ -1,4 +1,4 @@
-"""The accept loop of ``tproxy/serving.py``: what it adds to Hypercorn's connection code.
+"""The accept loop of ``tproxy/serving/``: what it adds to Hypercorn's connection code.
 
 Prompt closing after a client's FIN and closes that never race a write are tested with the other
 client faults (``tests/faults/test_client_faults.py``); this file holds the rest.
@@ -33,7 +33,7 @@ from hypercorn.utils import wrap_app
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.security.rawhttp import address, post, read_reply
-from tproxy.serving import _H11Protocol
+from tproxy.serving.protocols import RepairedH11Protocol
 
 
 async def test_a_connection_that_fails_is_closed_and_the_server_goes_on(
@@ -284,7 +284,7 @@ async def writes_of(
 
     rounds: list[list[bytes]] = []
     async with TaskGroup() as task_group:
-        protocol = _H11Protocol(
+        protocol = RepairedH11Protocol(
             wrap_app(app, 0, "asgi"),
             Config(),
             WorkerContext(None),
