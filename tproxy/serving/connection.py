@@ -50,9 +50,6 @@ LINGER_BYTES = 16 << 20
 # are counted in the next one.
 FAILURE_LOG_INTERVAL = 10.0
 
-# How long closing an idle connection may take (a TLS close writes to the client).
-IDLE_CLOSE_SECONDS = 1.0
-
 
 class FailureLog:
     """Connection failures, logged without request bytes and at a bounded rate."""
@@ -174,10 +171,10 @@ class Connection(TCPServer):
         self._connections = connections
         self._failures = failures
         self._stall_timeout = stall_timeout
+        # Around the reading loop; its deadline is the idle timer's (see _set_idle).
         self._reading = trio.CancelScope()
-        self._idle_timer = trio.CancelScope()  # its deadline: when an idle connection closes
         self._idle = True
-        self._idle_timer_stopped = False
+        self._lingering = False
         self._reader: trio.lowlevel.Task | None = None
         self._reader_done = trio.Event()
         self._closing_answer = False
@@ -225,7 +222,6 @@ class Connection(TCPServer):
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
-                task_group.spawn(self._close_when_idle)
                 await self._read_data()
         except OSError:
             pass
@@ -242,33 +238,23 @@ class Connection(TCPServer):
         await super().protocol_send(event)
 
     def _set_idle(self, idle: bool) -> None:
-        """Idle: the connection closes after ``keep_alive_timeout`` (at once while the server
-        drains); busy: never, until it is idle again."""
+        """The idle timer, as the reading loop's deadline. Idle: the connection closes after
+        ``keep_alive_timeout`` (at once while the server drains); busy: never, until it is idle
+        again. Hypercorn starts a task per request for this timer, with a lock around each start
+        and stop; here a request moves a deadline."""
         self._idle = idle
         if not idle:
-            self._idle_timer.deadline = inf
+            self._reading.deadline = inf
         elif self.context.terminated.is_set():
-            self._idle_timer.deadline = -inf
+            self._reading.deadline = -inf
         else:
-            self._idle_timer.deadline = trio.current_time() + self.config.keep_alive_timeout
+            self._reading.deadline = trio.current_time() + self.config.keep_alive_timeout
 
     def close_if_idle(self) -> None:
         """The server drains: close now if no answer is in progress (busy connections close
         after their answer, as Hypercorn's protocols check the drain)."""
         if self._idle:
-            self._idle_timer.deadline = -inf
-
-    async def _close_when_idle(self) -> None:
-        """The connection's one idle timer, for all its requests: Hypercorn starts a task per
-        request for it, and a lock around each start and stop. Here a request only moves this
-        task's deadline (:meth:`_set_idle`)."""
-        with self._idle_timer:
-            await trio.sleep_forever()
-        if self._idle_timer_stopped:
-            return
-        with trio.move_on_after(IDLE_CLOSE_SECONDS, shield=True):
-            await self.protocol.handle(Closed())
-            await self.stream.aclose()
+            self._reading.deadline = -inf
 
     def _answer_in_progress(self) -> bool:
         """Whether an HTTP/1.1 answer that ends the connection has started and not ended.
@@ -314,8 +300,9 @@ class Connection(TCPServer):
         return cast(AppWrapper, run_app)
 
     async def _read_data(self) -> None:
-        """Hypercorn's reading loop, without its cancel scope around every read: its
-        ``read_timeout`` is not set (the idle timer bounds a silent client)."""
+        """Hypercorn's reading loop, inside one cancel scope whose deadline is the idle timer
+        (Hypercorn puts a scope around every read for its ``read_timeout``, which tproxy never
+        sets, and runs the idle timer as a task of its own)."""
         self._reader = trio.lowlevel.current_task()
         try:
             with self._reading:
@@ -328,10 +315,11 @@ class Connection(TCPServer):
                     if not data:
                         break
                 await self.protocol.handle(Closed())
+            if self._reading.cancelled_caught and not self._lingering:  # idle for too long
+                await self.protocol.handle(Closed())
+                await trio.aclose_forcefully(self.stream)  # no linger: no answer was cut
         finally:
             self._reader_done.set()
-        self._idle_timer_stopped = True
-        self._idle_timer.cancel()
 
     async def _close(self) -> None:
         try:
@@ -353,6 +341,7 @@ class Connection(TCPServer):
         """Read and discard what the client still sends, for a bounded time and size."""
         with trio.move_on_after(LINGER_SECONDS):
             if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
+                self._lingering = True
                 self._reading.cancel()  # the reader stops; what it has not parsed is discarded
                 await self._reader_done.wait()
             discarded = 0
