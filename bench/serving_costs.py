@@ -157,6 +157,7 @@ def ttfb(args: argparse.Namespace, servers: Servers, upstream: tuple[Server, int
     pool = LoadPool(1)
     stagger = EVENTS * INTERVAL_MS / 1000
     found: dict[str, dict[str, list[float]]] = {}
+    nodelay: dict[str, tuple[int, int]] = {}
     try:
         for number in range(args.rounds):
             p50s: dict[str, float] = {}
@@ -173,6 +174,8 @@ def ttfb(args: argparse.Namespace, servers: Servers, upstream: tuple[Server, int
                 opens, closes = running.window
                 time.sleep(max(0.0, opens - time.time()))
                 before = server.cpu_seconds()
+                if number == 0 and name != "direct":  # while the stream's sockets are open
+                    nodelay[name] = nodelay_counts(server.process.pid)
                 time.sleep(max(0.0, closes - time.time()))
                 cpu = server.cpu_seconds() - before
                 measurement = running.wait()
@@ -188,8 +191,7 @@ def ttfb(args: argparse.Namespace, servers: Servers, upstream: tuple[Server, int
                     figures.setdefault("added", []).append(p50s[name] - p50s["direct"])
             line = ", ".join(f"{name} {p50s[name]:.2f}" for name in targets)
             print(f"round {number + 1}/{args.rounds} TTFB p50 ms: {line}", flush=True)
-        for name in ("minimal", "tproxy"):
-            with_option, total = nodelay_counts(targets[name][0].process.pid)
+        for name, (with_option, total) in nodelay.items():
             print(f"{name}: {with_option} of {total} connected TCP sockets have TCP_NODELAY")
     finally:
         pool.close()
