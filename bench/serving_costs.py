@@ -4,16 +4,16 @@
     .venv/bin/python bench/serving_costs.py ttfb --rounds 5      # added TTFB at 1 client
     .venv/bin/python bench/serving_costs.py memory               # RSS of 1,000 open streams
 
-- ``hits``: tproxy from the working tree (cache on, warmed) and ``constant_app.py``, both pinned
-  to the last core and loaded AT THE SAME TIME, as ``ab.py`` loads two versions; the ratio of
-  CPU per answer is taken within each round (``hit-16``: small JSON, ``hit-stream-16``: the
-  50-event stream, from the cache / in one body message).
+- ``hits``: tproxy from the working tree (or ``--revision REV``; cache on, warmed) and
+  ``constant_app.py``, both pinned to the last core and loaded AT THE SAME TIME, as ``ab.py``
+  loads two versions; the ratio of CPU per answer is taken within each round (``hit-16``:
+  small JSON, ``hit-stream-16``: the 50-event stream, from the cache / in one body message).
 - ``ttfb``: paced streams (50 events 10 ms apart) at 1 client against the upstream itself, the
   minimal proxy and tproxy (cache off), in turn within each round; *added* is a target's
   percentile minus the upstream's in the same round. It also reports whether every TCP socket
   of both proxies has ``TCP_NODELAY`` (read from the live processes' sockets), and with
-  ``--pin SPEC`` pins all processes to one core set (``--pin 0``: everything on one core, which
-  takes the cross-core wake-ups out of the path).
+  ``--pin SPEC`` pins all processes to one core set (``--pin 0``: everything on one core: no
+  cross-core wake-ups, but every hop waits for the one core).
 - ``memory``: ``run.py``'s 1,000-stream measurement (fresh processes) for the minimal proxy
   and tproxy with the cache off.
 """
@@ -31,7 +31,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from ab import measure_pair, parse_test, start_tproxy, warm
+from ab import export, measure_pair, parse_test, start_tproxy, warm
 from load import LoadPool, Mode, percentile
 from run import (
     BENCH,
@@ -68,7 +68,8 @@ def hits(args: argparse.Namespace, servers: Servers, upstream_url: str) -> None:
     if len(cores) > 1:
         os.sched_setaffinity(0, set(cores[:-1]))  # this script, the load and the upstream
     tests = [parse_test(key) for key in args.tests.split(",")]
-    tproxy = start_tproxy(servers, "tproxy-hit", ROOT, "", upstream_url, core)
+    source = ROOT if args.revision is None else export(args.revision, servers.workdir / "source")
+    tproxy = start_tproxy(servers, "tproxy-hit", source, "", upstream_url, core)
     warm(tproxy[1], {test.mode for test in tests}, 0)
     (port,) = free_ports(1)
     command = ["taskset", "-c", str(core), sys.executable, str(BENCH / "constant_app.py")]
@@ -213,6 +214,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     parser.add_argument("--tests", default="hit-16,hit-stream-16", help="for hits (ab.py's keys)")
     parser.add_argument("--pin", help="ttfb: a taskset CPU list for every process")
+    parser.add_argument("--revision", help="hits: tproxy at this git revision")
     args = parser.parse_args()
     if args.pin:
         os.sched_setaffinity(0, {int(cpu) for cpu in args.pin.split(",")})  # children inherit
