@@ -16,7 +16,6 @@ import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -25,7 +24,6 @@ from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGIReceiveEvent,
     ASGISendCallable,
-    ASGISendEvent,
     ConnectionState,
     LifespanState,
     Scope,
@@ -177,7 +175,6 @@ class Connection(TCPServer):
         self._lingering = False
         self._reader: trio.lowlevel.Task | None = None
         self._reader_done = trio.Event()
-        self._closing_answer = False
 
     async def run(self) -> None:
         with self._connections.track(self):
@@ -266,14 +263,14 @@ class Connection(TCPServer):
         """
         protocol = self.protocol.protocol
         return (
-            self._closing_answer
-            and isinstance(protocol, H11Protocol)
+            isinstance(protocol, RepairedH11Protocol)
+            and protocol.closing_answer
             and protocol.connection.our_state is h11.SEND_BODY
         )
 
     def _app_for_this_connection(self) -> AppWrapper:
-        """The app, noting an answer whose head says ``Connection: close``, and sending
-        ``100 Continue`` when it asks for the body (see :class:`_ContinueWhenAsked`)."""
+        """The app, sending ``100 Continue`` when it asks for the body (see
+        :class:`~tproxy.serving.protocols._ContinueWhenAsked`)."""
         app = self.app
 
         async def run_app(
@@ -283,19 +280,13 @@ class Connection(TCPServer):
             sync_spawn: Callable[..., object],
             call_soon: Callable[..., object],
         ) -> None:
-            async def noting_send(message: ASGISendEvent) -> None:
-                if message["type"] == "http.response.start":
-                    closing = (b"connection", b"close") in message.get("headers", [])
-                    self._closing_answer = closing
-                await send(message)
-
             async def continuing_receive() -> ASGIReceiveEvent:
                 protocol = self.protocol.protocol
                 if isinstance(protocol, RepairedH11Protocol):
                     await protocol.continue_if_expected()
                 return await receive()
 
-            await app(scope, continuing_receive, noting_send, sync_spawn, call_soon)
+            await app(scope, continuing_receive, send, sync_spawn, call_soon)
 
         return cast(AppWrapper, run_app)
 

@@ -146,18 +146,21 @@ class RepairedH11Protocol(H11Protocol):
         self.send = self._send_or_hold
         self._holding_head = False
         self._head = b""
+        # Whether the answer being written says ``Connection: close`` (the connection's close
+        # waits for such an answer to be whole).
+        self.closing_answer = False
 
     async def stream_send(self, event: StreamEvent) -> None:
-        """Hypercorn's, but the head of an answer with a Content-Length (a hit, a refusal, a JSON
-        answer) waits for the answer's first bytes, so that both leave in one write."""
-        if isinstance(event, Response) and event.status_code >= 200 and _has_length(event):
-            self._holding_head = True
-            try:
-                await super().stream_send(event)
-            finally:
-                self._holding_head = False
-        else:
+        """Hypercorn's, noting an answer whose head says ``Connection: close``; and the head of
+        an answer with a Content-Length (a hit, a refusal, a JSON answer) waits for the answer's
+        first bytes, so that both leave in one write."""
+        if isinstance(event, Response) and event.status_code >= 200:
+            self.closing_answer = (b"connection", b"close") in event.headers
+            self._holding_head = _has_length(event)
+        try:
             await super().stream_send(event)
+        finally:
+            self._holding_head = False
 
     async def _send_or_hold(self, event: Event) -> None:
         """The connection's ``send``: a held head goes out with the next bytes, or before
