@@ -143,7 +143,11 @@ class Connection(TCPServer):
       refused body receives its answer rather than a reset. Nothing read then is parsed.
     - An HTTP/1.1 answer that has started is finished before the connection closes, even when
       the client breaks the protocol meanwhile (see :meth:`_answer_in_progress`).
-    - HTTP/2 is :class:`BoundedH2Protocol`.
+    - Its idle timer is the reading loop's deadline, which each request moves
+      (:meth:`_set_idle`), and the loop has no cancel scope around every read: Hypercorn starts
+      a task per request for the timer. HTTP/1.1 is :class:`RepairedH11Protocol`: an answer with
+      a Content-Length leaves with its head in one write.
+    - HTTP/2 is :class:`~tproxy.serving.protocols.BoundedH2Protocol`.
     - Its status lines carry the reason phrase (``200 OK``): Hypercorn's have none.
     """
 
