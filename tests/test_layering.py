@@ -4,7 +4,7 @@
   tproxy outside ``tproxy.core``.
 - Each third-party I/O library has one home: httpx2 and httpcore2 only in ``upstream.py``, lmdb
   only in ``store/lmdb.py``, coredis only in ``store/redis.py``, hypercorn only in ``server.py``
-  and ``serving.py``, cryptography only in ``tls.py``.
+  and ``serving/``, cryptography only in ``tls.py``.
 - Data flows one way: a module imports only modules below it in ``LAYERS``. A package is one
   layer: its modules may import each other.
 """
@@ -31,7 +31,7 @@ LIBRARY_HOME = {
     "httpx2": {"upstream"},
     "httpcore2": {"upstream", "workers_admin"},
     "lmdb": {"store.lmdb"},
-    "hypercorn": {"server", "serving"},
+    "hypercorn": {"server", "serving.connection", "serving.listener", "serving.protocols"},
     "cryptography": {"tls"},
     "coredis": {"store.redis"},
 }

@@ -1,4 +1,4 @@
-"""The accept loop of ``tproxy/serving.py``: what it adds to Hypercorn's connection code.
+"""The accept loop of ``tproxy/serving/``: what it adds to Hypercorn's connection code.
 
 Prompt closing after a client's FIN and closes that never race a write are tested with the other
 client faults (``tests/faults/test_client_faults.py``); this file holds the rest.
@@ -16,11 +16,24 @@ import h2.events
 import httpx2
 import pytest
 import trio
+import trio.testing
+from hypercorn.config import Config
 from hypercorn.events import Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ConnectionState,
+    Scope,
+)
+from hypercorn.utils import wrap_app
 
 from tests.conftest import RunningProxy, StartProxy
-from tests.security.rawhttp import address
+from tests.security.rawhttp import address, post, read_reply
+from tproxy.serving.protocols import RepairedH11Protocol
 
 
 async def test_a_connection_that_fails_is_closed_and_the_server_goes_on(
@@ -252,3 +265,132 @@ async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
             await read_until(lambda: 3 in ended)
     assert statuses == {1: 413, 3: 200}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# --- writes and the idle timer -------------------------------------------------------------------
+
+
+async def writes_of(
+    app: ASGIFramework, then: Callable[[], None] | None = None
+) -> list[list[bytes]]:
+    """What Hypercorn's HTTP/1.1 protocol, as tproxy runs it, writes to the socket for one
+    request answered by ``app``: the writes done by the time every task waits, then (after
+    ``then()``) the writes done by the time every task waits again."""
+    writes: list[bytes] = []
+
+    async def write(event: Event) -> None:
+        if isinstance(event, RawData):
+            writes.append(event.data)
+
+    rounds: list[list[bytes]] = []
+    async with TaskGroup() as task_group:
+        protocol = RepairedH11Protocol(
+            wrap_app(app, 0, "asgi"),
+            Config(),
+            WorkerContext(None),
+            task_group,
+            ConnectionState({}),
+            False,
+            ("127.0.0.1", 40000),
+            ("127.0.0.1", 8080),
+            write,
+        )
+        await protocol.handle(RawData(post(b"/v1/chat/completions", b"{}")))
+        await trio.testing.wait_all_tasks_blocked()
+        rounds.append(list(writes))
+        if then is not None:
+            then()
+            await trio.testing.wait_all_tasks_blocked()
+            rounds.append(writes[len(rounds[0]) :])
+    return rounds
+
+
+async def test_an_answer_with_a_length_is_written_once_head_and_body_together() -> None:
+    """A cache hit's answer (a Content-Length, one body message) costs one write: Hypercorn
+    wrote the head, then the body, then an empty end, each under its lock."""
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        await receive()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]}
+        )
+        await send({"type": "http.response.body", "body": b"hello", "more_body": False})
+
+    [writes] = await writes_of(app)
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert writes[0].endswith(b"\r\n\r\nhello")
+
+
+async def test_a_streamed_answer_has_its_head_written_before_its_first_event() -> None:
+    """A stream's head (chunked: no Content-Length) is not held back for its first event, which
+    may be seconds away."""
+    first_event = trio.Event()
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": headers, "trailers": False}
+        )
+        await first_event.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": False})
+
+    before, after = await writes_of(app, first_event.set)
+    assert len(before) == 1
+    assert before[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert before[0].endswith(b"\r\n\r\n")
+    assert b"".join(after) == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+
+
+async def read_chunked_to_its_end(stream: trio.SocketStream) -> bytes:
+    received = b""
+    while not received.endswith(b"\r\n0\r\n\r\n"):
+        data = await stream.receive_some()
+        assert data, received
+        received += data
+    return received
+
+
+async def test_an_answer_longer_than_keep_alive_timeout_is_not_cut_and_the_timer_restarts(
+    start_proxy: StartProxy,
+) -> None:
+    """The idle timer stops while an answer is under way (a stream of ~0.6 s against a 0.3 s
+    keep-alive), runs again once the connection is idle, and closes it then."""
+    proxy = await start_proxy("[server]\nkeep_alive_timeout = 0.3\n")
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream:
+        for turn in range(2):  # the second request (another question) finds the connection open
+            words = f"a b c d e {turn}"
+            message = {
+                "model": "fake",
+                "stream": True,
+                "messages": [{"role": "user", "content": words}],
+            }
+            body = json.dumps(message).encode()
+            await stream.send_all(
+                post(b"/v1/chat/completions", body, extra=b"x-fake-delay: 0.1\r\n")
+            )
+            with trio.fail_after(10):
+                answer = await read_chunked_to_its_end(stream)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"data: [DONE]" in answer
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+
+
+async def test_the_drain_closes_a_kept_alive_idle_connection_at_once(
+    start_proxy: StartProxy,
+) -> None:
+    """When the server starts draining, a connection waiting idle for its next request is
+    closed now, not at the end of its keep-alive (60 s) or of the drain."""
+    proxy = await start_proxy("[server]\nkeep_alive_timeout = 60\ngraceful_timeout = 30\n")
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    async with stream:
+        await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: tproxy\r\n\r\n")
+        assert (await read_reply(stream)).status == 200
+        proxy.stop.set()
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""
+        with trio.fail_after(10):
+            await proxy.stopped.wait()

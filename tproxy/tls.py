@@ -8,7 +8,7 @@ that does not belong to its certificate, a certificate that has expired or is no
 :func:`check_certificate_pair` and :func:`check_ca_file` return those problems as
 ``(setting, reason)`` pairs, never raising, for ``check-config`` and for the start of ``serve``.
 
-The listening side's context is Hypercorn's (``serving.py``); :func:`reload_cert_chain` loads a
+The listening side's context is Hypercorn's (``serving/``); :func:`reload_cert_chain` loads a
 renewed certificate into that same context, so handshakes after a reload present the new one
 while connections already open keep theirs. :func:`upstream_context` builds the client
 contexts of the upstreams and of the shared tier's ``rediss://`` server, in one way: the

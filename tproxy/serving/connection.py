@@ -1,0 +1,347 @@
+"""One client connection: Hypercorn's connection code (``TCPServer``) with tproxy's repairs,
+and the set of live connections a drain closes. The protocols it runs are
+:mod:`tproxy.serving.protocols`.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from math import inf
+from typing import cast
+
+import h11
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import (
+    AppWrapper,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ConnectionState,
+    LifespanState,
+    Scope,
+)
+from hypercorn.utils import parse_socket_addr
+
+from tproxy.serving.protocols import Protocols, RepairedH11Protocol
+
+log = logging.getLogger("tproxy.serving")
+
+
+# After an answer that ends a connection early (a refusal before the body was read), how long
+# and how much of what the client still sends is read and thrown away before the socket closes.
+# Closing with unread bytes makes the kernel reset the connection, and a client still writing
+# its body (urllib, curl without Expect) then loses the answer; reading on for a bounded while lets
+# it arrive, as nginx's lingering close does.
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 16 << 20
+
+# A connection that fails logs one line (the exception's type and where it was raised, never its
+# message: messages can quote the request's bytes) at most this often; the lines it holds back
+# are counted in the next one.
+FAILURE_LOG_INTERVAL = 10.0
+
+
+class FailureLog:
+    """Connection failures, logged without request bytes and at a bounded rate."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next_line_at = -inf
+        self._held_back = 0
+
+    def failed(self, error: Exception) -> None:
+        now = trio.current_time()
+        if now < self._next_line_at:
+            self._held_back += 1
+            return
+        self._next_line_at = now + self._interval
+        cause: BaseException = error
+        while isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        frames = traceback.extract_tb(cause.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        held_back = (
+            f"; {self._held_back} more in the last {self._interval:g}s" if self._held_back else ""
+        )
+        self._held_back = 0
+        log.error(
+            "a connection failed (%s%s) and was closed; serving goes on%s",
+            type(cause).__name__,
+            where,
+            held_back,
+        )
+
+
+class Connections:
+    """The server's live connections, so that the end of a drain can close their sockets.
+
+    Hypercorn writes to a client inside a cancel shield with no deadline: cancelling a connection
+    whose client does not read leaves it blocked in that write until the kernel gives up
+    (``TCP_USER_TIMEOUT``). Closing the socket makes the write fail at once.
+    """
+
+    def __init__(self) -> None:
+        self._live: set[Connection] = set()
+        self._draining = False
+        self._drained = trio.Event()
+
+    @contextmanager
+    def track(self, connection: Connection) -> Iterator[None]:
+        self._live.add(connection)
+        try:
+            yield
+        finally:
+            self._live.discard(connection)
+            if self._draining and not self._live:
+                self._drained.set()
+
+    def start_draining(self) -> None:
+        """No new connection comes, idle ones close now, busy ones after their answer:
+        :meth:`close_when_cancelled` returns once the last ends."""
+        self._draining = True
+        for connection in self._live:
+            connection.close_if_idle()
+        if not self._live:
+            self._drained.set()
+
+    async def close_when_cancelled(self) -> None:
+        """Wait for the end of the drain; if cancelled first (the drain's deadline, a second
+        signal, at any time), close every live socket."""
+        try:
+            await self._drained.wait()
+        finally:
+            for connection in self._live:
+                connection.socket.close()
+
+
+class Connection(TCPServer):
+    """Hypercorn's connection, over TCP or TLS, with these repairs.
+
+    - A connection that fails is closed and logged; the server goes on. Hypercorn's own loop lets
+      anything but ``OSError`` out of a connection's task, which ends the whole server.
+    - Its idle timer stops once the client has closed its side (see :mod:`tproxy.serving`), and
+      stays stopped: HTTP/2 streams that end afterwards would restart it.
+    - Closing it never races a write. Hypercorn closes a connection from its reading task when
+      the client breaks the protocol (for instance, more bytes after a ``Connection: close``
+      request) while the answer's task is writing; the close shuts the write side down outside
+      the lock the writes take, and a write starting meanwhile failed with ``BusyResourceError``,
+      a traceback, and an exchange recorded in the wrong state. Here the close takes that lock
+      when it is free; when a write holds it, the stream is closed outright, which the write
+      reports as a closed connection, as it would a departed client. The socket is closed even
+      when the close is cancelled (at the end of a drain), where Hypercorn's would stay open
+      until collected.
+    - Closing lingers: after the end of the answer is sent, what the client still sends is read
+      and discarded (:data:`LINGER_SECONDS`, :data:`LINGER_BYTES`), so a client still writing a
+      refused body receives its answer rather than a reset. Nothing read then is parsed.
+    - An HTTP/1.1 answer that has started is finished before the connection closes, even when
+      the client breaks the protocol meanwhile (see :meth:`_answer_in_progress`).
+    - Its idle timer is the reading loop's deadline, which each request moves
+      (:meth:`_set_idle`), and the loop has no cancel scope around every read: Hypercorn starts
+      a task per request for the timer. HTTP/1.1 is :class:`RepairedH11Protocol`: an answer with
+      a Content-Length leaves with its head in one write.
+    - HTTP/2 is :class:`~tproxy.serving.protocols.BoundedH2Protocol`.
+    - Its status lines carry the reason phrase (``200 OK``): Hypercorn's have none.
+    """
+
+    def __init__(
+        self,
+        connections: Connections,
+        failures: FailureLog,
+        stall_timeout: float,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        state: LifespanState,
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+    ) -> None:
+        super().__init__(
+            app, config, context, state, cast(trio.SSLStream[trio.SocketStream], stream)
+        )
+        self.socket = (
+            stream.socket
+            if isinstance(stream, trio.SocketStream)
+            else stream.transport_stream.socket
+        )
+        self._connections = connections
+        self._failures = failures
+        self._stall_timeout = stall_timeout
+        # Around the reading loop; its deadline is the idle timer's (see _set_idle).
+        self._reading = trio.CancelScope()
+        self._idle = True
+        self._lingering = False
+        self._reader: trio.lowlevel.Task | None = None
+        self._reader_done = trio.Event()
+
+    async def run(self) -> None:
+        with self._connections.track(self):
+            try:
+                await self._serve()
+            except Exception as error:  # noqa: BLE001 - any failure is logged, the server goes on
+                self._failures.failed(error)
+
+    async def _handshake(self) -> str | None:
+        """The protocol to speak: ``http/1.1`` on TCP, what ALPN agreed on TLS; None when the
+        TLS handshake failed or took longer than ``ssl_handshake_timeout``."""
+        if not isinstance(self.stream, trio.SSLStream):
+            return "http/1.1"
+        try:
+            with trio.fail_after(self.config.ssl_handshake_timeout):
+                await self.stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError):
+            return None
+        return self.stream.selected_alpn_protocol() or "http/1.1"
+
+    async def _serve(self) -> None:
+        try:
+            alpn_protocol = await self._handshake()
+            if alpn_protocol is None:
+                return
+            client = parse_socket_addr(self.socket.family, self.socket.getpeername())
+            server = parse_socket_addr(self.socket.family, self.socket.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = Protocols(
+                    self._app_for_this_connection(),
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    isinstance(self.stream, trio.SSLStream),
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol=alpn_protocol,
+                    stall_timeout=self._stall_timeout,
+                )
+                await self.protocol.initiate()
+                self._set_idle(True)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            if not self._reader_done.is_set():  # after the client's side: no timer to move
+                self._set_idle(event.idle)
+            return
+        if isinstance(event, Closed) and self._answer_in_progress():
+            return  # the answer ends the connection itself, once it is whole
+        await super().protocol_send(event)
+
+    def _set_idle(self, idle: bool) -> None:
+        """The idle timer, as the reading loop's deadline. Idle: the connection closes after
+        ``keep_alive_timeout`` (at once while the server drains); busy: never, until it is idle
+        again. Hypercorn starts a task per request for this timer, with a lock around each start
+        and stop; here a request moves a deadline."""
+        self._idle = idle
+        if not idle:
+            self._reading.deadline = inf
+        elif self.context.terminated.is_set():
+            self._reading.deadline = -inf
+        else:
+            self._reading.deadline = trio.current_time() + self.config.keep_alive_timeout
+
+    def close_if_idle(self) -> None:
+        """The server drains: close now if no answer is in progress (busy connections close
+        after their answer, as Hypercorn's protocols check the drain)."""
+        if self._idle:
+            self._reading.deadline = -inf
+
+    def _answer_in_progress(self) -> bool:
+        """Whether an HTTP/1.1 answer that ends the connection has started and not ended.
+
+        Hypercorn's parser closes the connection when the client sends what it must not: bytes
+        after a request whose answer says ``Connection: close``, for instance the request hidden
+        behind a refused one. That answer (the app's, whole in one message after its head) would
+        be cut after its head; the connection closes once it is out.
+        """
+        protocol = self.protocol.protocol
+        return (
+            isinstance(protocol, RepairedH11Protocol)
+            and protocol.closing_answer
+            and protocol.connection.our_state is h11.SEND_BODY
+        )
+
+    def _app_for_this_connection(self) -> AppWrapper:
+        """The app, sending ``100 Continue`` when it asks for the body (see
+        :class:`~tproxy.serving.protocols._ContinueWhenAsked`)."""
+        app = self.app
+
+        async def run_app(
+            scope: Scope,
+            receive: ASGIReceiveCallable,
+            send: ASGISendCallable,
+            sync_spawn: Callable[..., object],
+            call_soon: Callable[..., object],
+        ) -> None:
+            async def continuing_receive() -> ASGIReceiveEvent:
+                protocol = self.protocol.protocol
+                if isinstance(protocol, RepairedH11Protocol):
+                    await protocol.continue_if_expected()
+                return await receive()
+
+            await app(scope, continuing_receive, send, sync_spawn, call_soon)
+
+        return cast(AppWrapper, run_app)
+
+    async def _read_data(self) -> None:
+        """Hypercorn's reading loop, inside one cancel scope whose deadline is the idle timer
+        (Hypercorn puts a scope around every read for its ``read_timeout``, which tproxy never
+        sets, and runs the idle timer as a task of its own)."""
+        self._reader = trio.lowlevel.current_task()
+        try:
+            with self._reading:
+                while True:
+                    try:
+                        data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                    await self.protocol.handle(RawData(bytes(data)))
+                    if not data:
+                        break
+                await self.protocol.handle(Closed())
+            if self._reading.cancelled_caught and not self._lingering:  # idle for too long
+                await self.protocol.handle(Closed())
+                await trio.aclose_forcefully(self.stream)  # no linger: no answer was cut
+        finally:
+            self._reader_done.set()
+
+    async def _close(self) -> None:
+        try:
+            try:
+                self.send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                return  # a write is in progress: the close below makes it fail as closed
+            try:
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    if isinstance(self.stream, trio.SocketStream):
+                        await self.stream.send_eof()  # TLS has no half-close: linger all the same
+                    await self._linger()
+            finally:
+                self.send_lock.release()
+        finally:
+            await trio.aclose_forcefully(self.stream)  # closed even when cancelled midway
+
+    async def _linger(self) -> None:
+        """Read and discard what the client still sends, for a bounded time and size."""
+        with trio.move_on_after(LINGER_SECONDS):
+            if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
+                self._lingering = True
+                self._reading.cancel()  # the reader stops; what it has not parsed is discarded
+                await self._reader_done.wait()
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                data = await self.stream.receive_some(MAX_RECV)
+                if not data:
+                    return
+                discarded += len(data)
