@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fakeupstream import FakeUpstream
 from tests.tlsfiles import write_pair
 from tproxy.notify import socket_address
+from tproxy.tls import read_certificate
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0
@@ -335,6 +336,8 @@ async def test_the_supervisors_admin_listener_serves_https_with_admin_tls(
     assert service.admin.startswith("https://")
     assert total(merged, "tproxy_workers") == 2
     assert total(worker, "tproxy_build_info") == 1
+    expiry = "tproxy_tls_certificate_expiry_timestamp_seconds"
+    assert total(merged, expiry, listener="admin") == read_certificate(cert).not_after.timestamp()
 
 
 async def test_sighup_is_passed_on_to_every_worker(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.h11peer import Peer, SeenRequest, connection_handler, serve_on_loopback
 from tproxy import workers_admin
@@ -179,3 +180,31 @@ process_start_time_seconds %d
     }
     assert families["tproxy_cache_entries"] == {("tproxy_cache_entries", ()): 7}
     assert families["process_start_time_seconds"] == {("process_start_time_seconds", ()): 90}
+
+
+EXPIRY_SCRAPE = """\
+# HELP tproxy_tls_certificate_expiry_timestamp_seconds When the certificate expires.
+# TYPE tproxy_tls_certificate_expiry_timestamp_seconds gauge
+tproxy_tls_certificate_expiry_timestamp_seconds{listener="proxy"} %d
+"""
+
+
+async def test_the_certificate_to_renew_first_is_reported_never_a_sum_of_dates() -> None:
+    """Each worker reports its proxy certificate (one that reloaded a renewed file and one that
+    could not may differ); the supervisor adds its own admin listener's, which no worker has."""
+    workers = FakeWorkers(
+        {
+            1: (200, (EXPIRY_SCRAPE % 1_900_000_000).encode()),
+            2: (200, (EXPIRY_SCRAPE % 1_800_000_000).encode()),
+        }
+    )
+    admin = WorkersAdmin(workers)
+    admin.note_certificate("admin", 1_850_000_000)
+    scraped = {
+        (sample.name, tuple(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families((await admin.metrics()).decode())
+        for sample in family.samples
+    }
+    expiry = "tproxy_tls_certificate_expiry_timestamp_seconds"
+    assert scraped[(expiry, (("listener", "proxy"),))] == 1_800_000_000
+    assert scraped[(expiry, (("listener", "admin"),))] == 1_850_000_000

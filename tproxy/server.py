@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
+from typing import Protocol, cast
 
 import trio
 from hypercorn.config import Config
@@ -44,7 +44,7 @@ from tproxy.pipeline import Exchanger, open_exchanger
 from tproxy.serving import SocketOptions, serve_asgi
 from tproxy.store import CacheStore, LmdbStore, SharedTier, open_shared_tier
 from tproxy.storewriter import StoreWriter
-from tproxy.telemetry import Telemetry, open_telemetry
+from tproxy.telemetry import open_telemetry
 from tproxy.tls import TLSFileError, read_certificate, reload_cert_chain
 from tproxy.upstream import open_upstream_pool
 
@@ -146,7 +146,14 @@ class Certificate:
         return read_certificate(self.files.cert).not_after.timestamp()
 
 
-def note_expiry(certificate: Certificate, telemetry: Telemetry) -> None:
+class ExpiryWatcher(Protocol):
+    """Whoever reports when a listener's certificate expires: a process's telemetry, or the
+    supervisor's admin listener for its own certificate."""
+
+    def note_certificate(self, listener: str, expires_at: float) -> None: ...
+
+
+def note_expiry(certificate: Certificate, telemetry: ExpiryWatcher) -> None:
     """Tell the metrics when the certificate a listener presents expires."""
     try:
         telemetry.note_certificate(certificate.listener, certificate.expires_at())
@@ -169,12 +176,9 @@ def _socket_options(
     return options, [Certificate(listener, context, tls)]
 
 
-def reload_certificates(
-    certificates: Sequence[Certificate], telemetry: Telemetry | None = None
-) -> None:
+def reload_certificates(certificates: Sequence[Certificate], telemetry: ExpiryWatcher) -> None:
     """SIGHUP with TLS: every listener presents its renewed certificate to new handshakes. Only
-    the certificates: other settings need a restart. ``telemetry``, when the process has one
-    (a worker's supervisor has none), hears the new expiry."""
+    the certificates: other settings need a restart. ``telemetry`` hears the new expiry."""
     for certificate in certificates:
         try:
             certificate.reload()
@@ -182,8 +186,7 @@ def reload_certificates(
             log.error("SIGHUP: %s; still serving the certificate loaded before", error)
         else:
             log.info("SIGHUP: loaded %s for new connections", certificate.files.cert)
-            if telemetry is not None:
-                note_expiry(certificate, telemetry)
+            note_expiry(certificate, telemetry)
 
 
 @asynccontextmanager

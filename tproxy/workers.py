@@ -53,6 +53,7 @@ from tproxy.server import (
     STATUS_INTERVAL,
     Certificate,
     Listening,
+    note_expiry,
     reload_certificates,
     run_until_signalled,
     start_admin_listener,
@@ -195,7 +196,9 @@ class Supervisor:
                     admin_binds, certificates = await start_admin_listener(
                         nursery, self.settings, admin, workers_done.wait
                     )
-                    nursery.start_soon(self._watch_signals, signals, certificates, notifier)
+                    for certificate in certificates:
+                        note_expiry(certificate, admin)
+                    nursery.start_soon(self._watch_signals, signals, certificates, admin, notifier)
 
                     async def run_workers(*, task_status: trio.TaskStatus[None]) -> None:
                         try:
@@ -337,6 +340,7 @@ class Supervisor:
         self,
         signals: AsyncIterator[int],
         certificates: Sequence[Certificate],
+        admin: WorkersAdmin,
         notifier: Notifier,
     ) -> None:
         graceful = self.settings.server.graceful_timeout
@@ -344,7 +348,7 @@ class Supervisor:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: passed on to every worker")
-                reload_certificates(certificates)
+                reload_certificates(certificates, admin)
                 for slot in self.slots:
                     if slot.admin is not None:  # one still starting loads the files anyway
                         _signal(slot, signal.SIGHUP)

@@ -36,7 +36,11 @@ MAX_ADMIN_ANSWER = 64 * 1024 * 1024
 _SHARED_GAUGES = frozenset(
     {"tproxy_cache_entries", "tproxy_cache_bytes", "tproxy_cache_max_bytes", "tproxy_build_info"}
 )
-_EARLIEST = frozenset({"process_start_time_seconds"})
+# Taken the earliest: when the service started, and the certificate to renew first (workers
+# that loaded a renewed file and one that could not may differ).
+_EARLIEST = frozenset(
+    {"process_start_time_seconds", "tproxy_tls_certificate_expiry_timestamp_seconds"}
+)
 
 # A worker's answer: its status and body, or 0 and why it gave none.
 Answers = dict[int, tuple[int, bytes]]
@@ -111,6 +115,11 @@ class WorkersAdmin(AdminApp):
     def __init__(self, workers: Workers) -> None:
         super().__init__(None, token=workers.token, stopping=workers.stop)
         self._workers = workers
+        self._certificate_expiry: dict[str, float] = {}  # its own listener's, by listener
+
+    def note_certificate(self, listener: str, expires_at: float) -> None:
+        """When the certificate this listener presents expires (at start, after a reload)."""
+        self._certificate_expiry[listener] = expires_at
 
     async def readiness(self) -> tuple[int, dict[str, object]]:
         if self._workers.stop.is_set():
@@ -129,6 +138,7 @@ class WorkersAdmin(AdminApp):
         if failed:
             raise AdminUnavailable(f"a worker's metrics could not be read: {failed[0]}")
         families = merge_scrapes(body.decode() for _, body in answers.values())
+        _add_expiry(families, self._certificate_expiry)
         return generate_latest(_Families([*families, *self._own_metrics(len(answers))]))
 
     def _own_metrics(self, listening: int) -> list[Metric]:
@@ -168,10 +178,25 @@ def _document(body: bytes) -> dict[str, object]:
     return document if isinstance(document, dict) else {"error": "not a JSON object"}
 
 
+def _add_expiry(families: list[Metric], expiry: Mapping[str, float]) -> None:
+    """Add the supervisor's own listeners' certificate expiry to the workers' family of that
+    name, or start that family when the workers have none (their proxy listener is plain)."""
+    name = "tproxy_tls_certificate_expiry_timestamp_seconds"
+    family = next((each for each in families if each.name == name), None)
+    for listener, expires_at in expiry.items():
+        if family is None:
+            family = Metric(
+                name, "When the certificate a TLS listener presents expires, Unix time.", "gauge"
+            )
+            families.append(family)
+        family.add_sample(name, {"listener": listener}, expires_at)
+
+
 def merge_scrapes(scrapes: Iterable[str]) -> list[Metric]:
     """The workers' metrics as one process's: each series (name and labels) summed across the
     workers, histograms bucket by bucket; the store's and the build's gauges (the same in every
-    worker) taken once, and ``process_start_time_seconds`` the earliest."""
+    worker) taken once, and ``process_start_time_seconds`` and each certificate's expiry the
+    earliest."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in scrapes:
