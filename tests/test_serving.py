@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable
 
 import h2.config
 import h2.connection
 import h2.events
+import h11
 import httpx2
 import pytest
 import trio
@@ -394,3 +396,48 @@ async def test_the_drain_closes_a_kept_alive_idle_connection_at_once(
             assert await stream.receive_some() == b""
         with trio.fail_after(10):
             await proxy.stopped.wait()
+
+
+async def streamed_words(proxy: RunningProxy, count: int, *, read_late: bool) -> list[str]:
+    """The words of a streamed chat answer of ``count`` words, read by a client with a 4 KiB
+    receive buffer; ``read_late``: it reads nothing until every task waits (the proxy's socket
+    is full, its writes wait)."""
+    message = {"role": "user", "content": " ".join(f"w{index}" for index in range(count))}
+    body = json.dumps({"model": "fake", "stream": True, "messages": [message]}).encode()
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(address(proxy.url))
+    parser = h11.Connection(h11.CLIENT)
+    parser.send(h11.Request(method="POST", target="/", headers=[("host", "tproxy")]))
+    received = bytearray()
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(post(b"/v1/chat/completions", body))
+        if read_late:
+            await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(20):
+            while True:
+                event = parser.next_event()
+                if event is h11.NEED_DATA:
+                    parser.receive_data(await stream.receive_some())
+                elif isinstance(event, h11.Data):
+                    received += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+    words: list[str] = []
+    for line in bytes(received).split(b"\n"):
+        if line.startswith(b"data: {"):
+            for choice in json.loads(line[6:])["choices"]:
+                words.extend(choice["delta"].get("content", "").split())
+    return words
+
+
+async def test_a_stream_larger_than_the_socket_buffers_arrives_whole_when_read_late(
+    start_proxy: StartProxy,
+) -> None:
+    """Body writes go straight to the socket while it takes them at once, and through
+    Hypercorn's locked write once it is full (the rest of a write it took in part, and every
+    write after it while that one waits): the events arrive whole, in order, once."""
+    proxy = await start_proxy("[cache]\nenabled = false\n")
+    expected = [f"w{index}" for index in range(3000)]
+    assert await streamed_words(proxy, 3000, read_late=False) == expected
+    assert await streamed_words(proxy, 3000, read_late=True) == expected

@@ -23,6 +23,7 @@ The rules it keeps:
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -76,9 +77,22 @@ class _Connection:
         self.stream.socket.close()
 
     async def receive(self) -> bytes:
-        data = await self.stream.receive_some(READ_SIZE)
-        self.protocol.receive_data(data)
-        return data
+        """Wait until the socket is readable, then read it.
+
+        Trio's ``receive_some`` first tries a read, which on a stream that sends one event at
+        a time almost always finds nothing (an exception caught in a context manager) before
+        it waits; waiting first and reading the descriptor costs one read per event. The
+        descriptor is asked for each time: a closed socket's is -1 (the read fails), never a
+        number the kernel has since given another connection."""
+        socket = self.stream.socket
+        while True:
+            await trio.lowlevel.wait_readable(socket)
+            try:
+                data = os.read(socket.fileno(), READ_SIZE)
+            except BlockingIOError:  # woken for nothing: wait again
+                continue
+            self.protocol.receive_data(data)
+            return data
 
 
 @dataclass(slots=True)

@@ -115,7 +115,11 @@ class Exchanger:
         try:
             async with trio.open_nursery() as request_nursery:
                 watcher = trio.CancelScope()
-                writing = trio.CancelScope()
+                # The writing stops at the request's total deadline, or when the client leaves
+                # after its whole answer (the exchange is finished then: no time-out recorded).
+                writing = trio.CancelScope(
+                    deadline=trio.current_time() + request.total_timeout + 1.0
+                )
                 request_nursery.start_soon(
                     self._watch_client,
                     receive,
@@ -127,8 +131,7 @@ class Exchanger:
                 )
                 if not flight.shared:
                     request_nursery.start_soon(self._fly, flight)
-                deadline = trio.current_time() + request.total_timeout + 1.0
-                with trio.CancelScope(deadline=deadline) as overall, writing:
+                with writing:
                     await write_client(
                         request,
                         exchange,
@@ -138,7 +141,7 @@ class Exchanger:
                         watcher,
                         capture,
                     )
-                if overall.cancelled_caught and not exchange.finished:
+                if writing.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
                 watcher.cancel()
         finally:

@@ -125,16 +125,22 @@ class LiveFlight:
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + END_TIMEOUT)
 
     async def publish(self, item: Item) -> None:
-        """Hand ``item`` to every client: awaiting the only one of a private flight, never
-        waiting for any client of a shared one. A client it cuts off leaves the flight at once:
-        one that can no longer be served must not keep the upstream call going (once none is
-        left, the policy decides), even while Hypercorn still holds its last write to a socket
-        nobody reads."""
+        """Hand ``item`` to every client: awaiting the only one of a private flight when its
+        channel is full, never waiting for any client of a shared one. A client it cuts off
+        leaves the flight at once: one that can no longer be served must not keep the upstream
+        call going (once none is left, the policy decides), even while Hypercorn still holds its
+        last write to a socket nobody reads."""
         delivery = self.fanout.publish(item)
         if not self.shared:
             for feed in delivery.to:
                 try:
-                    await feed.send_channel.send(item)
+                    try:
+                        # Queued without a checkpoint when there is room: the reader's next
+                        # read checkpoints anyway, and a yield here is one more task step
+                        # per chunk.
+                        feed.send_channel.send_nowait(item)
+                    except trio.WouldBlock:
+                        await feed.send_channel.send(item)
                 except trio.BrokenResourceError:  # it left with its whole answer
                     self.fanout.leave(feed)
             return

@@ -54,15 +54,18 @@ class Reader:
 
     async def read(self, flight: LiveFlight) -> None:
         """Read the upstream answer into the flight and its cache writer, then end the flight."""
-        # Bounded in bytes, not items: the reader stops feeding it past max_entry_bytes.
-        to_cache_send, to_cache_receive = trio.open_memory_channel[CacheItem](
-            math.inf if flight.plan is not None else 0
-        )
         final: UpstreamEnded | FlightFailed | None = None
         try:
             with flight.scope:
-                async with trio.open_nursery() as nursery:
-                    if flight.plan is not None:
+                if flight.plan is None:
+                    # Nothing to store: no cache writer, nor a nursery and a channel for it.
+                    final = await self._read_upstream(flight, None)
+                    await self._publish_end(flight, final)
+                else:
+                    # Bounded in bytes, not items: the reader stops feeding it past
+                    # max_entry_bytes.
+                    to_cache, to_cache_receive = trio.open_memory_channel[CacheItem](math.inf)
+                    async with trio.open_nursery() as nursery:
                         nursery.start_soon(
                             write_cache,
                             self.store_writer,
@@ -70,15 +73,9 @@ class Reader:
                             to_cache_receive,
                             flight.report,
                         )
-                    else:
-                        to_cache_receive.close()
-                    final = await self._read_upstream(flight, to_cache_send)
-                    if isinstance(final, UpstreamEnded) and flight.book is not None:
-                        # The registry hears of the end before the clients do: a client that
-                        # has its whole answer and leaves is done, not gone, and must not cancel
-                        # the store write still running here.
-                        self.registry.finish(flight.book, clean=True)
-                    await flight.publish(final)
+                        async with to_cache:
+                            final = await self._read_upstream(flight, to_cache)
+                        await self._publish_end(flight, final)
             if flight.report.usage is None and flight.completion is not None:
                 flight.report.usage = flight.completion.usage
         finally:
@@ -90,15 +87,22 @@ class Reader:
                 reason = None if clean else flight.report.reason
                 self.registry.finish(book, clean=clean, reason=reason)
 
+    async def _publish_end(self, flight: LiveFlight, final: UpstreamEnded | FlightFailed) -> None:
+        if isinstance(final, UpstreamEnded) and flight.book is not None:
+            # The registry hears of the end before the clients do: a client that has its whole
+            # answer and leaves is done, not gone, and must not cancel the store write still
+            # running.
+            self.registry.finish(flight.book, clean=True)
+        await flight.publish(final)
+
     async def _read_upstream(
-        self, flight: LiveFlight, to_cache: trio.MemorySendChannel[CacheItem]
+        self, flight: LiveFlight, to_cache: trio.MemorySendChannel[CacheItem] | None
     ) -> UpstreamEnded | FlightFailed:
         """Read the upstream answer into the flight; return the item that ends it."""
-        async with to_cache:
-            try:
-                await self._stream_upstream(flight, to_cache if flight.plan is not None else None)
-            except UpstreamError as error:
-                return FlightFailed(error)
+        try:
+            await self._stream_upstream(flight, to_cache)
+        except UpstreamError as error:
+            return FlightFailed(error)
         return UpstreamEnded()
 
     async def _stream_upstream(
