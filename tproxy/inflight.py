@@ -6,7 +6,8 @@ lets tests wait for "every request has finished" without sleeping.
 
 from __future__ import annotations
 
-from types import TracebackType
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from trio_util import AsyncValue
 
@@ -20,17 +21,16 @@ class Inflight:
         self._exchanges: dict[int, Exchange] = {}
         self._count = AsyncValue(0)
 
-    def track(self, exchange: Exchange) -> _Tracked:
-        """Hold ``exchange`` in the registry for the duration of a ``with`` block."""
-        return _Tracked(self, exchange)
-
-    def _add(self, exchange: Exchange) -> None:
+    @contextmanager
+    def track(self, exchange: Exchange) -> Iterator[None]:
+        """Hold ``exchange`` in the registry for the duration of the block."""
         self._exchanges[id(exchange)] = exchange
         self._count.value = len(self._exchanges)
-
-    def _remove(self, exchange: Exchange) -> None:
-        del self._exchanges[id(exchange)]
-        self._count.value = len(self._exchanges)
+        try:
+            yield
+        finally:
+            del self._exchanges[id(exchange)]
+            self._count.value = len(self._exchanges)
 
     def __len__(self) -> int:
         return len(self._exchanges)
@@ -41,25 +41,3 @@ class Inflight:
     async def wait_idle(self) -> None:
         """Return once no exchange is in flight."""
         await self._count.wait_value(0)
-
-
-class _Tracked:
-    """:meth:`Inflight.track`'s block: a plain context manager, as every request enters one
-    (a generator-based one costs a generator and its frame each time)."""
-
-    __slots__ = ("_exchange", "_inflight")
-
-    def __init__(self, inflight: Inflight, exchange: Exchange) -> None:
-        self._inflight = inflight
-        self._exchange = exchange
-
-    def __enter__(self) -> None:
-        self._inflight._add(self._exchange)
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._inflight._remove(self._exchange)
