@@ -15,9 +15,8 @@ it is copied into the local store off the client's path.
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import trio
@@ -82,28 +81,6 @@ class _Lookup:
     model: str | None = None
 
 
-class _RequestIds:
-    """Request ids for requests that bring none: a random prefix per process and a counter.
-
-    32 lower-case hex digits, as ``uuid4().hex`` gave, at a tenth of its cost: 16 random ones
-    drawn once per process (64 bits: ids stay unique across the workers and restarts that share
-    one log) and 16 counting the requests. A forked child draws its own.
-    """
-
-    def __init__(self) -> None:
-        self._draw()
-
-    def _draw(self) -> None:
-        self._pid = os.getpid()
-        self._prefix = os.urandom(8).hex().encode()
-        self._counter = itertools.count()
-
-    def next(self) -> bytes:
-        if os.getpid() != self._pid:
-            self._draw()
-        return b"%s%016x" % (self._prefix, next(self._counter))
-
-
 class ProxyApp:
     """The proxy's ASGI entry point; one instance serves every request of a server."""
 
@@ -131,7 +108,6 @@ class ProxyApp:
                 self._tiers.append(shared)
         self._model_routing = needs_model(settings.routes)
         self._bodies = BodyMemo()  # a repeated body (a cache hit) is not parsed again
-        self._request_ids = _RequestIds()
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] == "http":
@@ -141,7 +117,7 @@ class ProxyApp:
 
     async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         headers: list[Header] = scope["headers"]
-        request_id = client_request_id(headers) or self._request_ids.next()
+        request_id = client_request_id(headers) or uuid.uuid4().hex.encode()
         client = scope.get("client")
         exchange = Exchange(
             request_id.decode(),
