@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -166,6 +166,12 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_ScrapeCollector(inflight, store, store_writer, sinks))
+        self._request_series = _Series(self._requests.labels)
+        self._ttfb_series = _Series(self._ttfb.labels)
+        self._duration_series = _Series(self._duration.labels)
+        self._upstream_error_series = _Series(self._upstream_errors.labels)
+        self._token_series = _Series(self._tokens.labels)
+        self._saved_token_series = _Series(self._saved_tokens.labels)
 
     def text(self) -> bytes:
         """The metrics in the Prometheus text format (:data:`METRICS_CONTENT_TYPE`)."""
@@ -184,15 +190,15 @@ class Metrics:
         cache = cache_label(record.cache_status)
         route = self._routes(record.route)
         upstream = self._upstreams(record.upstream)
-        self._requests.labels(state=record.state, cache=cache, route=route, upstream=upstream).inc()
+        self._request_series(record.state, cache, route, upstream).inc()
         source = "cache" if cache == "hit" else "upstream" if record.upstream else "proxy"
         if record.ttfb is not None:
-            self._ttfb.labels(source, route, upstream).observe(record.ttfb)
+            self._ttfb_series(source, route, upstream).observe(record.ttfb)
         if record.duration is not None:
-            self._duration.labels(source, route, upstream).observe(record.duration)
+            self._duration_series(source, route, upstream).observe(record.duration)
         kind = upstream_error_kind(record)
         if kind is not None:
-            self._upstream_errors.labels(kind=kind, route=route, upstream=upstream).inc()
+            self._upstream_error_series(kind, route, upstream).inc()
         if record.collapsed:
             self._followers.inc()
         if record.usage is not None:
@@ -211,9 +217,32 @@ class Metrics:
             if not count:
                 continue
             if saved:
-                self._saved_tokens.labels(model=model, kind=kind, cache=cache).inc(count)
+                self._saved_token_series(model, kind, cache).inc(count)
             else:
-                self._tokens.labels(model=model, kind=kind).inc(count)
+                self._token_series(model, kind).inc(count)
+
+
+_Child = TypeVar("_Child")
+
+
+class _Series(Generic[_Child]):
+    """A labelled metric's children, each looked up in prometheus-client once.
+
+    Its ``labels()`` checks and converts the values and takes a lock on every call, five times
+    per request; every label here has a bounded set of values (configured names, enumerations,
+    :class:`_Labels`), so this dict stays as small as the metric itself.
+    """
+
+    def __init__(self, labels: Callable[..., _Child]) -> None:
+        self._labels = labels
+        self._children: dict[tuple[str, ...], _Child] = {}
+
+    def __call__(self, *values: str) -> _Child:
+        """The child for ``values``, in the order of the metric's label names."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._labels(*values)
+        return child
 
 
 class _Labels:
