@@ -19,6 +19,7 @@ READY, STOPPING, STATUS and watchdog pings through :mod:`tproxy.notify`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import ssl
@@ -428,6 +429,10 @@ async def run_until_signalled(
                 nursery.start_soon(watch_signals)
                 listening: Listening = await nursery.start(run_server)
                 served.append(listening)
+                # What start-up built (modules, settings, pools, the app) lives as long as the
+                # process: out of the collector's generations, the collections that requests
+                # set off no longer walk it.
+                gc.freeze()
                 if on_listening is not None:
                     on_listening(listening)
                 await notifier.ready(listening.status.summary())
