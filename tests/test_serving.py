@@ -6,6 +6,7 @@ client faults (``tests/faults/test_client_faults.py``); this file holds the rest
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -35,6 +36,7 @@ from hypercorn.utils import wrap_app
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.security.rawhttp import address, post, read_reply
+from tproxy.serving.connection import Connection, Connections, FailureLog
 from tproxy.serving.protocols import RepairedH11Protocol
 
 
@@ -441,3 +443,37 @@ async def test_a_stream_larger_than_the_socket_buffers_arrives_whole_when_read_l
     expected = [f"w{index}" for index in range(3000)]
     assert await streamed_words(proxy, 3000, read_late=False) == expected
     assert await streamed_words(proxy, 3000, read_late=True) == expected
+
+
+async def test_a_cancelled_write_sends_all_of_its_bytes_or_none() -> None:
+    """A write asked for by a cancelled task (a stream reset, a deadline) goes out whole or not
+    at all: a part of an HTTP/2 frame on the wire would end the connection for every stream."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    message = b"x" * (1 << 20)  # far more than the socket takes at once
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        raise AssertionError("no request is read here")
+
+    connection = Connection(
+        Connections(),
+        FailureLog(60.0),
+        60.0,
+        wrap_app(app, 0, "asgi"),
+        Config(),
+        WorkerContext(None),
+        {},
+        trio.SocketStream(trio.socket.from_stdlib_socket(ours)),
+    )
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await connection.protocol_send(RawData(message))
+    assert scope.cancelled_caught
+    theirs.setblocking(False)
+    received = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := theirs.recv(1 << 16):
+            received += chunk
+    assert received in (b"", message)
+    ours.close()
+    theirs.close()

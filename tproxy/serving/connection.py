@@ -6,6 +6,7 @@ and the set of live connections a drain closes. The protocols it runs are
 from __future__ import annotations
 
 import logging
+import math
 import os
 import traceback
 from collections.abc import Callable, Iterator
@@ -255,6 +256,11 @@ class Connection(TCPServer):
         socket with room, never waits. A write made here cannot be cancelled midway, so it
         needs no shield, and nothing else writes while the lock is free."""
         if not self._plain or self.send_lock.locked():
+            return data
+        if trio.current_effective_deadline() == -math.inf:
+            # Cancelled: Hypercorn's write raises before writing anything. Here a part could go
+            # out, the rest never (its lock raises first): a torn frame ends an HTTP/2
+            # connection for every stream on it.
             return data
         # Asked each time, never kept: a closed socket's number is -1, not a number the kernel
         # may have given another connection since.
