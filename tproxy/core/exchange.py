@@ -19,7 +19,7 @@ announced. ``AnswerDelivered`` moves ``STREAMING`` to ``DELIVERED``, and there t
 exchange opened): it leaves the state where it is, and counts in ``followers``. So are
 ``Identified`` (whose request: the tenant) and ``Classified`` (the model, the Cache-Status), told
 before any answer starts and legal only in ``received``: nothing outside this module sets a field.
-``JoinedFlight`` marks the exchange ``collapsed``, in its Cache-Status too.
+``JoinedFlight`` marks its Cache-Status ``collapsed``, which is where ``collapsed`` is read.
 
 Counters (bytes, chunks, events) are accounting, not lifecycle: they are plain methods that do not
 touch the state. Times are passed in by the caller (any monotonic clock), keeping this module pure.
@@ -154,7 +154,6 @@ class Exchange:
     tenant: str | None = None  # a short hash of the client's credential, never the credential
     cache_status: CacheStatus | None = None
     followers: int = 0  # requests that joined the flight this one opened, in total
-    collapsed: bool = False
     upstream: str | None = None
     attempts: int = 0
     status: int | None = None
@@ -171,6 +170,11 @@ class Exchange:
     @property
     def finished(self) -> bool:
         return self.state.terminal
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether it joined an identical request in flight, as its Cache-Status says."""
+        return self.cache_status is not None and self.cache_status.collapsed
 
     def handle(self, fact: Fact, now: float) -> State:
         """Apply ``fact``; return the new state. Illegal facts raise and change nothing."""
@@ -217,7 +221,6 @@ class Exchange:
                 self.status = 200
                 self.headers_at = now
             case JoinedFlight():
-                self.collapsed = True
                 if self.cache_status is not None:
                     self.cache_status = self.cache_status.joined()
             case FollowerJoined():
