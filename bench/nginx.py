@@ -14,29 +14,14 @@ targets and says why.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
+import debian
 from load import Mode, request_body
 from upstream import COMPLETION, stream_body
 
 PACKAGES = ("nginx-light", "nginx")
-APT_TIMEOUT = 300.0  # seconds for one apt-get call: a slow mirror must not hang the suite
-
-
-@dataclass(frozen=True, slots=True)
-class Found:
-    """The nginx binary to run (None: skip the nginx targets) and what the report says of it."""
-
-    binary: str | None
-    note: str
-
-
-def _on_path() -> str | None:
-    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
 def _version(binary: str) -> str:
@@ -44,44 +29,9 @@ def _version(binary: str) -> str:
     return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
 
 
-def _apt(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(
-        ["apt-get", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        timeout=APT_TIMEOUT,
-        check=False,
-    )
-
-
-def find_or_install() -> Found:
+def find_or_install() -> debian.Found:
     """nginx from PATH, else from Debian's packages when that is possible; never raises."""
-    binary = _on_path()
-    if binary is not None:
-        return Found(binary, f"nginx: {_version(binary)} ({binary})")
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return Found(None, "nginx: not installed and not installable here (needs root and apt)")
-    print("bench: nginx not found, installing it from Debian's packages", flush=True)
-    failure = ""
-    try:
-        for update_first in (False, True):  # a fresh machine may have no package lists yet
-            if update_first:
-                _apt("update")
-            for package in PACKAGES:
-                done = _apt("install", "-y", "--no-install-recommends", package)
-                binary = _on_path()
-                if done.returncode == 0 and binary is not None:
-                    return Found(
-                        binary,
-                        f"nginx: {_version(binary)}, installed by this run (Debian's {package})",
-                    )
-                failure = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    except (OSError, subprocess.TimeoutExpired) as error:
-        failure = str(error)
-    return Found(None, f"nginx: could not be installed ({failure}); nginx targets skipped")
+    return debian.find_or_install("nginx", PACKAGES, _version)
 
 
 def _main_section(directory: Path, connections: int) -> str:
