@@ -79,6 +79,7 @@ from tproxy.telemetry import (
     tenant_label,
     upstream_error_kind,
 )
+from tproxy.telemetry.logs import access_log, emit_access
 
 SECRET = "sk-live-0123456789abcdef"
 MISS = CacheStatus.forwarded(Forward.MISS)
@@ -237,6 +238,51 @@ def test_the_log_format_setting_picks_json_or_console() -> None:
     plain = logging.LogRecord("tproxy", logging.WARNING, __file__, 1, "hello %s", ("x",), None)
     assert json.loads(JsonLogFormatter().format(plain))["message"] == "hello x"
     assert console.format(plain).endswith("WARNING hello x")
+
+
+class KeptLines(logging.Handler):
+    """A handler that keeps what its formatter makes of each record."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.mark.parametrize("form", ["json", "console"])
+def test_access_lines_reach_the_handlers_in_either_form(
+    form: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The access sink hands its lines to the handlers itself; the console's summary is made
+    only where it is shown."""
+    record = dataclasses.replace(record_of(TERMINAL_CASES["completed"]), cache_status=MISS)
+    made: list[str] = []
+    summary = ExchangeRecord.summary
+
+    def counted_summary(self: ExchangeRecord) -> str:
+        made.append(self.request_id)
+        return summary(self)
+
+    monkeypatch.setattr(ExchangeRecord, "summary", counted_summary)
+    kept = KeptLines(log_formatter(LogSettings(format=form), terminal=False))
+    level = access_log.level
+    access_log.addHandler(kept)
+    access_log.setLevel(logging.INFO)
+    monkeypatch.setattr(access_log, "propagate", False)  # pytest's own handler shows messages
+    try:
+        emit_access([record, record])
+    finally:
+        access_log.removeHandler(kept)
+        access_log.setLevel(level)
+    if form == "console":
+        assert [line.endswith(f"INFO    {summary(record)}") for line in kept.lines] == [True, True]
+        return
+    head = {"time": record.to_json()["time"], "level": "info", "logger": "tproxy.access"}
+    assert [json.loads(line) for line in kept.lines] == 2 * [head | record.to_json()]
+    assert made == []
 
 
 def test_a_workers_lines_name_it_in_either_format() -> None:

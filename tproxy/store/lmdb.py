@@ -49,6 +49,7 @@ import lmdb.verify
 
 from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
 from tproxy.core.errors import CorruptEntry, StoreError
+from tproxy.store.decoded import DecodedEntries
 from tproxy.store.records import (
     MAX_KEY_BYTES,
     STAMP,
@@ -205,6 +206,7 @@ class LmdbStore:
         self._pending_lock = threading.Lock()
         self._touched: dict[bytes, float] = {}
         self._corrupt: set[bytes] = set()
+        self._decoded = DecodedEntries()
         self._hits = 0
         self._misses = 0
         self._expired = 0
@@ -338,7 +340,7 @@ class LmdbStore:
             self._misses += 1
             return None
         try:
-            entry = decode_entry(raw)
+            entry = self._decoded.decode(raw)
         except CorruptEntry as error:
             log.warning("cache entry %s is corrupt (%s); it will be removed", key, error)
             with self._pending_lock:
