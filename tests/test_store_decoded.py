@@ -3,6 +3,7 @@ store no longer holds."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -41,6 +42,17 @@ def test_a_value_read_again_is_answered_by_the_entry_already_decoded() -> None:
     again = memo.decode(bytes(bytearray(raw)))  # equal bytes, as a store's next read gives them
     assert first == sample_stream()
     assert again is first
+
+
+def test_what_many_requests_share_cannot_be_changed_by_one() -> None:
+    memo = DecodedEntries()
+    entry = memo.decode(encode_entry(dataclasses.replace(sample_stream(), usage={"total": 3})))
+    assert entry.usage == {"total": 3}
+    with pytest.raises(TypeError):
+        entry.usage["total"] = 0  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.model = "other"  # type: ignore[misc]
+    assert isinstance(entry.chunks, tuple)
 
 
 def test_a_changed_value_is_decoded_afresh() -> None:

@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
+from types import MappingProxyType
 from typing import Any
 
 from tproxy.core.errors import CorruptEntry
@@ -192,7 +193,8 @@ def _encode_usage(usage: Mapping[str, int]) -> bytes:
     return json.dumps(dict(usage), separators=(",", ":")).encode()
 
 
-def _decode_usage(raw: bytes) -> dict[str, int]:
+def _decode_usage(raw: bytes) -> Mapping[str, int]:
+    """Read-only: a decoded entry may be handed to many requests (``tproxy.store.decoded``)."""
     try:
         usage = json.loads(raw)
     except (ValueError, RecursionError) as error:
@@ -201,7 +203,7 @@ def _decode_usage(raw: bytes) -> dict[str, int]:
         type(count) is int and count >= 0 for count in usage.values()
     ):
         raise CorruptEntry("usage is not an object of non-negative integers")
-    return usage
+    return MappingProxyType(usage)
 
 
 def _decode_model(raw: bytes) -> str:
