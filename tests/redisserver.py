@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,7 @@ class RedisServer:
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.port = port if port is not None else free_port()
         self.directory = directory
+        self.cli_options: tuple[str, ...] = ()  # how redis-cli reaches it (``--tls ...``)
         self._process: subprocess.Popen[str] | None = None
         self._stalling: list[socket.socket] = []
         self._drain = threading.Thread()
@@ -117,7 +119,7 @@ class RedisServer:
     def command(self, *words: str) -> str:
         """Run one command with redis-cli; its reply as text."""
         done = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *words],
+            self.cli_command(*words),
             capture_output=True,
             text=True,
             timeout=10,
@@ -125,10 +127,14 @@ class RedisServer:
         )
         return done.stdout.strip()
 
+    def cli_command(self, *words: str) -> list[str]:
+        """redis-cli sending ``words`` to this server (its options first)."""
+        return ["redis-cli", *self.cli_options, "-h", "127.0.0.1", "-p", str(self.port), *words]
+
     def put(self, key: str, value: bytes, ttl_ms: int) -> None:
         """SET a binary value (through redis-cli's stdin) with a TTL."""
         subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "-x", "SET", key],
+            self.cli_command("-x", "SET", key),
             input=value,
             capture_output=True,
             timeout=10,
@@ -181,12 +187,35 @@ class RedisServer:
 CREATE_OPTIONS = ("--cluster-replicas", "0", "--cluster-yes")
 
 
-class RedisCluster:
-    """A Redis Cluster of three primaries (no replicas) on free loopback ports."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server certificate and key for 127.0.0.1, and the CA that issued them (PEM files)."""
 
-    def __init__(self, directory: Path, size: int = 3) -> None:
+    cert: Path
+    key: Path
+    ca: Path
+
+    @property
+    def server_options(self) -> tuple[str, ...]:
+        """TLS only, clients not asked for a certificate, the cluster bus over TLS too."""
+        return (
+            *("--port", "0", "--tls-auth-clients", "no", "--tls-cluster", "yes"),
+            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca)),
+        )
+
+
+class RedisCluster:
+    """A Redis Cluster of three primaries (no replicas) on free loopback ports; with ``tls``,
+    nothing on them, the cluster bus included, is in the clear."""
+
+    def __init__(self, directory: Path, size: int = 3, tls: TlsFiles | None = None) -> None:
         self.nodes = [RedisServer(directory, free_cluster_port()) for _ in range(size)]
         self.directory = directory
+        self.tls = tls
+        if tls is not None:
+            for node in self.nodes:
+                node.cli_options = ("--tls", "--cacert", str(tls.ca))
 
     @property
     def addresses(self) -> list[str]:
@@ -196,9 +225,15 @@ class RedisCluster:
         """Start the nodes, join them, and return once every slot is served."""
         for node in self.nodes:
             config = self.directory / f"nodes-{node.port}.conf"
-            node.start("--cluster-enabled", "yes", "--cluster-config-file", str(config))
+            on_port = () if self.tls is None else ("--tls-port", str(node.port))
+            options = () if self.tls is None else self.tls.server_options
+            node.start(
+                *("--cluster-enabled", "yes", "--cluster-config-file", str(config)),
+                *on_port,
+                *options,
+            )
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *self.addresses, *CREATE_OPTIONS],
+            self.nodes[0].cli_command("--cluster", "create", *self.addresses, *CREATE_OPTIONS),
             capture_output=True,
             timeout=60,
             check=True,

@@ -1138,6 +1138,18 @@ def test_the_shared_store_table_takes_a_url_or_cluster_nodes() -> None:
     nodes = load(LOCAL + '[shared_store]\ncluster_nodes = ["10.0.0.5:7000"]\n').shared_store
     assert nodes is not None
     assert nodes.cluster_nodes == ("10.0.0.5:7000",)
+    assert not nodes.cluster_tls
+
+
+def test_a_cluster_over_tls_takes_the_cas_to_check_its_nodes_against(in_tmp_path: Path) -> None:
+    authority = trustme.CA()
+    write_ca(authority, in_tmp_path / "ca.pem")
+    table = '[shared_store]\ncluster_nodes = ["h:2"]\ncluster_tls = true\nca_file = "ca.pem"\n'
+    loaded = load(LOCAL + table).shared_store
+    assert loaded is not None
+    assert loaded.cluster_tls
+    assert loaded.ca_file is not None
+    assert loaded.ca_file.resolve() == (in_tmp_path / "ca.pem").resolve()
 
 
 @pytest.mark.parametrize(
@@ -1154,6 +1166,9 @@ def test_the_shared_store_table_takes_a_url_or_cluster_nodes() -> None:
         ('url = "redis://h:1"\nlookup_timeout = 0\n', "shared_store.lookup_timeout: expected"),
         ('url = "redis://h:1?ssl_cert_reqs=none"\n', "shared_store.url: expected no query"),
         ('url = "redis://h:1"\nca_file = "ca.pem"\n', "shared_store.ca_file: "),
+        ('cluster_nodes = ["h:2"]\nca_file = "ca.pem"\n', "shared_store.ca_file: only used"),
+        ('url = "rediss://h:1"\ncluster_tls = true\n', "shared_store.cluster_tls: only for"),
+        ('cluster_nodes = ["h:2"]\ncluster_tls = "yes"\n', "shared_store.cluster_tls: expected"),
     ],
 )
 def test_a_bad_shared_store_table_is_refused(table: str, problem: str) -> None:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
-from tests.redisserver import RedisCluster, RedisServer, free_port, needs_redis
+from tests.redisserver import RedisCluster, RedisServer, TlsFiles, free_port, needs_redis
 from tests.test_shutdown import running_tproxy
 from tests.tlsfiles import write_ca, write_pair
 from tproxy.config import SharedStoreSettings
@@ -483,6 +483,38 @@ async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
         untrusting = await start_proxy(shared_table(url), store="host-c")
         assert any("is down" in record.getMessage() for record in caplog.records)
         answer = await ask(untrusting, chat("over TLS"))
+        assert answer.headers["cache-status"] == "tproxy; fwd=miss"
+    finally:
+        secure.stop()
+
+
+@pytest.mark.slow
+async def test_a_cluster_with_cluster_tls_is_reached_over_tls_and_its_certificates_checked(
+    start_proxy: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Managed clusters (ElastiCache, Memorystore) encrypt in transit: every node, the ones the
+    slot map names as well as the one listed, is reached over TLS against ``ca_file``."""
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    authority = trustme.CA()
+    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
+    files = TlsFiles(cert, key, write_ca(authority, tmp_path / "tls" / "ca.pem"))
+    secure = RedisCluster(tmp_path, tls=files)
+    secure.start()
+    try:
+        table = cluster_table(secure.addresses[:1], cluster_tls="true", ca_file=f'"{files.ca}"')
+        first_host, second_host = await two_hosts(start_proxy, table)
+        bodies = [chat(f"question {index} over TLS") for index in range(6)]
+        for body in bodies:
+            await ask(first_host, body)
+            assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
+        assert all(int(node.command("DBSIZE")) for node in secure.nodes), "not on every node"
+        # Without the CA, no node's certificate is trusted: the tier is down, tproxy serves.
+        untrusting = await start_proxy(
+            cluster_table(secure.addresses[:1], cluster_tls="true", connect_timeout=2),
+            store="host-c",
+        )
+        assert any("is down" in record.getMessage() for record in caplog.records)
+        answer = await ask(untrusting, chat("question 0 over TLS"))
         assert answer.headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()

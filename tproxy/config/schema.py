@@ -198,8 +198,9 @@ class SharedStoreSettings:
     cluster_nodes: tuple[str, ...] = field(
         default=(), metadata=check(array(ADDRESS, "array of `HOST:PORT`", non_empty=True))
     )
+    cluster_tls: bool = field(default=False, metadata=check(BOOLEAN))  # for cluster_nodes
     password_env: str | None = field(default=None, metadata=check(ENV_NAME))
-    # for rediss://: the CAs to check the server against
+    # for rediss:// or cluster_tls: the CAs to check the servers against
     ca_file: Path | None = field(default=None, metadata=check(FILE))
     key_prefix: str = field(default="tproxy:", metadata=check(KEY_PREFIX))
     lookup_timeout: float = field(default=0.01, metadata=check(SECONDS))

@@ -85,8 +85,11 @@ def read_shared_store(
     values = read_table(table, "shared_store", SharedStoreSettings, base, problems)
     if ("url" in table) == ("cluster_nodes" in table):
         problems.at("shared_store", "set exactly one of url and cluster_nodes")
-    if "ca_file" in values and not str(values.get("url", "")).startswith("rediss://"):
-        problems.at("shared_store.ca_file", "only used with a rediss:// url")
+    if values.get("cluster_tls") and "url" in table:
+        problems.at("shared_store.cluster_tls", "only for cluster_nodes; a url asks with rediss://")
+    over_tls = str(values.get("url", "")).startswith("rediss://") or values.get("cluster_tls")
+    if "ca_file" in values and not over_tls:
+        problems.at("shared_store.ca_file", "only used with a rediss:// url or cluster_tls")
     elif "ca_file" in values:
         for setting, reason in check_ca_file(values["ca_file"], setting="shared_store.ca_file"):
             problems.at(setting, reason)

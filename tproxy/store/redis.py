@@ -55,7 +55,8 @@ class SharedStoreUnavailable(TproxyError):
 def describe(settings: SharedStoreSettings) -> str:
     """Where the tier is, for log lines (never a credential)."""
     if settings.cluster_nodes:
-        return "cluster " + ", ".join(settings.cluster_nodes)
+        over_tls = " over TLS" if settings.cluster_tls else ""
+        return f"cluster{over_tls} " + ", ".join(settings.cluster_nodes)
     assert settings.url is not None
     parts = urlsplit(settings.url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
@@ -77,8 +78,10 @@ def read_password(settings: SharedStoreSettings, environ: Mapping[str, str]) -> 
 
 
 def _tls_context(settings: SharedStoreSettings) -> ssl.SSLContext | None:
-    """A ``rediss://`` URL's client context; ConfigError when ``ca_file`` cannot be used."""
-    if settings.url is None or not settings.url.startswith("rediss://"):
+    """The client context of a ``rediss://`` URL or of a cluster with ``cluster_tls``, checking
+    each server's certificate and name; ConfigError when ``ca_file`` cannot be used."""
+    rediss = settings.url is not None and settings.url.startswith("rediss://")
+    if not (rediss or settings.cluster_tls):
         return None
     try:
         return upstream_context(
@@ -99,6 +102,7 @@ def _new_client(
         nodes = [parse_host_port(node) for node in settings.cluster_nodes]
         return coredis.RedisCluster(
             startup_nodes=[{"host": host, "port": port} for host, port in nodes],
+            ssl_context=context,
             password=password,
             connect_timeout=settings.connect_timeout,
             stream_timeout=settings.write_timeout,
