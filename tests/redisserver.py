@@ -73,7 +73,7 @@ class RedisServer:
 
     def start(self, *extra: str) -> None:
         """Start the server and return once it accepts connections."""
-        process = subprocess.Popen(
+        self._launch(
             [
                 "redis-server",
                 "--port",
@@ -90,6 +90,13 @@ class RedisServer:
                 "local",
                 *extra,
             ],
+            READY,
+        )
+
+    def _launch(self, command: list[str], ready: str) -> None:
+        """Run ``command`` and return once its log has a line with ``ready`` in it."""
+        process = subprocess.Popen(
+            command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -102,11 +109,11 @@ class RedisServer:
         try:
             for line in process.stdout:
                 seen.append(line)
-                if READY in line:
+                if ready in line:
                     break
         finally:
             watchdog.cancel()
-        if not seen or READY not in seen[-1]:
+        if not seen or ready not in seen[-1]:
             process.kill()
             process.wait(10)
             process.stdout.close()
@@ -249,3 +256,50 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+class RedisSentinel(RedisServer):
+    """One Redis Sentinel watching ``primary`` under ``name``, alone in its quorum and quick to
+    act: the primary is taken as down after half a second without an answer."""
+
+    def __init__(
+        self,
+        directory: Path,
+        primary: RedisServer,
+        name: str = "tproxy",
+        primary_password: str | None = None,
+    ) -> None:
+        super().__init__(directory)
+        self.name = name
+        self._primary_port = primary.port
+        self._primary_password = primary_password
+
+    def start(self, *extra: str) -> None:
+        """Start watching; returns once the sentinel monitors the primary."""
+        config = self.directory / f"sentinel-{self.port}.conf"  # a sentinel rewrites its file
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self._primary_port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} 500\n"
+            f"sentinel failover-timeout {self.name} 5000\n"
+        )
+        if self._primary_password is not None:
+            with config.open("a") as appended:
+                appended.write(f"sentinel auth-pass {self.name} {self._primary_password}\n")
+        self._launch(["redis-server", str(config), "--sentinel", *extra], "+monitor master")
+
+    def primary_port(self) -> int:
+        """The port of the primary as the sentinel sees it now."""
+        address = self.command("SENTINEL", "get-master-addr-by-name", self.name).split()
+        return int(address[1])
+
+    def wait_for_primary(self, promoted: RedisServer, timeout: float = 30.0) -> None:
+        """Return once the sentinel names ``promoted`` as the primary and ``promoted`` says it
+        is one (a failover has no event a test can wait on: ask, bounded)."""
+        deadline = time.monotonic() + timeout
+        while (
+            self.primary_port() != promoted.port or promoted.command("ROLE").split()[0] != "master"
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sentinel did not promote the server on {promoted.port}")
+            time.sleep(0.1)

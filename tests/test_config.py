@@ -1132,22 +1132,29 @@ def test_no_shared_store_table_means_no_shared_tier() -> None:
     assert load(LOCAL).shared_store is None
 
 
-def test_the_shared_store_table_takes_a_url_or_cluster_nodes() -> None:
+def test_the_shared_store_table_takes_a_url_cluster_nodes_or_sentinels() -> None:
     loaded = load(LOCAL + '[shared_store]\nurl = "redis://10.0.0.5:6379/0"\n').shared_store
     assert loaded == SharedStoreSettings(url="redis://10.0.0.5:6379/0")
     nodes = load(LOCAL + '[shared_store]\ncluster_nodes = ["10.0.0.5:7000"]\n').shared_store
     assert nodes is not None
     assert nodes.cluster_nodes == ("10.0.0.5:7000",)
-    assert not nodes.cluster_tls
+    assert not nodes.tls
+    table = '[shared_store]\nsentinels = ["10.0.0.5:26379", "10.0.0.6:26379"]\n'
+    watched = load(LOCAL + table + 'sentinel_primary = "tproxy"\n').shared_store
+    assert watched is not None
+    assert (watched.sentinels, watched.sentinel_primary) == (
+        ("10.0.0.5:26379", "10.0.0.6:26379"),
+        "tproxy",
+    )
 
 
 def test_a_cluster_over_tls_takes_the_cas_to_check_its_nodes_against(in_tmp_path: Path) -> None:
     authority = trustme.CA()
     write_ca(authority, in_tmp_path / "ca.pem")
-    table = '[shared_store]\ncluster_nodes = ["h:2"]\ncluster_tls = true\nca_file = "ca.pem"\n'
+    table = '[shared_store]\ncluster_nodes = ["h:2"]\ntls = true\nca_file = "ca.pem"\n'
     loaded = load(LOCAL + table).shared_store
     assert loaded is not None
-    assert loaded.cluster_tls
+    assert loaded.tls
     assert loaded.ca_file is not None
     assert loaded.ca_file.resolve() == (in_tmp_path / "ca.pem").resolve()
 
@@ -1155,10 +1162,10 @@ def test_a_cluster_over_tls_takes_the_cas_to_check_its_nodes_against(in_tmp_path
 @pytest.mark.parametrize(
     ("table", "problem"),
     [
-        ("", "shared_store: set exactly one of url and cluster_nodes"),
+        ("", "shared_store: set exactly one of url, cluster_nodes and sentinels"),
         (
             'url = "redis://h:1"\ncluster_nodes = ["h:2"]\n',
-            "shared_store: set exactly one of url and cluster_nodes",
+            "shared_store: set exactly one of url, cluster_nodes and sentinels",
         ),
         ('url = "http://h:1"\n', "shared_store.url: expected a redis://, rediss:// or unix://"),
         ('url = "redis://:hunter2@h:1"\n', "shared_store.url: a URL must not hold a password"),
@@ -1167,8 +1174,18 @@ def test_a_cluster_over_tls_takes_the_cas_to_check_its_nodes_against(in_tmp_path
         ('url = "redis://h:1?ssl_cert_reqs=none"\n', "shared_store.url: expected no query"),
         ('url = "redis://h:1"\nca_file = "ca.pem"\n', "shared_store.ca_file: "),
         ('cluster_nodes = ["h:2"]\nca_file = "ca.pem"\n', "shared_store.ca_file: only used"),
-        ('url = "rediss://h:1"\ncluster_tls = true\n', "shared_store.cluster_tls: only for"),
-        ('cluster_nodes = ["h:2"]\ncluster_tls = "yes"\n', "shared_store.cluster_tls: expected"),
+        ('url = "rediss://h:1"\ntls = true\n', "shared_store.tls: not with a url"),
+        ('sentinels = ["h:2"]\n', "shared_store: sentinels and sentinel_primary go together"),
+        ('url = "redis://h:1"\nsentinel_primary = "m"\n', "sentinels and sentinel_primary go"),
+        (
+            'url = "redis://h:1"\nsentinel_password_env = "X"\n',
+            "shared_store.sentinel_password_env: only used with sentinels",
+        ),
+        (
+            'url = "redis://h:1"\nsentinels = ["h:2"]\nsentinel_primary = "m"\n',
+            "shared_store: set exactly one of url, cluster_nodes and sentinels",
+        ),
+        ('cluster_nodes = ["h:2"]\ntls = "yes"\n', "shared_store.tls: expected"),
     ],
 )
 def test_a_bad_shared_store_table_is_refused(table: str, problem: str) -> None:

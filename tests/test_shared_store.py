@@ -21,7 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningProxy, StartProxy
 from tests.fakeupstream import FakeUpstream
-from tests.redisserver import RedisCluster, RedisServer, TlsFiles, free_port, needs_redis
+from tests.redisserver import (
+    RedisCluster,
+    RedisSentinel,
+    RedisServer,
+    TlsFiles,
+    free_port,
+    needs_redis,
+)
 from tests.test_shutdown import running_tproxy
 from tests.tlsfiles import write_ca, write_pair
 from tproxy.config import SharedStoreSettings
@@ -49,8 +56,11 @@ def shared_table(url: str, **extra: object) -> str:
     """A ``[shared_store]`` table. Lookups and writes get seconds unless a test says otherwise:
     only the fault tests are about deadlines, and a loaded CI machine must not turn hits into
     misses."""
-    extra = {"lookup_timeout": 5, "write_timeout": 5, **extra}
-    lines = [f'url = "{url}"', *(f"{key} = {value}" for key, value in extra.items())]
+    return table_of(f'url = "{url}"', {"lookup_timeout": 5, "write_timeout": 5, **extra})
+
+
+def table_of(where: str, settings: dict[str, object]) -> str:
+    lines = [where, *(f"{key} = {value}" for key, value in settings.items())]
     return "[shared_store]\n" + "\n".join(lines) + "\n"
 
 
@@ -349,8 +359,14 @@ def cluster_table(addresses: list[str], **extra: object) -> str:
     deadlines give it ten, and writes five, so a slow start is never taken for a missing answer."""
     listed = ", ".join(f'"{address}"' for address in addresses)
     extra = {"lookup_timeout": 5, "write_timeout": 5, "connect_timeout": 10, **extra}
-    lines = [f"cluster_nodes = [{listed}]", *(f"{key} = {value}" for key, value in extra.items())]
-    return "[shared_store]\n" + "\n".join(lines) + "\n"
+    return table_of(f"cluster_nodes = [{listed}]", extra)
+
+
+def sentinel_table(sentinel: RedisSentinel, **extra: object) -> str:
+    """A ``[shared_store]`` table for the primary ``sentinel`` watches; seconds, as a cluster's."""
+    extra = {"lookup_timeout": 5, "write_timeout": 5, "connect_timeout": 10, **extra}
+    where = f'sentinels = ["127.0.0.1:{sentinel.port}"]\nsentinel_primary = "{sentinel.name}"'
+    return table_of(where, extra)
 
 
 @pytest.mark.slow
@@ -489,7 +505,7 @@ async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
 
 
 @pytest.mark.slow
-async def test_a_cluster_with_cluster_tls_is_reached_over_tls_and_its_certificates_checked(
+async def test_a_cluster_with_tls_is_reached_over_tls_and_its_certificates_checked(
     start_proxy: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Managed clusters (ElastiCache, Memorystore) encrypt in transit: every node, the ones the
@@ -501,7 +517,7 @@ async def test_a_cluster_with_cluster_tls_is_reached_over_tls_and_its_certificat
     secure = RedisCluster(tmp_path, tls=files)
     secure.start()
     try:
-        table = cluster_table(secure.addresses[:1], cluster_tls="true", ca_file=f'"{files.ca}"')
+        table = cluster_table(secure.addresses[:1], tls="true", ca_file=f'"{files.ca}"')
         first_host, second_host = await two_hosts(start_proxy, table)
         bodies = [chat(f"question {index} over TLS") for index in range(6)]
         for body in bodies:
@@ -510,7 +526,7 @@ async def test_a_cluster_with_cluster_tls_is_reached_over_tls_and_its_certificat
         assert all(int(node.command("DBSIZE")) for node in secure.nodes), "not on every node"
         # Without the CA, no node's certificate is trusted: the tier is down, tproxy serves.
         untrusting = await start_proxy(
-            cluster_table(secure.addresses[:1], cluster_tls="true", connect_timeout=2),
+            cluster_table(secure.addresses[:1], tls="true", connect_timeout=2),
             store="host-c",
         )
         assert any("is down" in record.getMessage() for record in caplog.records)
@@ -518,6 +534,83 @@ async def test_a_cluster_with_cluster_tls_is_reached_over_tls_and_its_certificat
         assert answer.headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()
+
+
+@pytest.mark.slow
+async def test_after_a_failover_the_tier_is_where_the_sentinels_say(
+    start_proxy: StartProxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The primary dies; the sentinel promotes its replica. What was stored before is found
+    there, and a host that kept running writes there too: no setting changed, no restart."""
+    primary, replica = RedisServer(tmp_path), RedisServer(tmp_path)
+    primary.start()
+    replica.start("--replicaof", "127.0.0.1", str(primary.port))
+    sentinel = RedisSentinel(tmp_path, primary)
+    sentinel.start()
+    try:
+        table = sentinel_table(sentinel)
+        running = await start_proxy(table, store="host-a")
+        await ask(running, chat("before the failover"))
+        assert primary.command("WAIT", "1", "5000") == "1"  # the replica holds it too
+        primary.kill()
+        sentinel.wait_for_primary(replica)
+        asked: list[str] = []
+        while replica.command("DBSIZE") == "1":  # each connection to the dead primary fails once
+            assert len(asked) < 5, "the running host's writes never reached the new primary"
+            asked.append(f"after the failover {len(asked)}")
+            await ask(running, chat(asked[-1]))
+        started_after = await start_proxy(table, store="host-b")
+        for words in ("before the failover", asked[-1]):
+            answer = await ask(started_after, chat(words))
+            assert "detail=shared" in answer.headers["cache-status"], words
+        assert upstream.calls[CHAT] == 1 + len(asked)
+    finally:
+        sentinel.stop()
+        replica.stop()
+        primary.stop()
+
+
+async def test_with_tls_the_sentinels_and_the_primary_are_reached_over_tls(
+    start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    authority = trustme.CA()
+    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
+    files = TlsFiles(cert, key, write_ca(authority, tmp_path / "tls" / "ca.pem"))
+    primary = RedisServer(tmp_path)
+    primary.start("--tls-port", str(primary.port), *files.server_options)
+    sentinel = RedisSentinel(tmp_path, primary)
+    sentinel.start(
+        *("--tls-port", str(sentinel.port), "--tls-replication", "yes"), *files.server_options
+    )
+    sentinel.cli_options = ("--tls", "--cacert", str(files.ca))
+    try:
+        table = sentinel_table(sentinel, tls="true", ca_file=f'"{files.ca}"')
+        assert await shared_between_two_hosts(start_proxy, table, "sentinels over TLS")
+    finally:
+        sentinel.stop()
+        primary.stop()
+
+
+async def test_sentinels_that_ask_for_a_password_get_the_one_sentinel_password_env_names(
+    start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary = RedisServer(tmp_path)
+    primary.start("--requirepass", "data-secret")
+    sentinel = RedisSentinel(tmp_path, primary, primary_password="data-secret")
+    sentinel.start("--requirepass", "sentinel-secret")
+    sentinel.cli_options = ("-a", "sentinel-secret", "--no-auth-warning")
+    try:
+        monkeypatch.setenv("TPROXY_TEST_REDIS_PASSWORD", "data-secret")
+        monkeypatch.setenv("TPROXY_TEST_SENTINEL_PASSWORD", "sentinel-secret")
+        table = sentinel_table(
+            sentinel,
+            password_env='"TPROXY_TEST_REDIS_PASSWORD"',
+            sentinel_password_env='"TPROXY_TEST_SENTINEL_PASSWORD"',
+        )
+        assert await shared_between_two_hosts(start_proxy, table, "behind two passwords")
+    finally:
+        sentinel.stop()
+        primary.stop()
 
 
 async def test_a_rediss_ca_file_that_cannot_be_used_is_named_with_tls_pys_reason(

@@ -190,17 +190,23 @@ class CacheSettings:
 class SharedStoreSettings:
     """The shared cache tier (Valkey/Redis) behind the local store; see docs/operations.md.
 
-    Exactly one of ``url`` and ``cluster_nodes`` is set. The password is read from the
-    environment variable ``password_env`` names when the tier is opened, never from the file.
+    Exactly one of ``url``, ``cluster_nodes`` and ``sentinels`` is set. Passwords are read from
+    the environment variables ``password_env`` and ``sentinel_password_env`` name when the tier
+    is opened, never from the file.
     """
 
     url: str | None = field(default=None, metadata=check(REDIS_URL))
     cluster_nodes: tuple[str, ...] = field(
         default=(), metadata=check(array(ADDRESS, "array of `HOST:PORT`", non_empty=True))
     )
-    cluster_tls: bool = field(default=False, metadata=check(BOOLEAN))  # for cluster_nodes
+    sentinels: tuple[str, ...] = field(
+        default=(), metadata=check(array(ADDRESS, "array of `HOST:PORT`", non_empty=True))
+    )
+    sentinel_primary: str | None = field(default=None, metadata=check(TEXT))
+    sentinel_password_env: str | None = field(default=None, metadata=check(ENV_NAME))
+    tls: bool = field(default=False, metadata=check(BOOLEAN))  # for cluster_nodes or sentinels
     password_env: str | None = field(default=None, metadata=check(ENV_NAME))
-    # for rediss:// or cluster_tls: the CAs to check the servers against
+    # for rediss:// or tls: the CAs to check the servers against
     ca_file: Path | None = field(default=None, metadata=check(FILE))
     key_prefix: str = field(default="tproxy:", metadata=check(KEY_PREFIX))
     lookup_timeout: float = field(default=0.01, metadata=check(SECONDS))

@@ -1,6 +1,6 @@
 """Reading the file's tables: each key through its checker, then the checks between keys of one
-table (an upstream's headers and ``api_key_env``, the shared store's ``url`` and
-``cluster_nodes``) and between the routes and the upstreams.
+table (an upstream's headers and ``api_key_env``, the shared store's ``url``,
+``cluster_nodes`` and ``sentinels``) and between the routes and the upstreams.
 
 Every function reports what it refuses to a :class:`~tproxy.config.messages.Problems` and goes
 on with what it accepted, so one run of the loader shows every mistake.
@@ -83,13 +83,17 @@ def read_shared_store(
         return None
     table = read_section(document, "shared_store", problems)
     values = read_table(table, "shared_store", SharedStoreSettings, base, problems)
-    if ("url" in table) == ("cluster_nodes" in table):
-        problems.at("shared_store", "set exactly one of url and cluster_nodes")
-    if values.get("cluster_tls") and "url" in table:
-        problems.at("shared_store.cluster_tls", "only for cluster_nodes; a url asks with rediss://")
-    over_tls = str(values.get("url", "")).startswith("rediss://") or values.get("cluster_tls")
+    if sum(key in table for key in ("url", "cluster_nodes", "sentinels")) != 1:
+        problems.at("shared_store", "set exactly one of url, cluster_nodes and sentinels")
+    if ("sentinels" in table) != ("sentinel_primary" in table):
+        problems.at("shared_store", "sentinels and sentinel_primary go together")
+    if "sentinel_password_env" in table and "sentinels" not in table:
+        problems.at("shared_store.sentinel_password_env", "only used with sentinels")
+    if values.get("tls") and "url" in table:
+        problems.at("shared_store.tls", "not with a url: a url asks for TLS with rediss://")
+    over_tls = str(values.get("url", "")).startswith("rediss://") or values.get("tls")
     if "ca_file" in values and not over_tls:
-        problems.at("shared_store.ca_file", "only used with a rediss:// url or cluster_tls")
+        problems.at("shared_store.ca_file", "only used with a rediss:// url or tls")
     elif "ca_file" in values:
         for setting, reason in check_ca_file(values["ca_file"], setting="shared_store.ca_file"):
             problems.at(setting, reason)

@@ -2,7 +2,8 @@
 
 This is the connection, not the tier (the tier's policy, which commands to send when and what to
 count, is :mod:`tproxy.store.shared`): a coredis client for a ``redis://``, ``rediss://`` or
-``unix://`` URL, or for a Redis Cluster's nodes, the few commands the tier sends, and what their
+``unix://`` URL, for a Redis Cluster's nodes, or for the primary a set of Redis Sentinels
+watches (each new connection asks them where it is), the few commands the tier sends, and what their
 failures mean, translated at this edge:
 
 - :class:`SharedConnection` is the proxy's: one client held open for the tier's life and
@@ -12,11 +13,12 @@ failures mean, translated at this edge:
 - :class:`AdminConnection` is a cache command's (:func:`open_admin_connection`): each round trip
   within ``write_timeout``, or :class:`SharedStoreUnavailable`.
 
-A ``rediss://`` URL's TLS context is built by :func:`tproxy.tls.upstream_context`, as an
-upstream's is: the system's trusted roots, or the CAs of ``shared_store.ca_file``. It is built
-once per connection, not per reopening (loading CAs costs ~20 ms on the event loop). coredis's
-own retries are off: our deadlines are short, and a retry would only hide a failure from the
-breaker. coredis runs on Trio through anyio; what was checked of it is in docs/operations.md.
+The TLS context (a ``rediss://`` URL, or ``tls = true`` for a cluster or sentinels) is built by
+:func:`tproxy.tls.upstream_context`, as an upstream's is: the system's trusted roots, or the CAs
+of ``shared_store.ca_file``. It is built once per connection, not per reopening (loading CAs
+costs ~20 ms on the event loop). coredis's own retries are off: our deadlines are short, and a
+retry would only hide a failure from the breaker. coredis runs on Trio through anyio; what was
+checked of it is in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
-from typing import NoReturn, TypeAlias, TypeVar, cast
+from typing import Any, NamedTuple, NoReturn, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import coredis
 import trio
+from coredis.connection import TCPLocation
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
@@ -52,36 +55,54 @@ class SharedStoreUnavailable(TproxyError):
     """The shared tier did not answer a command within its deadline, or refused it."""
 
 
+class Passwords(NamedTuple):
+    """The data servers' password and the sentinels' (None: they ask for none)."""
+
+    servers: str | None = None
+    sentinels: str | None = None
+
+
+NO_PASSWORDS = Passwords()
+
+
 def describe(settings: SharedStoreSettings) -> str:
     """Where the tier is, for log lines (never a credential)."""
+    over_tls = " over TLS" if settings.tls else ""
     if settings.cluster_nodes:
-        over_tls = " over TLS" if settings.cluster_tls else ""
         return f"cluster{over_tls} " + ", ".join(settings.cluster_nodes)
+    if settings.sentinels:
+        where = ", ".join(settings.sentinels)
+        return f"primary {settings.sentinel_primary!r} of sentinels{over_tls} {where}"
     assert settings.url is not None
     parts = urlsplit(settings.url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 
-def read_password(settings: SharedStoreSettings, environ: Mapping[str, str]) -> str:
-    """The password ``password_env`` names ("" when it names none); ConfigError when unset."""
-    if settings.password_env is None:
-        return ""
-    password = environ.get(settings.password_env, "")
+def read_passwords(settings: SharedStoreSettings, environ: Mapping[str, str]) -> Passwords:
+    """The passwords ``password_env`` and ``sentinel_password_env`` name; ConfigError when a
+    variable named is unset or empty."""
+    return Passwords(
+        _read_password("password_env", settings.password_env, environ),
+        _read_password("sentinel_password_env", settings.sentinel_password_env, environ),
+    )
+
+
+def _read_password(key: str, variable: str | None, environ: Mapping[str, str]) -> str | None:
+    if variable is None:
+        return None
+    password = environ.get(variable, "")
     if not password:
         raise ConfigError(
-            [
-                f"shared_store.password_env: the environment variable {settings.password_env}"
-                " is not set or empty"
-            ]
+            [f"shared_store.{key}: the environment variable {variable} is not set or empty"]
         )
     return password
 
 
 def _tls_context(settings: SharedStoreSettings) -> ssl.SSLContext | None:
-    """The client context of a ``rediss://`` URL or of a cluster with ``cluster_tls``, checking
+    """The client context of a ``rediss://`` URL or of a cluster with ``tls``, checking
     each server's certificate and name; ConfigError when ``ca_file`` cannot be used."""
     rediss = settings.url is not None and settings.url.startswith("rediss://")
-    if not (rediss or settings.cluster_tls):
+    if not (rediss or settings.tls):
         return None
     try:
         return upstream_context(
@@ -95,28 +116,48 @@ def _tls_context(settings: SharedStoreSettings) -> ssl.SSLContext | None:
         raise ConfigError([f"shared_store.ca_file: {error}"]) from None
 
 
-def _new_client(
-    settings: SharedStoreSettings, password: str | None, context: ssl.SSLContext | None
-) -> Client:
+@asynccontextmanager
+async def _opened_client(
+    settings: SharedStoreSettings, passwords: Passwords, context: ssl.SSLContext | None
+) -> AsyncIterator[Client]:
+    """A client, open for the block: a plain server's opens without connecting; a cluster's
+    fetches the slot map; a sentinel-watched primary's opens the sentinels' clients, and each
+    new connection asks them where the primary is now."""
+    options: dict[str, Any] = {
+        "password": passwords.servers,
+        "connect_timeout": settings.connect_timeout,
+        "stream_timeout": settings.write_timeout,
+        "retry_policy": NoRetryPolicy(),
+    }
+    client: Client
     if settings.cluster_nodes:
         nodes = [parse_host_port(node) for node in settings.cluster_nodes]
-        return coredis.RedisCluster(
+        client = coredis.RedisCluster(
             startup_nodes=[{"host": host, "port": port} for host, port in nodes],
             ssl_context=context,
-            password=password,
-            connect_timeout=settings.connect_timeout,
-            stream_timeout=settings.write_timeout,
-            retry_policy=NoRetryPolicy(),
+            **options,
         )
-    assert settings.url is not None
-    return coredis.Redis.from_url(
-        settings.url,
-        ssl_context=context,
-        password=password,
-        connect_timeout=settings.connect_timeout,
-        stream_timeout=settings.write_timeout,
-        retry_policy=NoRetryPolicy(),
-    )
+    elif settings.sentinels:
+        assert settings.sentinel_primary is not None
+        sentinels = coredis.Sentinel(
+            [TCPLocation(*parse_host_port(node)) for node in settings.sentinels],
+            sentinel_kwargs={
+                "password": passwords.sentinels,
+                "ssl_context": context,
+                "connect_timeout": settings.connect_timeout,
+                "stream_timeout": settings.write_timeout,
+            },
+            ssl_context=context,
+            **options,
+        )
+        async with sentinels, sentinels.primary_for(settings.sentinel_primary) as primary:
+            yield primary
+        return
+    else:
+        assert settings.url is not None
+        client = coredis.Redis.from_url(settings.url, ssl_context=context, **options)
+    async with client:
+        yield client
 
 
 class SharedConnection:
@@ -127,9 +168,9 @@ class SharedConnection:
     ``FAILED`` when the server refused it or the connection broke. Deadlines are the caller's.
     """
 
-    def __init__(self, settings: SharedStoreSettings, password: str | None) -> None:
+    def __init__(self, settings: SharedStoreSettings, passwords: Passwords) -> None:
         self._settings = settings
-        self._password = password
+        self._passwords = passwords
         self._context = _tls_context(settings)
         self._client: Client | None = None  # None until opened, and while it cannot be
         self.last_error: BaseException | None = None  # the last failure, for log lines
@@ -145,11 +186,12 @@ class SharedConnection:
         map first, and fails when no node answers.
         """
         while True:
-            client = _new_client(self._settings, self._password, self._context)
             opening_deadline = trio.current_time() + self._settings.connect_timeout
             with trio.CancelScope(deadline=opening_deadline) as opening:
                 try:
-                    async with client:
+                    async with _opened_client(
+                        self._settings, self._passwords, self._context
+                    ) as client:
                         opening.deadline = math.inf
                         self._client = client
                         await opened()
@@ -240,11 +282,11 @@ def _glob_escape(text: bytes) -> bytes:
 
 @asynccontextmanager
 async def open_admin_connection(
-    settings: SharedStoreSettings, password: str | None
+    settings: SharedStoreSettings, passwords: Passwords
 ) -> AsyncIterator[AdminConnection]:
     """A client for one cache command; raises ConfigError when ``ca_file`` cannot be used."""
     try:
-        async with _new_client(settings, password, _tls_context(settings)) as client:
+        async with _opened_client(settings, passwords, _tls_context(settings)) as client:
             yield AdminConnection(client, settings)
     except BaseExceptionGroup as group:
         # coredis's pool runs a task group: our own error, leaving the block, comes out wrapped.

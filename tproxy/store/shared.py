@@ -43,11 +43,13 @@ from tproxy.core.entry import StoredEntry, decode_entry, encode_entry
 from tproxy.core.errors import CorruptEntry
 from tproxy.store.records import EntryInfo, info_of
 from tproxy.store.redis import (
+    NO_PASSWORDS,
     AdminConnection,
+    Passwords,
     SharedConnection,
     describe,
     open_admin_connection,
-    read_password,
+    read_passwords,
 )
 from tproxy.store.tiers import TierStats
 
@@ -83,9 +85,9 @@ class SharedTier:
 
     name = "shared"
 
-    def __init__(self, settings: SharedStoreSettings, password: str | None = None) -> None:
+    def __init__(self, settings: SharedStoreSettings, passwords: Passwords = NO_PASSWORDS) -> None:
         self._settings = settings
-        self._connection = SharedConnection(settings, password)
+        self._connection = SharedConnection(settings, passwords)
         self._breaker = CircuitBreaker(
             threshold=settings.breaker_failures, reset_after=settings.breaker_reset
         )
@@ -368,8 +370,8 @@ async def open_shared_admin(
 ) -> AsyncIterator[SharedAdmin]:
     """The tier for a cache command; raises ConfigError for an unset ``password_env`` or a
     ``ca_file`` that cannot be used."""
-    password = read_password(settings, os.environ if environ is None else environ)
-    async with open_admin_connection(settings, password or None) as connection:
+    passwords = read_passwords(settings, os.environ if environ is None else environ)
+    async with open_admin_connection(settings, passwords) as connection:
         yield SharedAdmin(connection, settings)
 
 
@@ -383,8 +385,8 @@ async def open_shared_tier(
     used. A tier that cannot be reached is logged, not raised: tproxy serves without it until
     it answers.
     """
-    password = read_password(settings, os.environ if environ is None else environ)
-    tier = SharedTier(settings, password or None)
+    passwords = read_passwords(settings, os.environ if environ is None else environ)
+    tier = SharedTier(settings, passwords)
     async with trio.open_nursery() as nursery:
         await nursery.start(tier.connect)
         try:
