@@ -55,14 +55,41 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free pair of ports for a cluster node")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server certificate and key for 127.0.0.1, and the CA that issued them (PEM files)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @property
+    def server_options(self) -> tuple[str, ...]:
+        """TLS only, clients not asked for a certificate, the cluster bus over TLS too."""
+        return (
+            *("--port", "0", "--tls-auth-clients", "no", "--tls-cluster", "yes"),
+            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
+            *("--tls-ca-cert-file", str(self.ca)),
+        )
+
+
 class RedisServer:
     """One redis-server process on 127.0.0.1; :meth:`start` again after :meth:`kill` restarts
-    it on the same port, empty."""
+    it on the same port, empty. With ``tls``, its port is a TLS port and nothing is in the
+    clear."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, tls: TlsFiles | None = None
+    ) -> None:
         self.port = port if port is not None else free_port()
         self.directory = directory
-        self.cli_options: tuple[str, ...] = ()  # how redis-cli reaches it (``--tls ...``)
+        self.tls = tls
+        # how redis-cli reaches it, and what the server is started with for TLS
+        self.cli_options: tuple[str, ...] = ()
+        self._tls_options: tuple[str, ...] = ()
+        if tls is not None:
+            self.cli_options = ("--tls", "--cacert", str(tls.ca))
+            self._tls_options = ("--tls-port", str(self.port), *tls.server_options)
         self._process: subprocess.Popen[str] | None = None
         self._stalling: list[socket.socket] = []
         self._drain = threading.Thread()
@@ -88,6 +115,7 @@ class RedisServer:
                 str(self.directory),
                 "--enable-debug-command",
                 "local",
+                *self._tls_options,
                 *extra,
             ],
             READY,
@@ -194,35 +222,13 @@ class RedisServer:
 CREATE_OPTIONS = ("--cluster-replicas", "0", "--cluster-yes")
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    """A server certificate and key for 127.0.0.1, and the CA that issued them (PEM files)."""
-
-    cert: Path
-    key: Path
-    ca: Path
-
-    @property
-    def server_options(self) -> tuple[str, ...]:
-        """TLS only, clients not asked for a certificate, the cluster bus over TLS too."""
-        return (
-            *("--port", "0", "--tls-auth-clients", "no", "--tls-cluster", "yes"),
-            *("--tls-cert-file", str(self.cert), "--tls-key-file", str(self.key)),
-            *("--tls-ca-cert-file", str(self.ca)),
-        )
-
-
 class RedisCluster:
     """A Redis Cluster of three primaries (no replicas) on free loopback ports; with ``tls``,
     nothing on them, the cluster bus included, is in the clear."""
 
     def __init__(self, directory: Path, size: int = 3, tls: TlsFiles | None = None) -> None:
-        self.nodes = [RedisServer(directory, free_cluster_port()) for _ in range(size)]
+        self.nodes = [RedisServer(directory, free_cluster_port(), tls) for _ in range(size)]
         self.directory = directory
-        self.tls = tls
-        if tls is not None:
-            for node in self.nodes:
-                node.cli_options = ("--tls", "--cacert", str(tls.ca))
 
     @property
     def addresses(self) -> list[str]:
@@ -232,13 +238,7 @@ class RedisCluster:
         """Start the nodes, join them, and return once every slot is served."""
         for node in self.nodes:
             config = self.directory / f"nodes-{node.port}.conf"
-            on_port = () if self.tls is None else ("--tls-port", str(node.port))
-            options = () if self.tls is None else self.tls.server_options
-            node.start(
-                *("--cluster-enabled", "yes", "--cluster-config-file", str(config)),
-                *on_port,
-                *options,
-            )
+            node.start("--cluster-enabled", "yes", "--cluster-config-file", str(config))
         subprocess.run(
             self.nodes[0].cli_command("--cluster", "create", *self.addresses, *CREATE_OPTIONS),
             capture_output=True,
@@ -260,7 +260,8 @@ class RedisCluster:
 
 class RedisSentinel(RedisServer):
     """One Redis Sentinel watching ``primary`` under ``name``, alone in its quorum and quick to
-    act: the primary is taken as down after half a second without an answer."""
+    act: the primary is taken as down after half a second without an answer. It speaks TLS
+    when the primary does."""
 
     def __init__(
         self,
@@ -269,7 +270,7 @@ class RedisSentinel(RedisServer):
         name: str = "tproxy",
         primary_password: str | None = None,
     ) -> None:
-        super().__init__(directory)
+        super().__init__(directory, tls=primary.tls)
         self.name = name
         self._primary_port = primary.port
         self._primary_password = primary_password
@@ -286,7 +287,10 @@ class RedisSentinel(RedisServer):
         if self._primary_password is not None:
             with config.open("a") as appended:
                 appended.write(f"sentinel auth-pass {self.name} {self._primary_password}\n")
-        self._launch(["redis-server", str(config), "--sentinel", *extra], "+monitor master")
+        # With TLS, it reaches the primary over TLS too ("replication" is its word for that).
+        over_tls = () if self.tls is None else (*self._tls_options, "--tls-replication", "yes")
+        command = ["redis-server", str(config), "--sentinel", *over_tls, *extra]
+        self._launch(command, "+monitor master")
 
     def primary_port(self) -> int:
         """The port of the primary as the sentinel sees it now."""

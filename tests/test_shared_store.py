@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -477,29 +478,37 @@ async def test_two_tproxy_processes_share_an_answer_and_a_stop_drains_the_shared
     assert upstream.calls[CHAT] == 1
 
 
+def tls_files(tmp_path: Path) -> TlsFiles:
+    """A new CA, and a certificate it issued for 127.0.0.1 with its key."""
+    authority = trustme.CA()
+    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
+    return TlsFiles(cert, key, write_ca(authority, tmp_path / "tls" / "ca.pem"))
+
+
+async def untrusting_host_is_served_without_the_tier(
+    start_proxy: StartProxy, table: str, caplog: pytest.LogCaptureFixture, words: str
+) -> None:
+    """Without the CA, the servers' certificates are refused: the tier is down, tproxy serves."""
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    untrusting = await start_proxy(table, store="host-c")
+    assert any("is down" in record.getMessage() for record in caplog.records)
+    answer = await ask(untrusting, chat(words))
+    assert answer.headers["cache-status"] == "tproxy; fwd=miss"
+
+
 async def test_a_rediss_url_checks_the_servers_certificate_against_ca_file(
     start_proxy: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
-    authority = trustme.CA()
-    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
-    ca_file = write_ca(authority, tmp_path / "tls" / "ca.pem")
-    secure = RedisServer(tmp_path)
-    # Only a TLS port: nothing reaches this server in the clear.
-    secure.start(
-        *("--port", "0", "--tls-port", str(secure.port), "--tls-auth-clients", "no"),
-        *("--tls-cert-file", str(cert), "--tls-key-file", str(key)),
-        *("--tls-ca-cert-file", str(ca_file)),
-    )
+    files = tls_files(tmp_path)
+    secure = RedisServer(tmp_path, tls=files)
+    secure.start()
     try:
         url = f"rediss://127.0.0.1:{secure.port}/0"
-        table = shared_table(url, ca_file=f'"{ca_file}"')
+        table = shared_table(url, ca_file=f'"{files.ca}"')
         assert await shared_between_two_hosts(start_proxy, table, "over TLS")
-        # Without the CA, the server's certificate is refused: the tier is down, tproxy serves.
-        untrusting = await start_proxy(shared_table(url), store="host-c")
-        assert any("is down" in record.getMessage() for record in caplog.records)
-        answer = await ask(untrusting, chat("over TLS"))
-        assert answer.headers["cache-status"] == "tproxy; fwd=miss"
+        await untrusting_host_is_served_without_the_tier(
+            start_proxy, shared_table(url), caplog, "over TLS"
+        )
     finally:
         secure.stop()
 
@@ -510,10 +519,7 @@ async def test_a_cluster_with_tls_is_reached_over_tls_and_its_certificates_check
 ) -> None:
     """Managed clusters (ElastiCache, Memorystore) encrypt in transit: every node, the ones the
     slot map names as well as the one listed, is reached over TLS against ``ca_file``."""
-    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
-    authority = trustme.CA()
-    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
-    files = TlsFiles(cert, key, write_ca(authority, tmp_path / "tls" / "ca.pem"))
+    files = tls_files(tmp_path)
     secure = RedisCluster(tmp_path, tls=files)
     secure.start()
     try:
@@ -524,16 +530,34 @@ async def test_a_cluster_with_tls_is_reached_over_tls_and_its_certificates_check
             await ask(first_host, body)
             assert "detail=shared" in (await ask(second_host, body)).headers["cache-status"]
         assert all(int(node.command("DBSIZE")) for node in secure.nodes), "not on every node"
-        # Without the CA, no node's certificate is trusted: the tier is down, tproxy serves.
-        untrusting = await start_proxy(
-            cluster_table(secure.addresses[:1], tls="true", connect_timeout=2),
-            store="host-c",
+        untrusting = cluster_table(secure.addresses[:1], tls="true", connect_timeout=2)
+        await untrusting_host_is_served_without_the_tier(
+            start_proxy, untrusting, caplog, "question 0 over TLS"
         )
-        assert any("is down" in record.getMessage() for record in caplog.records)
-        answer = await ask(untrusting, chat("question 0 over TLS"))
-        assert answer.headers["cache-status"] == "tproxy; fwd=miss"
     finally:
         secure.stop()
+
+
+@contextmanager
+def watched_primary(
+    tmp_path: Path,
+    *,
+    tls: TlsFiles | None = None,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> Iterator[RedisSentinel]:
+    """A primary and the sentinel that watches it, both stopped on leaving."""
+    primary = RedisServer(tmp_path, tls=tls)
+    sentinel = RedisSentinel(tmp_path, primary, primary_password=password)
+    try:
+        primary.start(*(("--requirepass", password) if password else ()))
+        sentinel.start(*(("--requirepass", sentinel_password) if sentinel_password else ()))
+        if sentinel_password:
+            sentinel.cli_options += ("-a", sentinel_password, "--no-auth-warning")
+        yield sentinel
+    finally:
+        sentinel.stop()
+        primary.stop()
 
 
 @pytest.mark.slow
@@ -571,35 +595,24 @@ async def test_after_a_failover_the_tier_is_where_the_sentinels_say(
 
 
 async def test_with_tls_the_sentinels_and_the_primary_are_reached_over_tls(
-    start_proxy: StartProxy, tmp_path: Path
+    start_proxy: StartProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    authority = trustme.CA()
-    cert, key = write_pair(authority.issue_cert("127.0.0.1"), tmp_path / "tls")
-    files = TlsFiles(cert, key, write_ca(authority, tmp_path / "tls" / "ca.pem"))
-    primary = RedisServer(tmp_path)
-    primary.start("--tls-port", str(primary.port), *files.server_options)
-    sentinel = RedisSentinel(tmp_path, primary)
-    sentinel.start(
-        *("--tls-port", str(sentinel.port), "--tls-replication", "yes"), *files.server_options
-    )
-    sentinel.cli_options = ("--tls", "--cacert", str(files.ca))
-    try:
+    files = tls_files(tmp_path)
+    with watched_primary(tmp_path, tls=files) as sentinel:
         table = sentinel_table(sentinel, tls="true", ca_file=f'"{files.ca}"')
         assert await shared_between_two_hosts(start_proxy, table, "sentinels over TLS")
-    finally:
-        sentinel.stop()
-        primary.stop()
+        untrusting = sentinel_table(sentinel, tls="true", connect_timeout=2)
+        await untrusting_host_is_served_without_the_tier(
+            start_proxy, untrusting, caplog, "sentinels over TLS"
+        )
 
 
 async def test_sentinels_that_ask_for_a_password_get_the_one_sentinel_password_env_names(
     start_proxy: StartProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    primary = RedisServer(tmp_path)
-    primary.start("--requirepass", "data-secret")
-    sentinel = RedisSentinel(tmp_path, primary, primary_password="data-secret")
-    sentinel.start("--requirepass", "sentinel-secret")
-    sentinel.cli_options = ("-a", "sentinel-secret", "--no-auth-warning")
-    try:
+    with watched_primary(
+        tmp_path, password="data-secret", sentinel_password="sentinel-secret"
+    ) as sentinel:
         monkeypatch.setenv("TPROXY_TEST_REDIS_PASSWORD", "data-secret")
         monkeypatch.setenv("TPROXY_TEST_SENTINEL_PASSWORD", "sentinel-secret")
         table = sentinel_table(
@@ -608,9 +621,6 @@ async def test_sentinels_that_ask_for_a_password_get_the_one_sentinel_password_e
             sentinel_password_env='"TPROXY_TEST_SENTINEL_PASSWORD"',
         )
         assert await shared_between_two_hosts(start_proxy, table, "behind two passwords")
-    finally:
-        sentinel.stop()
-        primary.stop()
 
 
 async def test_a_rediss_ca_file_that_cannot_be_used_is_named_with_tls_pys_reason(
