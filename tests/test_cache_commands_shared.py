@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.redisserver import RedisServer, free_port, needs_redis
+from tests.redisserver import RedisSentinel, RedisServer, free_port, needs_redis
 from tests.test_cache_commands import BODY_KEY, HOUR, STREAM_KEY, body, run, stream
 from tproxy.core.entry import encode_entry
 
@@ -37,8 +37,12 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def config_for(tmp_path: Path, url: str) -> Path:
+    return config_where(tmp_path, f'url = "{url}"')
+
+
+def config_where(tmp_path: Path, where: str) -> Path:
     path = tmp_path / "tproxy.toml"
-    path.write_text(UPSTREAM + f'[shared_store]\nurl = "{url}"\nkey_prefix = "fleet:"\n')
+    path.write_text(UPSTREAM + f'[shared_store]\n{where}\nkey_prefix = "fleet:"\n')
     return path
 
 
@@ -71,6 +75,22 @@ def test_ls_and_show_read_the_shared_entries(
     shown = capsys.readouterr().out
     assert "stream, 4 events in 5 frames" in shown
     assert "last used" not in shown
+
+
+def test_the_commands_find_the_primary_the_sentinels_name(
+    redis: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sentinel = RedisSentinel(tmp_path, redis)
+    sentinel.start()
+    try:
+        sentinels = f'sentinels = ["127.0.0.1:{sentinel.port}"]'
+        config = config_where(tmp_path, f'{sentinels}\nsentinel_primary = "{sentinel.name}"')
+        assert shared(["stats", "--json"], config) == 0
+        document = json.loads(capsys.readouterr().out)
+        assert document["entries"] == 2
+        assert document["where"] == f"primary 'tproxy' of sentinels 127.0.0.1:{sentinel.port}"
+    finally:
+        sentinel.stop()
 
 
 def test_purge_older_than_removes_old_entries_and_all_removes_everything_under_the_prefix(
