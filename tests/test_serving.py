@@ -28,6 +28,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
+    ASGIReceiveEvent,
     ASGISendCallable,
     ConnectionState,
     Scope,
@@ -38,6 +39,7 @@ from tests.conftest import RunningProxy, StartProxy
 from tests.security.rawhttp import address, post, read_reply
 from tproxy.serving.connection import Connection, Connections, FailureLog
 from tproxy.serving.protocols import RepairedH11Protocol
+from tproxy.serving.requests import RequestEnds
 
 
 async def test_a_connection_that_fails_is_closed_and_the_server_goes_on(
@@ -459,7 +461,7 @@ async def test_a_cancelled_write_sends_all_of_its_bytes_or_none() -> None:
         Connections(),
         FailureLog(60.0),
         60.0,
-        wrap_app(app, 0, "asgi"),
+        app,
         Config(),
         WorkerContext(None),
         {},
@@ -477,3 +479,46 @@ async def test_a_cancelled_write_sends_all_of_its_bytes_or_none() -> None:
     assert received in (b"", message)
     ours.close()
     theirs.close()
+
+
+# --- the app's task and the client's departure ----------------------------------------------
+
+
+async def test_a_departure_is_told_to_the_listener_once_as_soon_as_it_is_queued() -> None:
+    """The app learns that its client left from a listener, not from a task waiting on
+    ``receive()`` for the whole answer; the messages still reach ``receive()`` as Hypercorn
+    queued them, and a listener that comes late is told at once."""
+    to_app, from_server = trio.open_memory_channel[ASGIReceiveEvent](10)
+    ends = RequestEnds(trio.lowlevel.checkpoint, to_app.send, from_server.receive)
+    told: list[str] = []
+    ends.listen(lambda: told.append("first"))
+    await ends.put({"type": "http.request", "body": b"{}", "more_body": False})
+    assert told == []
+    await ends.put({"type": "http.disconnect"})
+    assert told == ["first"]
+    await ends.put({"type": "http.disconnect"})
+    assert told == ["first"]
+    ends.listen(lambda: told.append("late"))
+    assert told == ["first", "late"]
+    assert [(await ends.receive())["type"] for _ in range(3)] == [
+        "http.request",
+        "http.disconnect",
+        "http.disconnect",
+    ]
+
+
+async def test_a_listener_that_stopped_or_a_cancelled_reader_hears_no_departure() -> None:
+    """A request that stopped listening (its answer is whole) hears nothing; nor does one whose
+    connection's reading task is cancelled (the drain's deadline closes the sockets): that
+    request ends as shut down, not as a client gone."""
+    to_app, from_server = trio.open_memory_channel[ASGIReceiveEvent](10)
+    ends = RequestEnds(trio.lowlevel.checkpoint, to_app.send, from_server.receive)
+    told: list[str] = []
+    ends.listen(lambda: told.append("left"))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await ends.put({"type": "http.disconnect"})
+    assert told == []
+    ends.listen(None)
+    await ends.put({"type": "http.disconnect"})
+    assert told == []

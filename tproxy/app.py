@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope, send_whole
+from tproxy.asgi import DEPARTURE, ASGIReceive, ASGISend, Message, Scope, send_whole
 from tproxy.config import CacheSettings, RouteSettings, Settings
 from tproxy.core.body import BodyMemo, RequestBody
 from tproxy.core.cachekey import CacheDecision, Verdict, decide, tenant_namespace
@@ -180,7 +180,7 @@ class ProxyApp:
                 await send_error(send, refusal, request_id, lookup.cache_status.header)
                 return
             report = await self._exchanger.run(
-                request, exchange, receive, send, lookup.plan, capture
+                request, exchange, scope["extensions"][DEPARTURE], send, lookup.plan, capture
             )
         except BaseException as error:
             # Every exchange ends once in a known state, even on the way out of an exception:

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from math import inf
 from typing import cast
@@ -18,21 +18,13 @@ import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import (
-    AppWrapper,
-    ASGIReceiveCallable,
-    ASGIReceiveEvent,
-    ASGISendCallable,
-    ConnectionState,
-    LifespanState,
-    Scope,
-)
+from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
 from tproxy.serving.protocols import Protocols, RepairedH11Protocol
+from tproxy.serving.requests import RequestTasks
 
 log = logging.getLogger("tproxy.serving")
 
@@ -158,14 +150,20 @@ class Connection(TCPServer):
         connections: Connections,
         failures: FailureLog,
         stall_timeout: float,
-        app: AppWrapper,
+        app: ASGIFramework,
         config: Config,
         context: WorkerContext,
         state: LifespanState,
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
     ) -> None:
+        # The app goes to the protocols as it is: RequestTasks calls it as ASGI 3, without
+        # Hypercorn's wrapper (see tproxy.serving.requests).
         super().__init__(
-            app, config, context, state, cast(trio.SSLStream[trio.SocketStream], stream)
+            cast(AppWrapper, app),
+            config,
+            context,
+            state,
+            cast(trio.SSLStream[trio.SocketStream], stream),
         )
         self.socket = (
             stream.socket
@@ -209,10 +207,10 @@ class Connection(TCPServer):
                 return
             client = parse_socket_addr(self.socket.family, self.socket.getpeername())
             server = parse_socket_addr(self.socket.family, self.socket.getsockname())
-            async with TaskGroup() as task_group:
+            async with RequestTasks(self._continue_if_expected) as task_group:
                 self._task_group = task_group
                 self.protocol = Protocols(
-                    self._app_for_this_connection(),
+                    self.app,
                     self.config,
                     self.context,
                     task_group,
@@ -273,6 +271,13 @@ class Connection(TCPServer):
             return data
         return data[sent:]
 
+    async def _continue_if_expected(self) -> None:
+        """Send ``100 Continue`` if an HTTP/1.1 client waits for it (see
+        :class:`~tproxy.serving.protocols._ContinueWhenAsked`)."""
+        protocol = self.protocol.protocol
+        if isinstance(protocol, RepairedH11Protocol):
+            await protocol.continue_if_expected()
+
     def _set_idle(self, idle: bool) -> None:
         """The idle timer, as the reading loop's deadline. Idle: the connection closes after
         ``keep_alive_timeout`` (at once while the server drains); busy: never, until it is idle
@@ -306,28 +311,6 @@ class Connection(TCPServer):
             and protocol.closing_answer
             and protocol.connection.our_state is h11.SEND_BODY
         )
-
-    def _app_for_this_connection(self) -> AppWrapper:
-        """The app, sending ``100 Continue`` when it asks for the body (see
-        :class:`~tproxy.serving.protocols._ContinueWhenAsked`)."""
-        app = self.app
-
-        async def run_app(
-            scope: Scope,
-            receive: ASGIReceiveCallable,
-            send: ASGISendCallable,
-            sync_spawn: Callable[..., object],
-            call_soon: Callable[..., object],
-        ) -> None:
-            async def continuing_receive() -> ASGIReceiveEvent:
-                protocol = self.protocol.protocol
-                if isinstance(protocol, RepairedH11Protocol):
-                    await protocol.continue_if_expected()
-                return await receive()
-
-            await app(scope, continuing_receive, send, sync_spawn, call_soon)
-
-        return cast(AppWrapper, run_app)
 
     async def _read_data(self) -> None:
         """Hypercorn's reading loop, inside one cancel scope whose deadline is the idle timer
