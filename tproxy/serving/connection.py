@@ -320,11 +320,10 @@ class Connection(TCPServer):
         try:
             with self._reading:
                 while True:
-                    try:
-                        data = await self.stream.receive_some(MAX_RECV)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    data = await self._receive()
+                    if data is None:
                         break
-                    await self.protocol.handle(RawData(bytes(data)))
+                    await self.protocol.handle(RawData(data))
                     if not data:
                         break
                 await self.protocol.handle(Closed())
@@ -333,6 +332,34 @@ class Connection(TCPServer):
                 await trio.aclose_forcefully(self.stream)  # no linger: no answer was cut
         finally:
             self._reader_done.set()
+
+    async def _receive(self) -> bytes | None:
+        """What the client sent next (``b""`` at its end), None when the socket failed or was
+        closed.
+
+        Over TCP: wait until the socket is readable, then read its descriptor. Trio's
+        ``receive_some`` first tries a read, which a connection waiting for its next request or
+        for its answer's end almost never finds anything for, and holds a chain of coroutines and
+        context managers through the whole wait (~1 KB per open connection). The descriptor is
+        asked for each time: a closed socket's is -1, never a number the kernel has since given
+        another connection, and it is never waited for (Trio would keep the closed number
+        registered to this task, and refuse every later wait on it as busy)."""
+        if not self._plain:
+            try:
+                return bytes(await self.stream.receive_some(MAX_RECV))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return None
+        while True:
+            descriptor = self.socket.fileno()
+            if descriptor < 0:
+                return None
+            try:
+                await trio.lowlevel.wait_readable(descriptor)
+                return os.read(self.socket.fileno(), MAX_RECV)
+            except BlockingIOError:  # woken for nothing: wait again
+                continue
+            except (trio.ClosedResourceError, OSError):  # reset, or closed while waiting
+                return None
 
     async def _close(self) -> None:
         try:
