@@ -9,8 +9,7 @@ import logging
 import math
 import os
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from math import inf
 from typing import cast
 
@@ -87,15 +86,15 @@ class Connections:
         self._draining = False
         self._drained = trio.Event()
 
-    @contextmanager
-    def track(self, connection: Connection) -> Iterator[None]:
+    def add(self, connection: Connection) -> None:
         self._live.add(connection)
-        try:
-            yield
-        finally:
-            self._live.discard(connection)
-            if self._draining and not self._live:
-                self._drained.set()
+
+    def discard(self, connection: Connection) -> None:
+        """The connection has ended (a method pair, not a generator's context manager held for
+        each connection's whole life)."""
+        self._live.discard(connection)
+        if self._draining and not self._live:
+            self._drained.set()
 
     def start_draining(self) -> None:
         """No new connection comes, idle ones close now, busy ones after their answer:
@@ -182,11 +181,13 @@ class Connection(TCPServer):
         self._reader_done = trio.Event()
 
     async def run(self) -> None:
-        with self._connections.track(self):
-            try:
-                await self._serve()
-            except Exception as error:  # noqa: BLE001 - any failure is logged, the server goes on
-                self._failures.failed(error)
+        self._connections.add(self)
+        try:
+            await self._serve()
+        except Exception as error:  # noqa: BLE001 - any failure is logged, the server goes on
+            self._failures.failed(error)
+        finally:
+            self._connections.discard(self)
 
     async def _handshake(self) -> str | None:
         """The protocol to speak: ``http/1.1`` on TCP, what ALPN agreed on TLS; None when the
