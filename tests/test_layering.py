@@ -31,7 +31,13 @@ LIBRARY_HOME = {
     "httpx2": {"upstream"},
     "httpcore2": {"upstream", "workers_admin"},
     "lmdb": {"store.lmdb"},
-    "hypercorn": {"server", "serving.connection", "serving.listener", "serving.protocols"},
+    "hypercorn": {
+        "server",
+        "serving.connection",
+        "serving.listener",
+        "serving.protocols",
+        "serving.requests",
+    },
     "cryptography": {"tls"},
     "coredis": {"store.redis"},
 }

@@ -171,7 +171,10 @@ async def write(feed: ClientFeed) -> tuple[Exchange, list[Message]]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    await write_client(REQUEST, exchange, feed, send, None, trio.CancelScope(), None)
+    def stop_watching() -> None:
+        pass
+
+    await write_client(REQUEST, exchange, feed, send, None, stop_watching, None)
     return exchange, sent
 
 

@@ -38,6 +38,7 @@ from tests.conftest import RunningProxy, StartProxy
 from tests.security.rawhttp import address, post, read_reply
 from tproxy.serving.connection import Connection, Connections, FailureLog
 from tproxy.serving.protocols import RepairedH11Protocol
+from tproxy.serving.requests import RequestEnds
 
 
 async def test_a_connection_that_fails_is_closed_and_the_server_goes_on(
@@ -459,7 +460,7 @@ async def test_a_cancelled_write_sends_all_of_its_bytes_or_none() -> None:
         Connections(),
         FailureLog(60.0),
         60.0,
-        wrap_app(app, 0, "asgi"),
+        app,
         Config(),
         WorkerContext(None),
         {},
@@ -477,3 +478,71 @@ async def test_a_cancelled_write_sends_all_of_its_bytes_or_none() -> None:
     assert received in (b"", message)
     ours.close()
     theirs.close()
+
+
+# --- the app's task and the client's departure ----------------------------------------------
+
+
+async def test_a_departure_is_told_to_the_listener_once_as_soon_as_it_is_queued() -> None:
+    """The app learns that its client left from a listener, not from a task waiting on
+    ``receive()`` for the whole answer; a listener that comes late is told at once."""
+    ends = RequestEnds(trio.lowlevel.checkpoint, 10)
+    told: list[str] = []
+    ends.listen(lambda: told.append("first"))
+    await ends.put({"type": "http.request", "body": b"{", "more_body": True})
+    assert told == []
+    await ends.put({"type": "http.disconnect"})
+    assert told == ["first"]
+    await ends.put({"type": "http.disconnect"})
+    assert told == ["first"]
+    ends.listen(lambda: told.append("late"))
+    assert told == ["first", "late"]
+
+
+async def test_the_app_receives_the_body_then_the_departure_before_or_after_it_is_queued() -> None:
+    """``receive()`` gives the body's messages as Hypercorn queued them, then the departure,
+    whether it was queued behind the body or comes later (the queue itself is let go once the
+    body is whole)."""
+    ends = RequestEnds(trio.lowlevel.checkpoint, 10)
+    await ends.put({"type": "http.request", "body": b"{", "more_body": True})
+    await ends.put({"type": "http.request", "body": b"}", "more_body": False})
+    await ends.put({"type": "http.disconnect"})
+    assert [await ends.receive() for _ in range(3)] == [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.request", "body": b"}", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+    later = RequestEnds(trio.lowlevel.checkpoint, 10)
+    await later.put({"type": "http.request", "body": b"{}", "more_body": False})
+    assert await later.receive() == {"type": "http.request", "body": b"{}", "more_body": False}
+    received: list[str] = []
+
+    async def app_waits() -> None:
+        received.append((await later.receive())["type"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app_waits)
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == []
+        await later.put({"type": "http.disconnect"})
+    assert received == ["http.disconnect"]
+
+
+async def test_a_listener_that_stopped_or_a_cancelled_reader_hears_no_departure() -> None:
+    """A request that stopped listening (its answer is whole) hears nothing; nor does one whose
+    connection's reading task is cancelled (the drain's deadline closes the sockets): that
+    request ends as shut down, not as a client gone. Before and after the body is whole."""
+    told: list[str] = []
+    for body_read in (False, True):
+        ends = RequestEnds(trio.lowlevel.checkpoint, 10)
+        if body_read:
+            await ends.put({"type": "http.request", "body": b"{}", "more_body": False})
+            await ends.receive()
+        ends.listen(lambda: told.append("left"))
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await ends.put({"type": "http.disconnect"})
+        assert told == []
+        ends.listen(None)
+        await ends.put({"type": "http.disconnect"})
+        assert told == []

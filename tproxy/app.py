@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from tproxy.asgi import ASGIReceive, ASGISend, Message, Scope, send_whole
+from tproxy.asgi import DEPARTURE, ASGIReceive, ASGISend, Message, Scope, send_whole
 from tproxy.config import CacheSettings, RouteSettings, Settings
 from tproxy.core.body import BodyMemo, RequestBody
 from tproxy.core.cachekey import CacheDecision, Verdict, decide, tenant_namespace
@@ -108,14 +108,15 @@ class ProxyApp:
                 self._tiers.append(shared)
         self._model_routing = needs_model(settings.routes)
         self._bodies = BodyMemo()  # a repeated body (a cache hit) is not parsed again
+        self.handled = 0  # HTTP requests finished, for the server's status line
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        if scope["type"] == "http":
-            await self._serve_http(scope, receive, send)
-        elif scope["type"] == "websocket":  # refused in _read_request, answered as HTTP
-            await self._serve_http(scope, receive, _websocket_denial(send))
-
-    async def _serve_http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        # One coroutine from here to the exchange's (a frame per level is held for the whole of
+        # a stream: docs/benchmarks.md, memory per open stream).
+        if scope["type"] == "websocket":  # refused in _read_request, answered as HTTP
+            send = _websocket_denial(send)
+        elif scope["type"] != "http":
+            return
         headers: list[Header] = scope["headers"]
         request_id = client_request_id(headers) or uuid.uuid4().hex.encode()
         client = scope.get("client")
@@ -126,8 +127,12 @@ class ProxyApp:
             path=scope["path"],
             client=client[0] if client else None,
         )
-        with self._inflight.track(exchange):
-            await self._serve_exchange(scope, receive, send, exchange, request_id)
+        try:
+            with self._inflight.track(exchange):
+                await self._serve_exchange(scope, receive, send, exchange, request_id)
+        finally:
+            if scope["type"] == "http":
+                self.handled += 1
 
     async def _serve_exchange(
         self,
@@ -180,7 +185,7 @@ class ProxyApp:
                 await send_error(send, refusal, request_id, lookup.cache_status.header)
                 return
             report = await self._exchanger.run(
-                request, exchange, receive, send, lookup.plan, capture
+                request, exchange, scope["extensions"][DEPARTURE], send, lookup.plan, capture
             )
         except BaseException as error:
             # Every exchange ends once in a known state, even on the way out of an exception:

@@ -4,12 +4,25 @@ to send an answer that is whole before its first byte goes out."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIReceive = Callable[[], Awaitable[Message]]
 ASGISend = Callable[[Message], Awaitable[None]]
+
+# The scope extension through which tproxy's server tells the app that a client left.
+DEPARTURE = "tproxy.departure"
+
+
+class Departure(Protocol):
+    """A request's client departure, told to a listener: what ``http.disconnect`` on
+    ``receive()`` says, without a task waiting on ``receive()`` for the whole answer."""
+
+    def listen(self, listener: Callable[[], None] | None) -> None:
+        """Call ``listener`` once when the client leaves (at once if it has already left);
+        None stops listening. It runs in the server's reading task: it must not block or
+        raise."""
 
 
 async def send_whole(

@@ -35,7 +35,6 @@ from hypercorn.typing import ASGIFramework
 
 from tproxy.admin import AdminApp, read_admin_token
 from tproxy.app import ProxyApp
-from tproxy.asgi import ASGIReceive, ASGISend, Scope
 from tproxy.config import ListenerTLS, Settings
 from tproxy.core.clientauth import ClientKeys
 from tproxy.core.errors import StoreError, TproxyError
@@ -75,7 +74,12 @@ class ServerStatus:
     inflight: Inflight
     store: CacheStore | None
     draining: trio.Event
-    handled: int = 0
+    app: ProxyApp | None = None
+
+    @property
+    def handled(self) -> int:
+        """HTTP requests the proxy has finished."""
+        return 0 if self.app is None else self.app.handled
 
     def summary(self) -> str:
         """E.g. ``http://127.0.0.1:8080: 2 in flight, 130 handled, cache hits 41% of 90``."""
@@ -254,11 +258,10 @@ async def serve_tproxy(
                 admin_app = AdminApp(
                     store, inflight=inflight, telemetry=telemetry, token=admin_token, stopping=stop
                 )
-                status = ServerStatus([], inflight, store, stop)
-                proxy_app = _CountingApp(
-                    ProxyApp(settings, exchanger, store, inflight, telemetry, client_keys, shared),
-                    status,
+                proxy_app = ProxyApp(
+                    settings, exchanger, store, inflight, telemetry, client_keys, shared
                 )
+                status = ServerStatus([], inflight, store, stop, proxy_app)
                 server = settings.server
                 proxy_config = _hypercorn_config(settings, server.listen, server.tls)
                 proxy_options, certificates = _socket_options(
@@ -349,7 +352,7 @@ async def _start_listener(
 
 
 async def _serve_until(
-    app: _CountingApp,
+    app: ProxyApp,
     config: Config,
     options: SocketOptions,
     *,
@@ -366,22 +369,7 @@ async def _serve_until(
         stopped.set()
 
 
-class _CountingApp:
-    """The proxy app, counting the HTTP requests it has finished for the status line."""
-
-    def __init__(self, app: ProxyApp, status: ServerStatus) -> None:
-        self._app = app
-        self._status = status
-
-    async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        try:
-            await self._app(scope, receive, send)
-        finally:
-            if scope["type"] == "http":
-                self._status.handled += 1
-
-
-def _asgi(app: _CountingApp | AdminApp) -> ASGIFramework:
+def _asgi(app: ProxyApp | AdminApp) -> ASGIFramework:
     """Our apps are plain ASGI 3 callables; Hypercorn types them with its own message types."""
     return cast(ASGIFramework, app)
 

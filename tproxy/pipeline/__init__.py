@@ -9,7 +9,7 @@ One module per task of a flight (see docs/architecture.md, "The pipeline package
   (:mod:`tproxy.core.fanout`) decides;
 - :mod:`~tproxy.pipeline.clientwriter`: one client's answer, and the facts its exchange hears;
 - :mod:`~tproxy.pipeline.cachewriter`: the answer collected for the store;
-- :mod:`~tproxy.pipeline.exchanger`: the glue: flights by cache key, client watchers.
+- :mod:`~tproxy.pipeline.exchanger`: the glue: flights by cache key, clients' departures.
 """
 
 from tproxy.pipeline.cachewriter import REPLAYED_HEADERS

@@ -8,6 +8,8 @@ that becomes ``UpstreamFailed`` or ``TimedOut``, and an error answer before the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from tproxy.asgi import ASGISend, send_whole
@@ -45,17 +47,18 @@ async def write_client(
     feed: ClientFeed,
     send: ASGISend,
     cache_status: bytes | None,
-    watcher: trio.CancelScope,
+    stop_watching: Callable[[], None],
     capture: PayloadCapture | None,
 ) -> None:
     """Hand the flight's items to one client, telling its exchange what happened.
 
     The exchange hears that the answer is whole (``AnswerDelivered``) before the message
-    that completes it is sent, and the watcher is stopped before the last message: a client
-    may close as soon as it has those bytes (Hypercorn reports ``http.disconnect`` as soon as
-    a response is complete, even while our final ``send()`` is still running), and that is
-    the end of a finished answer, not a client leaving early. Once the watcher has ended the
-    exchange, this writer tells it nothing more.
+    that completes it is sent, and the client's departure stops being watched
+    (``stop_watching``) before the last message: a client may close as soon as it has those
+    bytes (Hypercorn reports ``http.disconnect`` as soon as a response is complete, even while
+    our final ``send()`` is still running), and that is the end of a finished answer, not a
+    client leaving early. Once the departure has ended the exchange, this writer tells it
+    nothing more.
     """
     started = False
     delivered = False
@@ -91,7 +94,7 @@ async def write_client(
                 last = isinstance(pending, UpstreamEnded)
                 if last:
                     exchange.handle(UpstreamEnded(), now)
-                    watcher.cancel()
+                    stop_watching()
                 if data or last:
                     await send({"type": "http.response.body", "body": data, "more_body": not last})
                     feed.sent(len(data))
@@ -122,7 +125,7 @@ async def write_client(
             else:
                 answer = None if started else rejection_for(item.error)
                 exchange.handle(item.fact(None if answer is None else answer.status), now)
-                watcher.cancel()
+                stop_watching()
                 if answer is not None:
                     await send_error(send, answer, request.request_id, cache_status)
                 # After the start, return without the final body message: the client sees

@@ -1,13 +1,14 @@
-"""The exchanger: each request's flight, opened or joined by cache key, and its client watcher.
+"""The exchanger: each request's flight, opened or joined by cache key; its client's departure.
 
 A *flight* is one upstream call. Its tasks, joined by bounded channels:
 
     upstream reader ──(one channel per client)──▶ client writer ──▶ ASGI send   (one per client)
            └────────(to_cache, send_nowait)────▶ cache writer  ──▶ StoreWriter (shared)
 
-Each client request runs in its own nursery: its client writer, and a watcher on ASGI
-``receive()``: Hypercorn reports a client that left only as ``http.disconnect`` there
-(``send()`` never raises), so the watcher is how a departure is noticed.
+Each client request runs in its own nursery: its client writer, and (a private flight) its
+reader. Hypercorn reports a client that left only as ``http.disconnect`` on ASGI ``receive()``
+(``send()`` never raises); tproxy's server also tells it to a listener the request registers
+(:class:`tproxy.asgi.Departure`), so no task waits on ``receive()`` for the whole answer.
 
 A request that cannot be shared (caching bypassed, ``no-cache``, coalescing off) has a *private*
 flight that runs inside the request's own nursery: the reader awaits the client writer (a slow
@@ -41,7 +42,7 @@ of its own (bench/stalled_followers.py measures it).
 
 Each client's :class:`~tproxy.core.exchange.Exchange` is told the facts by its own client writer,
 from the items it receives; it is finished exactly once: completed, upstream failed or timed out,
-fell behind, client gone (the watcher), or shut down (the server cancelled the work).
+fell behind, client gone (the departure's listener), or shut down (the server cancelled the work).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 import trio
 from trio_util import AsyncValue
 
-from tproxy.asgi import ASGIReceive, ASGISend
+from tproxy.asgi import ASGISend, Departure
 from tproxy.config import Settings
 from tproxy.core.entry import StoredEntry
 from tproxy.core.events import ClientGone, FollowerJoined, JoinedFlight, TimedOut
@@ -98,7 +99,7 @@ class Exchanger:
         self,
         request: ProxyRequest,
         exchange: Exchange,
-        receive: ASGIReceive,
+        departure: Departure,
         send: ASGISend,
         plan: CachePlan | None,
         capture: PayloadCapture | None,
@@ -114,36 +115,27 @@ class Exchanger:
         status = None if exchange.cache_status is None else exchange.cache_status.header
         try:
             async with trio.open_nursery() as request_nursery:
-                watcher = trio.CancelScope()
                 # The writing stops at the request's total deadline, or when the client leaves
                 # after its whole answer (the exchange is finished then: no time-out recorded).
                 writing = trio.CancelScope(
                     deadline=trio.current_time() + request.total_timeout + 1.0
                 )
-                request_nursery.start_soon(
-                    self._watch_client,
-                    receive,
-                    exchange,
-                    flight,
-                    watcher,
-                    writing,
-                    request_nursery.cancel_scope,
+                watch = _ClientWatch(
+                    exchange, flight, writing, request_nursery.cancel_scope, departure
                 )
+                departure.listen(watch)
                 if not flight.shared:
-                    request_nursery.start_soon(self._fly, flight)
-                with writing:
-                    await write_client(
-                        request,
-                        exchange,
-                        subscriber,
-                        send,
-                        status,
-                        watcher,
-                        capture,
-                    )
+                    # A private flight has no bookkeeping to do after it: the reader is its task.
+                    request_nursery.start_soon(self.reader.read, flight)
+                try:
+                    with writing:
+                        await write_client(
+                            request, exchange, subscriber, send, status, watch.stop, capture
+                        )
+                finally:
+                    watch.stop()
                 if writing.cancelled_caught and not exchange.finished:
                     exchange.handle(TimedOut("total"), trio.current_time())
-                watcher.cancel()
         finally:
             flight.leave(subscriber)
         if flight.shared and exchange.state is State.COMPLETED:
@@ -220,35 +212,50 @@ class Exchanger:
                 self.live.pop(id(book), None)
                 self.flying.value -= 1
 
-    async def _watch_client(
+
+class _ClientWatch:
+    """What a client's departure does to its request. Early, it cancels the request's work (a
+    private flight's upstream call with it); after the whole answer (the exchange completes),
+    only the writing stops, and a private flight reads the upstream's end, to store the answer.
+    The client writer stops the watch before its last message: a client may close as soon as it
+    has those bytes, which is the end of a finished answer, not a departure."""
+
+    __slots__ = ("_departure", "_exchange", "_flight", "_request_scope", "_stopped", "_writing")
+
+    def __init__(
         self,
-        receive: ASGIReceive,
         exchange: Exchange,
         flight: LiveFlight,
-        watcher: trio.CancelScope,
         writing: trio.CancelScope,
         request_scope: trio.CancelScope,
+        departure: Departure,
     ) -> None:
-        """Record the client's departure. Early, it cancels the request's work (a private
-        flight's upstream call with it); after the whole answer (the exchange completes), only
-        the writing stops, and a private flight reads the upstream's end, to store the answer."""
-        with watcher:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if watcher.cancel_called:
-                        # The writer stopped us before its last message, after this arrived:
-                        # the end of a finished answer (the writer records it), not a departure.
-                        return
-                    if not exchange.finished:
-                        exchange.handle(ClientGone(), trio.current_time())
-                    if exchange.state is State.COMPLETED:
-                        writing.cancel()
-                        if not flight.shared:
-                            flight.read_end()
-                    else:
-                        request_scope.cancel()
-                    return
+        self._exchange = exchange
+        self._flight = flight
+        self._writing = writing
+        self._request_scope = request_scope
+        self._departure = departure
+        self._stopped = False
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._departure.listen(None)
+
+    def __call__(self) -> None:
+        """The client left (the server's reading task calls this)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        exchange = self._exchange
+        if not exchange.finished:
+            exchange.handle(ClientGone(), trio.current_time())
+        if exchange.state is State.COMPLETED:
+            self._writing.cancel()
+            if not self._flight.shared:
+                self._flight.read_end()
+        else:
+            self._request_scope.cancel()
 
 
 @asynccontextmanager

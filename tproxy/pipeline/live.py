@@ -68,7 +68,7 @@ class LiveFlight:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     report: CacheReport = field(default_factory=CacheReport)
     completion: Completion | None = None  # set once the answer streams in its family's framing
-    settled: trio.Event = field(default_factory=trio.Event)  # the cache outcome is known
+    _settled: trio.Event | None = field(default=None, init=False)
     fanout: Fanout[ClientFeed] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +82,14 @@ class LiveFlight:
                 max_history_bytes=bound,
                 max_items=SHARED_CHANNEL_ITEMS,
             )
+
+    @property
+    def settled(self) -> trio.Event:
+        """Set once the cache outcome is known. Made when first asked for: a private flight's
+        is only set, at its end, and waited for by nobody."""
+        if self._settled is None:
+            self._settled = trio.Event()
+        return self._settled
 
     @property
     def shared(self) -> bool:

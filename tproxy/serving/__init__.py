@@ -29,7 +29,8 @@ leaves with its head in one write.
 
 The package splits where the work does: ``listener.py`` opens the sockets and accepts,
 ``connection.py`` runs one client's connection (reading, writing, idle timer, closing),
-``protocols.py`` holds the HTTP/1.1 and HTTP/2 protocol code with its repairs.
+``protocols.py`` holds the HTTP/1.1 and HTTP/2 protocol code with its repairs, ``requests.py``
+starts each request's app and tells it when its client leaves.
 """
 
 from tproxy.serving.listener import SocketOptions, serve_asgi

@@ -9,8 +9,7 @@ import logging
 import math
 import os
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from math import inf
 from typing import cast
 
@@ -18,21 +17,13 @@ import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import (
-    AppWrapper,
-    ASGIReceiveCallable,
-    ASGIReceiveEvent,
-    ASGISendCallable,
-    ConnectionState,
-    LifespanState,
-    Scope,
-)
+from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr
 
 from tproxy.serving.protocols import Protocols, RepairedH11Protocol
+from tproxy.serving.requests import RequestTasks
 
 log = logging.getLogger("tproxy.serving")
 
@@ -95,15 +86,15 @@ class Connections:
         self._draining = False
         self._drained = trio.Event()
 
-    @contextmanager
-    def track(self, connection: Connection) -> Iterator[None]:
+    def add(self, connection: Connection) -> None:
         self._live.add(connection)
-        try:
-            yield
-        finally:
-            self._live.discard(connection)
-            if self._draining and not self._live:
-                self._drained.set()
+
+    def discard(self, connection: Connection) -> None:
+        """The connection has ended (a method pair, not a generator's context manager held for
+        each connection's whole life)."""
+        self._live.discard(connection)
+        if self._draining and not self._live:
+            self._drained.set()
 
     def start_draining(self) -> None:
         """No new connection comes, idle ones close now, busy ones after their answer:
@@ -158,14 +149,20 @@ class Connection(TCPServer):
         connections: Connections,
         failures: FailureLog,
         stall_timeout: float,
-        app: AppWrapper,
+        app: ASGIFramework,
         config: Config,
         context: WorkerContext,
         state: LifespanState,
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
     ) -> None:
+        # The app goes to the protocols as it is: RequestTasks calls it as ASGI 3, without
+        # Hypercorn's wrapper (see tproxy.serving.requests).
         super().__init__(
-            app, config, context, state, cast(trio.SSLStream[trio.SocketStream], stream)
+            cast(AppWrapper, app),
+            config,
+            context,
+            state,
+            cast(trio.SSLStream[trio.SocketStream], stream),
         )
         self.socket = (
             stream.socket
@@ -184,11 +181,13 @@ class Connection(TCPServer):
         self._reader_done = trio.Event()
 
     async def run(self) -> None:
-        with self._connections.track(self):
-            try:
-                await self._serve()
-            except Exception as error:  # noqa: BLE001 - any failure is logged, the server goes on
-                self._failures.failed(error)
+        self._connections.add(self)
+        try:
+            await self._serve()
+        except Exception as error:  # noqa: BLE001 - any failure is logged, the server goes on
+            self._failures.failed(error)
+        finally:
+            self._connections.discard(self)
 
     async def _handshake(self) -> str | None:
         """The protocol to speak: ``http/1.1`` on TCP, what ALPN agreed on TLS; None when the
@@ -209,10 +208,10 @@ class Connection(TCPServer):
                 return
             client = parse_socket_addr(self.socket.family, self.socket.getpeername())
             server = parse_socket_addr(self.socket.family, self.socket.getsockname())
-            async with TaskGroup() as task_group:
+            async with RequestTasks(self._continue_if_expected) as task_group:
                 self._task_group = task_group
                 self.protocol = Protocols(
-                    self._app_for_this_connection(),
+                    self.app,
                     self.config,
                     self.context,
                     task_group,
@@ -273,6 +272,13 @@ class Connection(TCPServer):
             return data
         return data[sent:]
 
+    async def _continue_if_expected(self) -> None:
+        """Send ``100 Continue`` if an HTTP/1.1 client waits for it (see
+        :class:`~tproxy.serving.protocols._ContinueWhenAsked`)."""
+        protocol = self.protocol.protocol
+        if isinstance(protocol, RepairedH11Protocol):
+            await protocol.continue_if_expected()
+
     def _set_idle(self, idle: bool) -> None:
         """The idle timer, as the reading loop's deadline. Idle: the connection closes after
         ``keep_alive_timeout`` (at once while the server drains); busy: never, until it is idle
@@ -307,28 +313,6 @@ class Connection(TCPServer):
             and protocol.connection.our_state is h11.SEND_BODY
         )
 
-    def _app_for_this_connection(self) -> AppWrapper:
-        """The app, sending ``100 Continue`` when it asks for the body (see
-        :class:`~tproxy.serving.protocols._ContinueWhenAsked`)."""
-        app = self.app
-
-        async def run_app(
-            scope: Scope,
-            receive: ASGIReceiveCallable,
-            send: ASGISendCallable,
-            sync_spawn: Callable[..., object],
-            call_soon: Callable[..., object],
-        ) -> None:
-            async def continuing_receive() -> ASGIReceiveEvent:
-                protocol = self.protocol.protocol
-                if isinstance(protocol, RepairedH11Protocol):
-                    await protocol.continue_if_expected()
-                return await receive()
-
-            await app(scope, continuing_receive, send, sync_spawn, call_soon)
-
-        return cast(AppWrapper, run_app)
-
     async def _read_data(self) -> None:
         """Hypercorn's reading loop, inside one cancel scope whose deadline is the idle timer
         (Hypercorn puts a scope around every read for its ``read_timeout``, which tproxy never
@@ -337,11 +321,10 @@ class Connection(TCPServer):
         try:
             with self._reading:
                 while True:
-                    try:
-                        data = await self.stream.receive_some(MAX_RECV)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    data = await self._receive()
+                    if data is None:
                         break
-                    await self.protocol.handle(RawData(bytes(data)))
+                    await self.protocol.handle(RawData(data))
                     if not data:
                         break
                 await self.protocol.handle(Closed())
@@ -350,6 +333,34 @@ class Connection(TCPServer):
                 await trio.aclose_forcefully(self.stream)  # no linger: no answer was cut
         finally:
             self._reader_done.set()
+
+    async def _receive(self) -> bytes | None:
+        """What the client sent next (``b""`` at its end), None when the socket failed or was
+        closed.
+
+        Over TCP: wait until the socket is readable, then read its descriptor. Trio's
+        ``receive_some`` first tries a read, which a connection waiting for its next request or
+        for its answer's end almost never finds anything for, and holds a chain of coroutines and
+        context managers through the whole wait (~1 KB per open connection). The descriptor is
+        asked for each time: a closed socket's is -1, never a number the kernel has since given
+        another connection, and it is never waited for (Trio would keep the closed number
+        registered to this task, and refuse every later wait on it as busy)."""
+        if not self._plain:
+            try:
+                return bytes(await self.stream.receive_some(MAX_RECV))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return None
+        while True:
+            descriptor = self.socket.fileno()
+            if descriptor < 0:
+                return None
+            try:
+                await trio.lowlevel.wait_readable(descriptor)
+                return os.read(self.socket.fileno(), MAX_RECV)
+            except BlockingIOError:  # woken for nothing: wait again
+                continue
+            except (trio.ClosedResourceError, OSError):  # reset, or closed while waiting
+                return None
 
     async def _close(self) -> None:
         try:

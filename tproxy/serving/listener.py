@@ -13,7 +13,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
-from hypercorn.utils import repr_socket_addr, wrap_app
+from hypercorn.utils import repr_socket_addr
 
 from tproxy.config import parse_host_port
 from tproxy.serving.connection import FAILURE_LOG_INTERVAL, Connection, Connections, FailureLog
@@ -93,7 +93,7 @@ async def serve_asgi(
         live,
         FailureLog(FAILURE_LOG_INTERVAL),
         options.stall_timeout,
-        wrap_app(app, config.wsgi_max_body_size, "asgi"),
+        app,
         config,
         context,
         ConnectionState({}),
