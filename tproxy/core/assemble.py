@@ -23,7 +23,7 @@ The access log's usage of a stream is read by each API family's completion check
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -320,7 +320,7 @@ def normalise_usage(usage: object) -> dict[str, int] | None:
 
     Nested details (``prompt_tokens_details``) and anything that is not a count are left out.
     """
-    if not isinstance(usage, dict):
+    if not isinstance(usage, Mapping):  # a dict parsed now, or a stored entry's read-only usage
         return None
     counts: dict[str, int] = {}
     for name, value in usage.items():
