@@ -197,36 +197,74 @@ async def test_an_h2_stream_stalled_on_flow_control_is_reset_after_client_stall_
         assert (await http.get("/v1/models")).status_code == 200
 
 
-async def test_http2_requests_that_crash_the_parser_log_no_header_and_one_line(
+async def test_an_h2_request_whose_path_is_not_ascii_resets_its_stream_alone(
     proxy: RunningProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A path that is not ASCII makes Hypercorn's HTTP/2 code raise. Its request's headers
-    (here an authorization) appear in no log line, even at DEBUG, and repeated crashes log one
-    line."""
+    """Such a request is malformed (RFC 9113, 8.1.1): its stream is reset with PROTOCOL_ERROR,
+    the request beside it on the same connection is answered, and its headers (here an
+    authorization) appear in no log line, even at DEBUG. Hypercorn's decoding of the path used
+    to fail the whole connection."""
     caplog.set_level(logging.DEBUG)
     config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
-    headers = [
+    connection = h2.connection.H2Connection(config)
+    bad = [
         (b":method", b"GET"),
         (b":scheme", b"http"),
         (b":authority", b"tproxy"),
         (b":path", b"/v1/\xff\xfe"),
         (b"authorization", b"Bearer sk-secret-key"),
     ]
-    for _ in range(10):
-        stream = await trio.open_tcp_stream(*address(proxy.url))
-        async with stream:
-            connection = h2.connection.H2Connection(config)
-            connection.initiate_connection()
-            connection.send_headers(1, headers, end_stream=True)
-            await stream.send_all(connection.data_to_send())
-            with trio.fail_after(5):
-                while await stream.receive_some():
-                    pass
-    assert "sk-secret-key" not in caplog.text
-    failures = [r for r in caplog.records if r.name == "tproxy.serving"]
-    assert [r.getMessage().split(" at ")[0] for r in failures] == [
-        "a connection failed (UnicodeDecodeError"
+    good = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"x"),
+        (b":path", b"/v1/models"),
     ]
+    reset: dict[int, int] = {}
+    statuses: dict[int, int] = {}
+    stream = await trio.open_tcp_stream(*address(proxy.url))
+    with trio.fail_after(10):
+        async with stream:
+            connection.initiate_connection()
+            connection.send_headers(1, bad, end_stream=True)
+            connection.send_headers(3, good, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            while 3 not in statuses or 1 not in reset:
+                data = await stream.receive_some()
+                assert data, "the connection closed"
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset):
+                        reset[event.stream_id] = event.error_code
+                    elif isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                await stream.send_all(connection.data_to_send())
+    assert reset == {1: h2.errors.ErrorCodes.PROTOCOL_ERROR}
+    assert statuses == {3: 200}
+    assert "sk-secret-key" not in caplog.text
+    assert not [record for record in caplog.records if record.name == "tproxy.serving"]
+
+
+async def test_repeated_connection_failures_log_one_line_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Where the failure was and what it was, never the request's bytes; while failures repeat,
+    one line an interval, which counts the ones held back."""
+    failures = FailureLog(60.0)
+    for _ in range(10):
+        try:
+            b"\xff".decode("ascii")
+        except UnicodeDecodeError as error:
+            failures.failed(error)
+    clock_moved = trio.current_time() + 61
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trio, "current_time", lambda: clock_moved)
+        failures.failed(ValueError("again"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tproxy.serving"]
+    assert [line.split(" at ")[0] for line in lines] == [
+        "a connection failed (UnicodeDecodeError",
+        "a connection failed (ValueError) and was closed; serving goes on; 9 more in the last 60s",
+    ]
+    assert "test_serving.py" in lines[0]
 
 
 async def test_an_h2_stream_refused_early_leaves_its_connection_serving(

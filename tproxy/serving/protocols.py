@@ -33,6 +33,8 @@ class BoundedH2Protocol(H2Protocol):
       leaves them waiting for a window that can no longer open, and the request behind each (its
       answer in memory) waits until its own deadline.
     - DATA for a stream already answered is dropped (see :meth:`_handle_events`).
+    - A request whose method or path is not ASCII has its stream reset (see
+      :meth:`_create_stream`), not the whole connection failed.
     """
 
     def __init__(self, *arguments: Any, stall_timeout: float) -> None:
@@ -70,6 +72,22 @@ class BoundedH2Protocol(H2Protocol):
                 await self._flush()
             else:
                 await super()._handle_events([event])
+
+    async def _create_stream(self, request: h2.events.RequestReceived) -> None:
+        """Hypercorn's stream for ``request``, unless its ``:method`` or ``:path`` is not ASCII.
+
+        HTTP/1.1 refuses such a request line at parsing (h11); h2 passes the bytes on, and
+        Hypercorn's decoding of them raised out of the connection, ending every stream on it.
+        Such a request is malformed (RFC 9113, 8.1.1): its stream alone is reset with
+        PROTOCOL_ERROR, and the client's other streams go on.
+        """
+        pseudo = (b":method", b":path")
+        if all(value.isascii() for name, value in request.headers if name in pseudo):
+            await super()._create_stream(request)
+            return
+        with suppress(h2.exceptions.ProtocolError):
+            self.connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            await self._flush()
 
     async def _reset_stalled(self, stream_id: int) -> None:
         with suppress(h2.exceptions.ProtocolError):
