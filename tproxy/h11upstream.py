@@ -13,8 +13,9 @@ The rules it keeps:
   both sides are ``DONE`` and no byte follows the answer. Any error, a cancelled read, a body not
   read to its end, ``Connection: close`` or leftover bytes close it. An idle connection the
   server has closed (readable) or idle for longer than ``KEEPALIVE_EXPIRY`` is not reused.
-- **Deadlines as cancel scopes**: connecting is bounded by ``connect_timeout``, each body read by
-  ``idle_timeout``; writing the request and reading the head lie within the caller's scope.
+- **Deadlines as cancel scopes**: connecting is bounded by ``connect_timeout``; writing the
+  request, reading the head and the body lie within the caller's scopes (the body's idle
+  deadline is its reader's: one scope over the whole body, not one per read).
 - **Errors** are raised as :mod:`tproxy.core.errors`, as :mod:`tproxy.upstream` maps
   httpcore2's: no connection is :class:`UpstreamConnectError` (retry-safe), a connect deadline
   ``UpstreamTimeout("connect")``, anything after the connection is :class:`UpstreamBroken`. A
@@ -102,13 +103,12 @@ class PlainResponse:
     status: int
     headers: list[Header]  # names lower-cased by h11
     _connection: _Connection
-    _idle_timeout: float
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body as the socket delivers it: each read's ``Data`` events joined.
 
-        Raises :class:`UpstreamTimeout` (``idle``: no byte for ``idle_timeout``) or
-        :class:`UpstreamBroken` (reset, closed before the framing's end, bad framing).
+        Raises :class:`UpstreamBroken` (reset, closed before the framing's end, bad framing).
+        The caller's cancel scopes are its deadlines.
         """
         connection = self._connection
         protocol = connection.protocol
@@ -124,10 +124,7 @@ class PlainResponse:
                     parts = []
                 if event is not h11.NEED_DATA:
                     return  # EndOfMessage: the framing's end (h11 gives nothing else here)
-                with trio.move_on_after(self._idle_timeout):
-                    await connection.receive()
-                    continue
-                raise UpstreamTimeout("idle")
+                await connection.receive()
         except h11.RemoteProtocolError as error:
             raise UpstreamBroken(f"upstream body broke: {error}") from error
         except _SOCKET_ERRORS as error:
@@ -152,7 +149,6 @@ class PlainPool:
         body: bytes,
         *,
         connect_timeout: float,
-        idle_timeout: float,
     ) -> PlainResponse:
         """Send ``request`` (method, target, headers) and ``body``, and read the answer's head;
         :meth:`release` the answer after.
@@ -169,7 +165,7 @@ class PlainPool:
         try:
             connection = self._idle_connection() or await self._connect(name, connect_timeout)
             head = await _exchange_head(name, connection, request, body)
-            return PlainResponse(head.status_code, list(head.headers), connection, idle_timeout)
+            return PlainResponse(head.status_code, list(head.headers), connection)
         except BaseException:
             if connection is not None:
                 connection.close()
