@@ -39,6 +39,10 @@ READ_SIZE = 64 * 1024  # bytes asked of the socket per read, as httpcore2 asks
 MAX_HEAD_BYTES = 100 * 1024  # the largest response head accepted, as httpcore2's
 KEEPALIVE_EXPIRY = 30.0  # seconds an idle connection is kept (httpcore2's pool is told the same)
 
+# What h11 may hold unprocessed after a chunk's data when no event can come of it before more
+# bytes arrive: nothing (the chunk goes on), or some of the CRLF that ends the chunk.
+_NO_EVENT_YET = (b"", b"\r", b"\r\n")
+
 # What a broken socket raises under Trio; the OSError is the cause of BrokenResourceError.
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -103,22 +107,31 @@ class PlainResponse:
     status: int
     headers: list[Header]  # names lower-cased by h11
     _connection: _Connection
+    _chunked: bool  # Transfer-Encoding: chunked (h11 accepts no other)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body as the socket delivers it: each read's ``Data`` events joined.
 
         Raises :class:`UpstreamBroken` (reset, closed before the framing's end, bad framing).
         The caller's cancel scopes are its deadlines.
+
+        A chunked body's read of one whole chunk (a paced stream's event) leaves h11 holding
+        the chunk's closing CRLF: asking h11 for the next event would only consume it and say
+        ``NEED_DATA``, about a sixth of h11's work per chunk. That call is skipped; h11 takes the
+        CRLF with the next read's bytes, and gives the same events in the same order.
         """
         connection = self._connection
         protocol = connection.protocol
+        chunked = self._chunked
         parts: list[bytes] = []
         try:
             while True:
                 event = protocol.next_event()
                 if type(event) is h11.Data:
                     parts.append(event.data)
-                    continue
+                    if not chunked or protocol.trailing_data[0] not in _NO_EVENT_YET:
+                        continue
+                    event = h11.NEED_DATA
                 if parts and (event is h11.NEED_DATA or type(event) is h11.EndOfMessage):
                     yield parts[0] if len(parts) == 1 else b"".join(parts)
                     parts = []
@@ -165,7 +178,9 @@ class PlainPool:
         try:
             connection = self._idle_connection() or await self._connect(name, connect_timeout)
             head = await _exchange_head(name, connection, request, body)
-            return PlainResponse(head.status_code, list(head.headers), connection)
+            headers = list(head.headers)
+            chunked = any(name == b"transfer-encoding" for name, _ in headers)
+            return PlainResponse(head.status_code, headers, connection, chunked)
         except BaseException:
             if connection is not None:
                 connection.close()
