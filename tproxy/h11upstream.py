@@ -42,6 +42,9 @@ KEEPALIVE_EXPIRY = 30.0  # seconds an idle connection is kept (httpcore2's pool 
 # What h11 may hold unprocessed after a chunk's data when no event can come of it before more
 # bytes arrive: nothing (the chunk goes on), or some of the CRLF that ends the chunk.
 _NO_EVENT_YET = (b"", b"\r", b"\r\n")
+# The most a read may hold beside one chunk's data (its size line, its CRLF) for h11 to be asked
+# what it holds (``trailing_data`` copies it: a read of many chunks is not asked after each).
+_FRAMING_BYTES = 64
 
 # What a broken socket raises under Trio; the OSError is the cause of BrokenResourceError.
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -123,13 +126,18 @@ class PlainResponse:
         connection = self._connection
         protocol = connection.protocol
         chunked = self._chunked
+        last_read = READ_SIZE + MAX_HEAD_BYTES  # the head's read may hold any part of the body
         parts: list[bytes] = []
         try:
             while True:
                 event = protocol.next_event()
                 if type(event) is h11.Data:
                     parts.append(event.data)
-                    if not chunked or protocol.trailing_data[0] not in _NO_EVENT_YET:
+                    if (
+                        not chunked
+                        or last_read - len(event.data) > _FRAMING_BYTES
+                        or protocol.trailing_data[0] not in _NO_EVENT_YET
+                    ):
                         continue
                     event = h11.NEED_DATA
                 if parts and (event is h11.NEED_DATA or type(event) is h11.EndOfMessage):
@@ -137,7 +145,7 @@ class PlainResponse:
                     parts = []
                 if event is not h11.NEED_DATA:
                     return  # EndOfMessage: the framing's end (h11 gives nothing else here)
-                await connection.receive()
+                last_read = len(await connection.receive())
         except h11.RemoteProtocolError as error:
             raise UpstreamBroken(f"upstream body broke: {error}") from error
         except _SOCKET_ERRORS as error:
