@@ -42,9 +42,11 @@ KEEPALIVE_EXPIRY = 30.0  # seconds an idle connection is kept (httpcore2's pool 
 # What h11 may hold unprocessed after a chunk's data when no event can come of it before more
 # bytes arrive: nothing (the chunk goes on), or some of the CRLF that ends the chunk.
 _NO_EVENT_YET = (b"", b"\r", b"\r\n")
-# The most a read may hold beside one chunk's data (its size line, its CRLF) for h11 to be asked
-# what it holds (``trailing_data`` copies it: a read of many chunks is not asked after each).
-_FRAMING_BYTES = 64
+# The most a read may hold beside one chunk's data for h11 to be asked what it still holds: the
+# chunk's size line (up to 4 hex digits: a chunk under 64 KiB) and CRLF, and the CRLF ending the
+# chunk before. ``trailing_data`` copies what h11 holds: a read of several chunks, or of one and
+# part of the next, is not asked.
+_FRAMING_BYTES = 10
 
 # What a broken socket raises under Trio; the OSError is the cause of BrokenResourceError.
 _SOCKET_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
