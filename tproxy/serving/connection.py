@@ -233,9 +233,10 @@ class Connection(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if type(event) is RawData:
-            # Cancelled: raise here, before writing anything, as Hypercorn's write would. (Trio's
-            # public check; reading the effective deadline walked every enclosing cancel scope,
-            # about a tenth of a paced event's instructions.)
+            # Cancelled: raise here, before writing anything, as Hypercorn's locked write would;
+            # a direct write could send part of a frame and never the rest (a torn HTTP/2 frame
+            # ends the connection for every stream on it). Trio's own check: reading the
+            # effective deadline walked every enclosing cancel scope on each write.
             await trio.lowlevel.checkpoint_if_cancelled()
             rest = self._write_now(event.data)
             if not rest:
