@@ -1,9 +1,13 @@
-"""The upstream reader: what the chunks it hands a flight's clients carry.
+"""The upstream reader: what the chunks it hands a flight's clients carry, and the body's idle
+deadline.
 
 The reader decodes a stream once per flight. With ``frames_to_clients`` (the payload log is on)
 each chunk carries the frames decoded from it, for the clients' payload capture; without, the
 chunks carry bytes only, so that a shared flight's history does not hold decoded frames for
 nobody. The upstream is the fake OpenAI upstream on a real socket, read through the real pool.
+
+The idle deadline (no chunk for ``idle_timeout``) is one cancel scope over the body, lifted while
+a client's full channel holds the reader: a slow client is not an idle upstream.
 """
 
 from __future__ import annotations
@@ -16,24 +20,39 @@ import trio
 
 from tests.fakeupstream import FakeUpstream
 from tproxy.config import Overrides, load_settings
-from tproxy.core.fanout import Chunk
+from tproxy.core.errors import UpstreamTimeout
+from tproxy.core.events import UpstreamEnded
+from tproxy.core.fanout import Chunk, FlightFailed, Item
 from tproxy.core.flight import FlightRegistry
+from tproxy.core.headers import Header
 from tproxy.pipeline import ProxyRequest
 from tproxy.pipeline.live import LiveFlight
 from tproxy.pipeline.reader import Reader
 from tproxy.upstream import open_upstream_pool
 
 
-async def read_chunks(
-    upstream: FakeUpstream, tmp_path: Path, body: dict[str, object], *, frames_to_clients: bool
-) -> list[Chunk]:
-    """The chunks one private flight's client receives for ``body``."""
-    settings = load_settings(None, Overrides(upstream=upstream.url, cache_dir=tmp_path))
+async def read_items(
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    body: dict[str, object],
+    *,
+    frames_to_clients: bool = True,
+    knobs: tuple[Header, ...] = (),
+    toml: str = "",
+    buffer_chunks: int = 1000,
+    client_pause: tuple[int, float] = (0, 0.0),
+) -> list[Item]:
+    """The items one private flight's client receives for ``body``, the fake upstream steered by
+    ``knobs``; ``client_pause``: after taking that many items, the client takes nothing for that
+    many seconds."""
+    config = tmp_path / "tproxy.toml"
+    config.write_text(toml)
+    settings = load_settings(config, Overrides(upstream=upstream.url, cache_dir=tmp_path))
     request = ProxyRequest(
         request_id=b"r1",
         method="POST",
         target="/v1/chat/completions",
-        headers=[(b"content-type", b"application/json")],
+        headers=[(b"content-type", b"application/json"), *knobs],
         body=json.dumps(body).encode(),
         client_host=None,
         scheme="http",
@@ -42,16 +61,30 @@ async def read_chunks(
         total_timeout=10.0,
     )
     registry = FlightRegistry(max_background=0)
-    flight = LiveFlight(request, None, None, registry, buffer_chunks=1000, finish_timeout=1.0)
+    flight = LiveFlight(
+        request, None, None, registry, buffer_chunks=buffer_chunks, finish_timeout=1.0
+    )
     feed = flight.subscribe()
+    items: list[Item] = []
     async with open_upstream_pool(settings, environ={}) as pool:
         reader = Reader(pool, None, registry, 1 << 20, False, frames_to_clients=frames_to_clients)
         with trio.fail_after(10):
-            await reader.read(flight)
-    items = []
-    async with feed.receive_channel as channel:
-        async for item in channel:
-            items.append(item)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader.read, flight)
+                taken, pause = client_pause
+                async with feed.receive_channel as channel:
+                    async for item in channel:
+                        items.append(item)
+                        if len(items) == taken:
+                            await trio.sleep(pause)  # not a synchronisation: a deadline passes
+    return items
+
+
+async def read_chunks(
+    upstream: FakeUpstream, tmp_path: Path, body: dict[str, object], *, frames_to_clients: bool
+) -> list[Chunk]:
+    """The chunks one private flight's client receives for ``body``."""
+    items = await read_items(upstream, tmp_path, body, frames_to_clients=frames_to_clients)
     return [item for item in items if isinstance(item, Chunk)]
 
 
@@ -82,3 +115,50 @@ async def test_a_json_answers_chunks_carry_bytes_only(
     assert chunks
     assert all(chunk.frames is None and chunk.events == 0 for chunk in chunks)
     assert json.loads(b"".join(chunk.data for chunk in chunks))["choices"]
+
+
+STREAM = {"model": "m", "messages": [{"role": "user", "content": "a b c d e f"}], "stream": True}
+SHORT_IDLE = "[upstreams.default]\nidle_timeout = 0.2\n"
+
+
+async def test_an_upstream_silent_for_its_idle_timeout_fails_the_flight_as_idle(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    items = await read_items(
+        upstream, tmp_path, STREAM, knobs=((b"x-fake-stall-after", b"2"),), toml=SHORT_IDLE
+    )
+    chunks = [item for item in items if isinstance(item, Chunk)]
+    end = items[-1]
+    assert isinstance(end, FlightFailed)
+    assert isinstance(end.error, UpstreamTimeout)
+    assert end.error.phase == "idle"
+    assert b"".join(chunk.data for chunk in chunks).count(b"data: ") == 2
+
+
+async def test_a_paced_stream_with_gaps_under_the_idle_timeout_is_read_whole(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Each gap is under the timeout though the body takes longer than it."""
+    items = await read_items(
+        upstream, tmp_path, STREAM, knobs=((b"x-fake-delay", b"0.05"),), toml=SHORT_IDLE
+    )
+    assert isinstance(items[-1], UpstreamEnded)
+
+
+async def test_a_client_that_takes_nothing_for_longer_than_the_idle_timeout_is_not_an_idle_upstream(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Its channel (one item) is full mid-body: the reader waits for the client with no idle
+    deadline, then reads the rest, which the upstream sent meanwhile."""
+    items = await read_items(
+        upstream,
+        tmp_path,
+        STREAM,
+        knobs=((b"x-fake-delay", b"0.01"),),
+        toml=SHORT_IDLE,
+        buffer_chunks=1,
+        client_pause=(3, 0.6),  # the attempt, the headers and a first chunk taken
+    )
+    chunks = [item for item in items if isinstance(item, Chunk)]
+    assert isinstance(items[-1], UpstreamEnded)
+    assert b"".join(chunk.data for chunk in chunks).endswith(b"data: [DONE]\n\n")

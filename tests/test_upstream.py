@@ -1,9 +1,7 @@
-"""``UpstreamResponse.chunks``: the body of an upstream answer, and its idle deadline.
+"""``UpstreamResponse.chunks``: the body of an upstream answer, and the request as it leaves.
 
-End to end, over real sockets, the deadlines are tested in ``tests/faults``; an HTTP/1.1 upstream
-there gets its idle deadline from httpcore2's read timeout. An HTTP/2 answer keeps the deadline as a
-cancel scope per chunk (a read timeout would fail every stream of its connection); no HTTP/2
-upstream runs in the suite, so that path is tested here on an in-memory body, with Trio's
+The body's deadlines are its reader's (``tests/test_reader.py``; end to end, over real sockets, in
+``tests/faults``): the body itself is read as it comes, on an in-memory body here, with Trio's
 virtual clock.
 """
 
@@ -13,13 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpcore2
-import pytest
 import trio
 import trio.testing
 
 from tests.h11peer import Peer, SeenRequest, connection_handler, serve_on_loopback
 from tproxy.config import Overrides, load_settings
-from tproxy.core.errors import UpstreamTimeout
 from tproxy.upstream import UpstreamResponse, open_upstream_pool
 
 
@@ -35,40 +31,16 @@ class PausingBody:
         yield b"second"
 
 
-def answer(pause: float, idle_scope: float | None) -> UpstreamResponse:
+def answer(pause: float) -> UpstreamResponse:
     response = httpcore2.Response(200, content=PausingBody(pause))
-    return UpstreamResponse(200, [], _response=response, _idle_scope=idle_scope)
+    return UpstreamResponse(200, [], _response=response)
 
 
-async def read_all(upstream_response: UpstreamResponse) -> list[bytes]:
-    return [chunk async for chunk in upstream_response.chunks()]
-
-
-async def test_a_pause_longer_than_the_idle_scope_is_an_idle_timeout(
+async def test_the_body_is_read_as_it_comes_with_no_deadline_of_its_own(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    received: list[bytes] = []
-
-    async def read_into_received() -> None:
-        async for chunk in answer(pause=5.0, idle_scope=1.0).chunks():
-            received.append(chunk)
-
-    with pytest.raises(UpstreamTimeout) as raised:
-        await read_into_received()
-    assert (received, raised.value.phase) == ([b"first"], "idle")
-
-
-async def test_a_pause_shorter_than_the_idle_scope_is_waited_for(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    assert await read_all(answer(pause=0.5, idle_scope=1.0)) == [b"first", b"second"]
-
-
-async def test_without_an_idle_scope_the_body_is_read_as_it_comes(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """HTTP/1.1: the deadline is httpcore2's read timeout, on the socket, not here."""
-    assert await read_all(answer(pause=60.0, idle_scope=None)) == [b"first", b"second"]
+    """No read timeout, no scope per chunk: the reader's one idle deadline times the body."""
+    assert [chunk async for chunk in answer(pause=600.0).chunks()] == [b"first", b"second"]
 
 
 # --- the request as it leaves, over a real socket ----------------------------------------------

@@ -3,14 +3,12 @@
 One httpcore2 connection pool per configured upstream, called directly (httpx2's client on top
 of it cost ~0.3 ms of CPU per request and added nothing tproxy uses: docs/benchmarks.md),
 HTTP/1.1 unless the operator opted into HTTP/2 (closing an HTTP/2 stream early does not stop
-generation upstream). Three deadlines: the time to the response headers is a Trio cancel scope
-here; the gap between two body chunks is httpcore2's read timeout, which is exactly that gap
-(httpcore2 puts a deadline around every read whether one is set or not, so it costs nothing
-more), set once the headers are in (on HTTP/2, where a read timeout fails the whole connection, a
-cancel scope per chunk); the whole exchange is the caller's cancel scope. httpcore2's exceptions
-are translated here, at the edge, into :mod:`tproxy.core.errors`, and the upstream's header names
-are lower-cased here (httpcore2 keeps them as written, and llama.cpp, Ollama and nginx write
-``Content-Type``).
+generation upstream). Of the three deadlines, the time to the response headers is a Trio cancel
+scope here; the gap between two body chunks and the whole exchange are the reader's
+(:mod:`tproxy.pipeline.reader`: one scope over the body for each, none per chunk), so httpcore2's
+read timeout stays unset. httpcore2's exceptions are translated here, at the edge, into
+:mod:`tproxy.core.errors`, and the upstream's header names are lower-cased here (httpcore2 keeps
+them as written, and llama.cpp, Ollama and nginx write ``Content-Type``).
 
 The request goes upstream with the caller's headers and body as given, plus ``Host`` and
 ``Content-Length``; nothing else is added (no client defaults, no cookie jar), and the target is
@@ -79,23 +77,15 @@ class UpstreamResponse:
     status: int
     headers: list[Header]  # names lower-cased, as everything after this edge expects
     _response: httpcore2.Response
-    _idle_scope: float | None  # HTTP/2: the idle deadline as a scope per chunk (see open_response)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Yield the body as the socket delivers it, one read at a time, never re-buffered.
 
-        Raises :class:`UpstreamTimeout` (``idle``: no byte for the upstream's ``idle_timeout``)
-        or :class:`UpstreamBroken`. The total deadline is the caller's to enforce.
+        Raises :class:`UpstreamBroken`. The deadlines are the caller's cancel scopes.
         """
         async with aclosing(self._response.aiter_stream()) as stream:
             while True:
-                if self._idle_scope is None:
-                    chunk = await _next_chunk(stream)
-                else:
-                    with trio.move_on_after(self._idle_scope) as idle:
-                        chunk = await _next_chunk(stream)
-                    if idle.cancelled_caught:
-                        raise UpstreamTimeout("idle")
+                chunk = await _next_chunk(stream)
                 if chunk is None:
                     return
                 yield chunk
@@ -107,8 +97,6 @@ async def _next_chunk(stream: AsyncIterator[bytes]) -> bytes | None:
         return await anext(stream)
     except StopAsyncIteration:
         return None
-    except httpcore2.ReadTimeout as error:
-        raise UpstreamTimeout("idle") from error
     except _TRANSPORT_ERRORS as error:
         raise UpstreamBroken(f"upstream body broke: {_describe(error)}") from error
 
@@ -170,8 +158,8 @@ class _Upstream:
     def request(
         self, method: str, target: str, headers: Sequence[Header], body: bytes
     ) -> httpcore2.Request:
-        """The request to send: :meth:`head`; the connect timeout, the read timeout unset
-        until the headers are in, and the TLS server name."""
+        """The request to send: :meth:`head`; the connect timeout, no read timeout (the reader
+        times the body), and the TLS server name."""
         address = self.address
         head = self.head(method, headers, body)
         extensions: dict[str, object] = {
@@ -253,19 +241,11 @@ class UpstreamPool:
         if response is None:
             assert scope.cancelled_caught
             raise UpstreamTimeout("total" if deadline <= first_byte_deadline else "first_byte")
-        # On HTTP/1.1 httpcore2 reads the read timeout when the body's first read starts: from
-        # here on it bounds the gap between two chunks. On HTTP/2 a read timeout would fail every
-        # stream of the shared connection, so there the idle deadline stays a scope of ours.
-        idle_scope: float | None = settings.idle_timeout
-        if response.extensions.get("http_version") != b"HTTP/2":
-            request.extensions["timeout"]["read"] = settings.idle_timeout
-            idle_scope = None
         try:
             yield UpstreamResponse(
                 status=response.status,
                 headers=lowered_names(response.headers),
                 _response=response,
-                _idle_scope=idle_scope,
             )
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
@@ -296,7 +276,6 @@ async def _plain_response(
             ),
             body,
             connect_timeout=settings.connect_timeout,
-            idle_timeout=settings.idle_timeout,
         )
     if response is None:
         yield None

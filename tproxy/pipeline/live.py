@@ -9,6 +9,7 @@ book (:mod:`tproxy.core.flight`) when a client leaves, acting on its verdict.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import trio
@@ -26,6 +27,8 @@ SHARED_CHANNEL_ITEMS = 4096
 # Seconds a flight whose answer is whole (end marker or Content-Length reached) may still spend
 # reading the upstream's end of body once its last client has left.
 END_TIMEOUT = 1.0
+
+_UNTIMED: AbstractContextManager[object] = nullcontext()
 
 
 class ClientFeed:
@@ -132,9 +135,10 @@ class LiveFlight:
         take ``END_TIMEOUT`` more, no longer."""
         self.scope.deadline = min(self.scope.deadline, trio.current_time() + END_TIMEOUT)
 
-    async def publish(self, item: Item) -> None:
+    async def publish(self, item: Item, waiting: AbstractContextManager[object] = _UNTIMED) -> None:
         """Hand ``item`` to every client: awaiting the only one of a private flight when its
-        channel is full, never waiting for any client of a shared one. A client it cuts off
+        channel is full (within ``waiting``: the reader lifts its upstream idle deadline
+        there), never waiting for any client of a shared one. A client it cuts off
         leaves the flight at once: one that can no longer be served must not keep the upstream
         call going (once none is left, the policy decides), even while Hypercorn still holds its
         last write to a socket nobody reads."""
@@ -148,7 +152,8 @@ class LiveFlight:
                         # per chunk.
                         feed.send_channel.send_nowait(item)
                     except trio.WouldBlock:
-                        await feed.send_channel.send(item)
+                        with waiting:
+                            await feed.send_channel.send(item)
                 except trio.BrokenResourceError:  # it left with its whole answer
                     self.fanout.leave(feed)
             return

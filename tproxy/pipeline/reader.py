@@ -33,6 +33,9 @@ from tproxy.pipeline.live import LiveFlight
 from tproxy.storewriter import StoreWriter
 from tproxy.upstream import UpstreamPool
 
+# The most a body's idle deadline may pass its ``idle_timeout`` by (see :class:`_IdleDeadline`).
+MAX_IDLE_SLACK = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Reader:
@@ -133,10 +136,16 @@ class Reader:
                     body=request.body,
                     deadline=deadline,
                 ) as response:
+                    idle_timeout = self.pool.settings(name).idle_timeout
                     with trio.CancelScope(deadline=deadline) as whole:
                         async with aclosing(response.chunks()) as chunks:
                             await self._relay(
-                                flight, response.status, response.headers, chunks, to_cache
+                                flight,
+                                response.status,
+                                response.headers,
+                                chunks,
+                                to_cache,
+                                idle_timeout,
                             )
                     if whole.cancelled_caught:
                         raise UpstreamTimeout("total")
@@ -152,8 +161,11 @@ class Reader:
         headers: list[Header],
         chunks: AsyncIterator[bytes],
         to_cache: trio.MemorySendChannel[CacheItem] | None,
+        idle_timeout: float,
     ) -> None:
-        """Forward every chunk to the clients at once; offer it to the cache writer after."""
+        """Forward every chunk to the clients at once; offer it to the cache writer after.
+
+        Raises :class:`UpstreamTimeout` (``idle``) when no chunk came for ``idle_timeout``."""
         started = trio.current_time()
         await flight.publish(HeadersReceived(status, tuple(headers)))
         dialect = dialect_of(flight.request)
@@ -172,26 +184,33 @@ class Reader:
                 abandon(cache, f"status {status}")
                 cache = None
         to_clients = self.frames_to_clients
-        async for data in chunks:
-            frames: list[Frame] | None = None
-            events = 0
-            received += len(data)
-            if decoder is not None:
-                frames = decoder.feed(data)
-                events = flight.observe(frames)
-            whole = flight.is_whole(received, length)
-            await flight.publish(Chunk(data, events, whole, frames if to_clients else None))
-            if decoder is not None and decoder.failed is not None and cache is not None:
-                abandon(cache, decoder.failed)
-                cache = None
-            if cache is not None:
-                cached_bytes += len(data)
-                if cached_bytes > cache_limit:
-                    abandon(cache, f"larger than max_entry_bytes ({cache_limit})")
+        idle = _IdleDeadline(idle_timeout)
+        with idle.scope:
+            async for data in chunks:
+                frames: list[Frame] | None = None
+                events = 0
+                received += len(data)
+                if decoder is not None:
+                    frames = decoder.feed(data)
+                    events = flight.observe(frames)
+                whole = flight.is_whole(received, length)
+                await flight.publish(
+                    Chunk(data, events, whole, frames if to_clients else None), idle
+                )
+                if decoder is not None and decoder.failed is not None and cache is not None:
+                    abandon(cache, decoder.failed)
                     cache = None
-                else:
-                    offset = trio.current_time() - started
-                    cache = offer(cache, CacheChunk(frames, data, offset))
+                if cache is not None:
+                    cached_bytes += len(data)
+                    if cached_bytes > cache_limit:
+                        abandon(cache, f"larger than max_entry_bytes ({cache_limit})")
+                        cache = None
+                    else:
+                        offset = trio.current_time() - started
+                        cache = offer(cache, CacheChunk(frames, data, offset))
+                idle.extend()
+        if idle.scope.cancelled_caught:
+            raise UpstreamTimeout("idle")
         if decoder is not None:
             frames = decoder.close()
             if frames:
@@ -210,3 +229,34 @@ class Reader:
 def _content_length(headers: list[Header]) -> int | None:
     value = header_value(headers, b"content-length")
     return int(value) if value is not None and value.isdigit() else None
+
+
+class _IdleDeadline:
+    """The upstream's idle deadline over a whole body: one cancel scope for every read.
+
+    A scope per read (enter, exit, a deadline registered and dropped) was the largest single
+    cost of a paced event (docs/benchmarks.md). This scope's deadline is moved only once the
+    time left to it is under ``timeout``, and then ``slack`` past that, so a paced stream moves
+    it about once a second; a body is cut ``timeout`` to ``timeout + slack`` after its last
+    chunk, never sooner. While a client's channel is full (used as a context manager, by
+    :meth:`LiveFlight.publish`) there is no deadline: a slow client is not an idle upstream.
+    """
+
+    __slots__ = ("_slack", "_timeout", "scope")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._slack = min(MAX_IDLE_SLACK, timeout / 8)
+        self.scope = trio.CancelScope(deadline=trio.current_time() + timeout + self._slack)
+
+    def extend(self) -> None:
+        """A chunk was taken: the next read may wait ``timeout`` from now."""
+        now = trio.current_time()
+        if self.scope.deadline < now + self._timeout:
+            self.scope.deadline = now + self._timeout + self._slack
+
+    def __enter__(self) -> None:
+        self.scope.deadline = math.inf
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.scope.deadline = trio.current_time() + self._timeout + self._slack

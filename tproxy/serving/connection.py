@@ -6,7 +6,6 @@ and the set of live connections a drain closes. The protocols it runs are
 from __future__ import annotations
 
 import logging
-import math
 import os
 import traceback
 from contextlib import suppress
@@ -233,6 +232,11 @@ class Connection(TCPServer):
 
     async def protocol_send(self, event: Event) -> None:
         if type(event) is RawData:
+            # Cancelled: raise here, before writing anything, as Hypercorn's locked write would;
+            # a direct write could send part of a frame and never the rest (a torn HTTP/2 frame
+            # ends the connection for every stream on it). Trio's own check: reading the
+            # effective deadline walked every enclosing cancel scope on each write.
+            await trio.lowlevel.checkpoint_if_cancelled()
             rest = self._write_now(event.data)
             if not rest:
                 return
@@ -255,11 +259,6 @@ class Connection(TCPServer):
         socket with room, never waits. A write made here cannot be cancelled midway, so it
         needs no shield, and nothing else writes while the lock is free."""
         if not self._plain or self.send_lock.locked():
-            return data
-        if trio.current_effective_deadline() == -math.inf:
-            # Cancelled: Hypercorn's write raises before writing anything. Here a part could go
-            # out, the rest never (its lock raises first): a torn frame ends an HTTP/2
-            # connection for every stream on it.
             return data
         # Asked each time, never kept: a closed socket's number is -1, not a number the kernel
         # may have given another connection since.
