@@ -357,6 +357,19 @@ async def test_a_chunked_body_split_anywhere_gives_each_reads_data_at_once(cut: 
     connection.close()
 
 
+async def test_reading_a_closed_connection_fails_each_time_as_closed() -> None:
+    """A closed socket's descriptor is -1, which is never waited for: Trio would keep it
+    registered to the waiting task, and every later wait on it anywhere would fail as busy."""
+    ours, theirs = trio.socket.socketpair()
+    connection = _Connection(trio.SocketStream(ours))
+    connection.close()
+    with trio.fail_after(5):
+        for _ in range(3):
+            with pytest.raises(trio.ClosedResourceError):
+                await connection.receive()
+    theirs.close()
+
+
 async def test_informational_answers_are_skipped() -> None:
     script = always(b"HTTP/1.1 100 Continue\r\n\r\n" + json_answer(b"{}"))
     async with running(script) as (_, pool):

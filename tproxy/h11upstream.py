@@ -92,11 +92,14 @@ class _Connection:
         Trio's ``receive_some`` first tries a read, which on a stream that sends one event at
         a time almost always finds nothing (an exception caught in a context manager) before
         it waits; waiting first and reading the descriptor costs one read per event. The
-        descriptor is asked for each time: a closed socket's is -1 (the read fails), never a
-        number the kernel has since given another connection."""
+        descriptor is asked for each time: a closed socket's is -1, never a number the kernel
+        has since given another connection, and -1 is never waited for (Trio would keep it
+        registered to this task and refuse every later wait on it in the process as busy)."""
         socket = self.stream.socket
         while True:
-            await trio.lowlevel.wait_readable(socket)
+            if socket.fileno() < 0:
+                raise trio.ClosedResourceError("the upstream connection is closed")
+            await trio.lowlevel.wait_readable(socket.fileno())
             try:
                 data = os.read(socket.fileno(), READ_SIZE)
             except BlockingIOError:  # woken for nothing: wait again
