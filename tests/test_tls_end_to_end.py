@@ -283,6 +283,34 @@ async def test_an_http2_upstream_silent_mid_stream_is_cut_at_its_idle_timeout(
     assert (cut["state"], cut["reason"]) == ("timed_out", "timeout:idle")
 
 
+async def test_an_https_upstream_silent_mid_stream_is_cut_and_its_connection_closed(
+    nursery: trio.Nursery,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over httpcore2's HTTP/1.1 too, with no read timeout set: the reader's idle deadline cuts
+    the body, and the connection, mid-body, is closed rather than pooled."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    upstream = await start_tls_upstream(nursery, ca, tmp_path)
+    bundle = write_ca(ca, tmp_path / "ca.pem")
+    toml = upstream_toml(upstream.url, f'ca_file = "{bundle}"\nidle_timeout = 0.3\n')
+    proxy = await start_proxy(toml, upstream_flag=False)
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        with trio.fail_after(10):
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await http.post(
+                    "/v1/chat/completions", json=CHAT, headers={"x-fake-stall-after": "1"}
+                )
+            await upstream.disconnected.wait()
+            whole = await http.post("/v1/chat/completions", json={**CHAT, "n": 1})
+    assert whole.text.endswith("data: [DONE]\n\n")
+    await proxy.flush()
+    (cut,) = [line for line in access_lines(caplog) if line["state"] != "completed"]
+    assert (cut["state"], cut["reason"]) == ("timed_out", "timeout:idle")
+
+
 # --- certificate rotation ----------------------------------------------------------------------
 
 
