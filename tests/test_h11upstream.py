@@ -321,10 +321,19 @@ def arrived_by_then(wire: bytes) -> bytes:
 
 CHUNKED_BODY = chunk(b"data: 1\n\n") + chunk(b"data: 22\n\n") + b"a;ext=1\r\n" + b"0123456789"
 CHUNKED_BODY += b"\r\n" + LAST_CHUNK
+# One chunk, then a last chunk with an extension and trailers: a cut may leave the read with the
+# chunk and the start of the last chunk, or end it inside a trailer.
+WITH_TRAILERS = chunk(b"data: 1\n\n") + b"0;e=1\r\nX-Trailer: yes\r\n\r\n"
 
 
-@pytest.mark.parametrize("cut", range(1, len(CHUNKED_BODY)))
-async def test_a_chunked_body_split_anywhere_gives_each_reads_data_at_once(cut: int) -> None:
+@pytest.mark.parametrize(
+    ("body", "cut"),
+    [(CHUNKED_BODY, cut) for cut in range(1, len(CHUNKED_BODY))]
+    + [(WITH_TRAILERS, cut) for cut in range(1, len(WITH_TRAILERS))],
+)
+async def test_a_chunked_body_split_anywhere_gives_each_reads_data_at_once(
+    body: bytes, cut: int
+) -> None:
     """Whatever the first read holds (part of a size line, of a chunk, of the CRLF after it),
     its data is given before the next read, and the body ends whole: h11 is asked for events
     only while it may have one to give. Over a socket pair, so the test decides the reads."""
@@ -348,11 +357,11 @@ async def test_a_chunked_body_split_anywhere_gives_each_reads_data_at_once(cut: 
     with theirs, trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
-            theirs.sendall(CHUNKED_BODY[:cut])
+            theirs.sendall(body[:cut])
             await trio.testing.wait_all_tasks_blocked()
-            assert b"".join(received) == arrived_by_then(CHUNKED_BODY[:cut])
-            theirs.sendall(CHUNKED_BODY[cut:])
-    assert b"".join(received) == arrived_by_then(CHUNKED_BODY)
+            assert b"".join(received) == arrived_by_then(body[:cut])
+            theirs.sendall(body[cut:])
+    assert b"".join(received) == arrived_by_then(body)
     assert connection.reusable()
     connection.close()
 

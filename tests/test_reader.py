@@ -13,10 +13,12 @@ a client's full channel holds the reader: a slow client is not an idle upstream.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.fakeupstream import FakeUpstream
 from tproxy.config import Overrides, load_settings
@@ -27,8 +29,23 @@ from tproxy.core.flight import FlightRegistry
 from tproxy.core.headers import Header
 from tproxy.pipeline import ProxyRequest
 from tproxy.pipeline.live import LiveFlight
-from tproxy.pipeline.reader import Reader
-from tproxy.upstream import open_upstream_pool
+from tproxy.pipeline.reader import MAX_IDLE_SLACK, Reader
+from tproxy.upstream import UpstreamPool, open_upstream_pool
+
+
+def chat_request(body: dict[str, object], knobs: tuple[Header, ...] = ()) -> ProxyRequest:
+    return ProxyRequest(
+        request_id=b"r1",
+        method="POST",
+        target="/v1/chat/completions",
+        headers=[(b"content-type", b"application/json"), *knobs],
+        body=json.dumps(body).encode(),
+        client_host=None,
+        scheme="http",
+        upstreams=("default",),
+        retries=0,
+        total_timeout=10.0,
+    )
 
 
 async def read_items(
@@ -48,18 +65,7 @@ async def read_items(
     config = tmp_path / "tproxy.toml"
     config.write_text(toml)
     settings = load_settings(config, Overrides(upstream=upstream.url, cache_dir=tmp_path))
-    request = ProxyRequest(
-        request_id=b"r1",
-        method="POST",
-        target="/v1/chat/completions",
-        headers=[(b"content-type", b"application/json"), *knobs],
-        body=json.dumps(body).encode(),
-        client_host=None,
-        scheme="http",
-        upstreams=("default",),
-        retries=0,
-        total_timeout=10.0,
-    )
+    request = chat_request(body, knobs)
     registry = FlightRegistry(max_background=0)
     flight = LiveFlight(
         request, None, None, registry, buffer_chunks=buffer_chunks, finish_timeout=1.0
@@ -162,3 +168,56 @@ async def test_a_client_that_takes_nothing_for_longer_than_the_idle_timeout_is_n
     chunks = [item for item in items if isinstance(item, Chunk)]
     assert isinstance(items[-1], UpstreamEnded)
     assert b"".join(chunk.data for chunk in chunks).endswith(b"data: [DONE]\n\n")
+
+
+# --- the idle deadline's bounds, on Trio's virtual clock ----------------------------------------
+
+
+async def silence_before_the_cut(gaps: list[float], idle_timeout: float) -> float | None:
+    """How long a body whose chunks come after ``gaps`` (seconds), then none, was silent when
+    its idle deadline cut it; None if it was never cut."""
+    received: list[float] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for gap in gaps:
+            await trio.sleep(gap)
+            received.append(trio.current_time())
+            yield b"{}"
+        await trio.sleep_forever()
+
+    registry = FlightRegistry(max_background=0)
+    request = chat_request({"model": "m", "messages": []})
+    flight = LiveFlight(request, None, None, registry, buffer_chunks=1000, finish_timeout=1.0)
+    flight.subscribe()
+    reader = Reader(UpstreamPool({}), None, registry, 1 << 20, False)
+    headers = [(b"content-type", b"application/json")]
+    with trio.move_on_after(sum(gaps) + 100 * idle_timeout):  # read whole: never cut
+        with pytest.raises(UpstreamTimeout) as raised:
+            await reader._relay(flight, 200, headers, body(), None, idle_timeout)
+        assert raised.value.phase == "idle"
+        return trio.current_time() - received[-1]
+    return None
+
+
+@pytest.mark.parametrize("idle_timeout", [0.05, 2.0, 120.0])
+@pytest.mark.parametrize(
+    "shape", ["silent at once", "paced", "trickling just under the timeout", "one late chunk"]
+)
+async def test_a_body_is_cut_no_sooner_than_its_idle_timeout_and_at_most_an_eighth_later(
+    autojump_clock: trio.testing.MockClock, idle_timeout: float, shape: str
+) -> None:
+    """The deadline is moved only once less than ``idle_timeout`` is left to it, then
+    ``min(1 s, idle_timeout / 8)`` further: a body is cut ``idle_timeout`` to that much more
+    after its last chunk, never sooner, whatever the gaps before (a tiny timeout included)."""
+    just_under = idle_timeout * 0.99
+    gaps = {
+        "silent at once": [0.0],
+        "paced": [idle_timeout / 10] * 50,
+        "trickling just under the timeout": [just_under] * 20,
+        "one late chunk": [idle_timeout / 10] * 5 + [just_under] + [idle_timeout / 100] * 3,
+    }[shape]
+    silence = await silence_before_the_cut(gaps, idle_timeout)
+    assert silence is not None
+    slack = min(MAX_IDLE_SLACK, idle_timeout / 8)
+    rounding = 1e-9  # the virtual clock's times are sums of floats
+    assert idle_timeout - rounding <= silence <= idle_timeout + slack + rounding

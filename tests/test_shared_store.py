@@ -672,3 +672,60 @@ async def test_a_tier_that_stays_down_is_logged_once_not_at_every_probe(
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert len(warnings) == 1  # the one at start
     assert "is down" in warnings[0]
+
+
+async def tier_down_at_start(
+    proxy: RunningProxy, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> str:
+    """``proxy``'s tier was down when it started: logged once (the line is returned), and
+    requests are served from the local store with the breaker keeping them from waiting on
+    the tier."""
+    body = chat("served without the sentinels' primary")
+    assert (await ask(proxy, body)).headers["cache-status"] == "tproxy; fwd=miss"
+    assert (await ask(proxy, body)).headers["cache-status"].startswith("tproxy; hit; ttl=")
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # no "refused a write" line per write
+    assert "is down" in warnings[0]
+    found = await metrics(proxy)
+    assert found[("tproxy_shared_store_up", ())] == 0
+    assert found[("tproxy_shared_store_breaker", (("state", "open"),))] == 1
+    assert writes(found, "skipped") == 1
+    assert upstream.calls[CHAT] == 1
+    return warnings[0]
+
+
+async def test_sentinels_all_down_at_start_are_a_tier_down(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No sentinel answers, so no primary is found: as a server that does not answer, not as
+    a server that refused each write."""
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    where = f'sentinels = ["127.0.0.1:{free_port()}"]\nsentinel_primary = "tproxy"'
+    proxy = await start_proxy(table_of(where, {"breaker_reset": 60}))
+    await tier_down_at_start(proxy, upstream, caplog)
+
+
+async def test_a_primary_the_sentinels_name_that_is_a_replica_is_a_tier_down(
+    start_proxy: StartProxy,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """coredis asks the server the sentinels name for its role and refuses a replica (a stale
+    primary): no server took the command, the tier is down until a probe finds a primary."""
+    caplog.set_level(logging.INFO, logger="tproxy.shared_store")
+    primary, replica = RedisServer(tmp_path), RedisServer(tmp_path)
+    sentinel = RedisSentinel(tmp_path, replica)  # watching the replica as if it were a primary
+    try:
+        primary.start()
+        replica.start("--replicaof", "127.0.0.1", str(primary.port))
+        sentinel.start()
+        proxy = await start_proxy(sentinel_table(sentinel, breaker_reset=60))
+        assert "reports a role of 'slave'" in await tier_down_at_start(proxy, upstream, caplog)
+    finally:
+        sentinel.stop()
+        replica.stop()
+        primary.stop()

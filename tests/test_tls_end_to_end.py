@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import re
 import ssl
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import trustme
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from tests.conftest import StartProxy, tolerate_sdk_generators
+from tests.conftest import StartProxy, access_lines, tolerate_sdk_generators
 from tests.fakeupstream import FakeUpstream, stream_events
 from tests.tlsfiles import server_context, write_ca, write_pair
 from tproxy.config import Overrides, load_settings
@@ -218,16 +219,20 @@ class HTTP2Upstream:
             if not message.get("more_body"):
                 break
         self.versions.append(scope["http_version"])
+        stalls = (b"x-stall", b"1") in scope["headers"]
         headers = [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         for event in stream_events(json.loads(body)):
             await send({"type": "http.response.body", "body": event + b"\n\n", "more_body": True})
+            if stalls:  # silent after the first event, its stream open, until the test ends
+                await trio.sleep_forever()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def test_an_http2_upstream_over_tls_streams_and_is_cached(
-    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
-) -> None:
+async def start_http2_upstream(
+    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path
+) -> tuple[HTTP2Upstream, str]:
+    """The HTTP/2 upstream and the settings of an upstream table reaching it."""
     cert, key = write_pair(ca.issue_cert("127.0.0.1"), tmp_path / "h2", "upstream")
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -235,17 +240,75 @@ async def test_an_http2_upstream_over_tls_streams_and_is_cached(
     config.accesslog = None
     app = HTTP2Upstream([])
     binds: list[str] = await nursery.start(serve, app, config)
-    url = binds[0]
     bundle = write_ca(ca, tmp_path / "ca.pem")
-    proxy = await start_proxy(
-        upstream_toml(url, f'ca_file = "{bundle}"\nhttp2 = true\n'), upstream_flag=False
-    )
+    return app, upstream_toml(binds[0], f'ca_file = "{bundle}"\nhttp2 = true\n')
+
+
+async def test_an_http2_upstream_over_tls_streams_and_is_cached(
+    nursery: trio.Nursery, start_proxy: StartProxy, ca: trustme.CA, tmp_path: Path
+) -> None:
+    app, toml = await start_http2_upstream(nursery, ca, tmp_path)
+    proxy = await start_proxy(toml, upstream_flag=False)
     first, second = await post_twice(proxy.url)
     assert app.versions == ["2"]
     assert first.status_code == 200
     assert first.headers["content-type"] == "text/event-stream"
     assert b"data: [DONE]" in first.content
     assert second.content == first.content
+
+
+async def test_an_http2_upstream_silent_mid_stream_is_cut_at_its_idle_timeout(
+    nursery: trio.Nursery,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reader's idle deadline cuts an HTTP/2 stream too (httpcore2 has no read timeout set,
+    and no scope per chunk), and the connection's other streams go on: the next request is
+    answered whole."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    app, toml = await start_http2_upstream(nursery, ca, tmp_path)
+    proxy = await start_proxy(toml + "idle_timeout = 0.3\n", upstream_flag=False)
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        with trio.fail_after(10):
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await http.post("/v1/chat/completions", json=CHAT, headers={"x-stall": "1"})
+            whole = await http.post("/v1/chat/completions", json={**CHAT, "n": 1})
+    assert whole.status_code == 200
+    assert whole.text.endswith("data: [DONE]\n\n")
+    assert app.versions == ["2", "2"]
+    await proxy.flush()
+    (cut,) = [line for line in access_lines(caplog) if line["state"] != "completed"]
+    assert (cut["state"], cut["reason"]) == ("timed_out", "timeout:idle")
+
+
+async def test_an_https_upstream_silent_mid_stream_is_cut_and_its_connection_closed(
+    nursery: trio.Nursery,
+    start_proxy: StartProxy,
+    ca: trustme.CA,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over httpcore2's HTTP/1.1 too, with no read timeout set: the reader's idle deadline cuts
+    the body, and the connection, mid-body, is closed rather than pooled."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    upstream = await start_tls_upstream(nursery, ca, tmp_path)
+    bundle = write_ca(ca, tmp_path / "ca.pem")
+    toml = upstream_toml(upstream.url, f'ca_file = "{bundle}"\nidle_timeout = 0.3\n')
+    proxy = await start_proxy(toml, upstream_flag=False)
+    async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+        with trio.fail_after(10):
+            with pytest.raises(httpx2.RemoteProtocolError):
+                await http.post(
+                    "/v1/chat/completions", json=CHAT, headers={"x-fake-stall-after": "1"}
+                )
+            await upstream.disconnected.wait()
+            whole = await http.post("/v1/chat/completions", json={**CHAT, "n": 1})
+    assert whole.text.endswith("data: [DONE]\n\n")
+    await proxy.flush()
+    (cut,) = [line for line in access_lines(caplog) if line["state"] != "completed"]
+    assert (cut["state"], cut["reason"]) == ("timed_out", "timeout:idle")
 
 
 # --- certificate rotation ----------------------------------------------------------------------

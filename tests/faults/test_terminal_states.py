@@ -152,8 +152,10 @@ async def test_an_unexpected_exception_ends_internal_error_and_serving_goes_on(
     [
         ("[upstreams.default]\ntotal_timeout = 0.5\n", "timeout:total"),
         ("[upstreams.default]\nidle_timeout = 0.2\n", "timeout:idle"),
+        # each gap under the idle timeout, each moving the idle deadline: the total still holds
+        ("[upstreams.default]\ntotal_timeout = 0.5\nidle_timeout = 0.15\n", "timeout:total"),
     ],
-    ids=["total", "idle"],
+    ids=["total", "idle", "total-while-trickling"],
 )
 async def test_a_stream_past_its_deadline_ends_timed_out_and_says_which(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, toml: str, reason: str

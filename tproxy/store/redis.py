@@ -35,7 +35,7 @@ import coredis
 import trio
 from coredis.connection import TCPLocation
 from coredis.exceptions import ConnectionError as RedisConnectionError
-from coredis.exceptions import RedisError
+from coredis.exceptions import PrimaryNotFoundError, RedisError, StalePrimaryError
 from coredis.retry import NoRetryPolicy
 
 from tproxy.config import SharedStoreSettings, parse_host_port
@@ -160,6 +160,12 @@ async def _opened_client(
         yield client
 
 
+# What coredis raises when no connection to the tier could be made: the server's address does not
+# answer, or, with sentinels, none of them names a primary (all down, or none watches it) or the
+# one named is no longer a primary (a failover not yet seen by them): no server took the command.
+_NO_CONNECTION = (RedisConnectionError, PrimaryNotFoundError, StalePrimaryError)
+
+
 class SharedConnection:
     """The proxy's client of the shared tier, and the commands its lookups and writes send.
 
@@ -224,7 +230,7 @@ class SharedConnection:
             return Outcome.UNREACHABLE, None  # not open: :meth:`hold` says why
         try:
             return Outcome.SUCCEEDED, await command(client)
-        except RedisConnectionError as error:
+        except _NO_CONNECTION as error:
             self.last_error = error
             return Outcome.UNREACHABLE, None
         except (RedisError, OSError) as error:
