@@ -12,6 +12,7 @@ import json
 import logging
 import resource
 import socket
+import struct
 from contextlib import aclosing
 
 import httpx2
@@ -141,6 +142,27 @@ async def test_a_client_leaving_during_a_replay_harms_neither_the_entry_nor_the_
     assert replayed.headers["cache-status"].startswith("tproxy; hit")
     assert replayed.content == stored.content
     assert scripted.calls(CHAT) == 1
+
+
+async def test_a_client_leaving_with_a_request_pipelined_behind_its_stream_frees_its_connection(
+    start_proxy: StartProxy,
+) -> None:
+    """A request pipelined behind a streamed answer pauses the connection's reading until that
+    answer is over; the client then leaves (a reset), and the answer's next write fails. That
+    failure ends the exchange, and must end the connection too: its reading task stayed paused
+    for good, holding its socket, and a drain waited for it until ``graceful_timeout``."""
+    proxy = await start_proxy("[server]\ngraceful_timeout = 60\n")
+    body = json.dumps(chat(words(200))).encode()
+    request = post(CHAT.encode(), body, extra=b"x-fake-delay: 0.02\r\ncache-control: no-store\r\n")
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        await stream.send_all(request + request)
+        assert await stream.receive_some()  # the first answer is flowing
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        await proxy.inflight.wait_idle()
+        proxy.stop.set()
+        await proxy.stopped.wait()
 
 
 # --- clients that do not read ------------------------------------------------------------------

@@ -221,6 +221,7 @@ class Connection(TCPServer):
                     self.protocol_send,
                     alpn_protocol=alpn_protocol,
                     stall_timeout=self._stall_timeout,
+                    closed=self._closed,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
@@ -290,6 +291,16 @@ class Connection(TCPServer):
             self._reading.deadline = -inf
         else:
             self._reading.deadline = trio.current_time() + self.config.keep_alive_timeout
+
+    def _closed(self) -> None:
+        """The protocol was told the connection closed: when another task told it (a write
+        failed: the client reset or left), the reading loop stops too, and the connection
+        closes. It may not notice by itself: an HTTP/1.1 connection with a request pipelined
+        behind the answer reads nothing until that answer is over, and the answer is over
+        without a ``StreamClosed`` to resume the reading, which waited for good with its
+        socket open."""
+        if trio.lowlevel.current_task() is not self._reader:
+            self._reading.cancel()
 
     def close_if_idle(self) -> None:
         """The server drains: close now if no answer is in progress (busy connections close
