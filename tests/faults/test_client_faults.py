@@ -482,3 +482,29 @@ async def test_followers_that_never_read_are_cut_off_and_the_shared_call_ends_wi
     with trio.fail_after(10):
         await proxy.flush()
     assert len(access_lines(caplog)) == 4
+
+
+async def test_an_answer_finished_during_a_drain_is_completed_though_its_client_keeps_the_socket(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a drain, a connection closes after its answer, and lingers to read what its client
+    still sends. A pooled client (httpx's) keeps its socket until its next use, so the linger
+    lasts its whole ``LINGER_SECONDS``: that is the connection's own business, not the
+    answer's. The answer's last write used to wait for it, and the exchange, whole at the
+    client, was cut at ``graceful_timeout`` and recorded as shut down."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    proxy = await start_proxy("[server]\ngraceful_timeout = 2\n")
+    body = chat(words(20))
+    headers = {"x-fake-delay": "0.02", **NO_STORE}
+    with trio.fail_after(20):
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+            async with http.stream("POST", CHAT, json=body, headers=headers) as answer:
+                chunks = aiter(answer.aiter_bytes())
+                received = await anext(chunks)
+                proxy.stop.set()
+                async for chunk in chunks:
+                    received += chunk
+            await proxy.stopped.wait()
+    assert received.endswith(b"data: [DONE]\n\n")
+    await proxy.exchanger.telemetry.flush()
+    assert [line["state"] for line in access_lines(caplog)] == ["completed"]

@@ -132,7 +132,8 @@ class Connection(TCPServer):
       until collected.
     - Closing lingers: after the end of the answer is sent, what the client still sends is read
       and discarded (:data:`LINGER_SECONDS`, :data:`LINGER_BYTES`), so a client still writing a
-      refused body receives its answer rather than a reset. Nothing read then is parsed.
+      refused body receives its answer rather than a reset. Nothing read then is parsed. The
+      connection's own task lingers, never the answer's (see :meth:`_close`).
     - An HTTP/1.1 answer that has started is finished before the connection closes, even when
       the client breaks the protocol meanwhile (see :meth:`_answer_in_progress`).
     - Its idle timer is the reading loop's deadline, which each request moves
@@ -373,6 +374,15 @@ class Connection(TCPServer):
                 return None
 
     async def _close(self) -> None:
+        if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
+            # Asked by an answer's task (the answer is out, the connection ends): the
+            # connection's own task closes it, lingering, once its reading stops. The answer's
+            # last write returns now: it used to linger here, up to LINGER_SECONDS for a client
+            # that keeps its socket (a pooled one), and a drain's deadline then cut an answer
+            # the client had whole.
+            self._lingering = True
+            self._reading.cancel()
+            return
         try:
             try:
                 self.send_lock.acquire_nowait()
@@ -391,10 +401,6 @@ class Connection(TCPServer):
     async def _linger(self) -> None:
         """Read and discard what the client still sends, for a bounded time and size."""
         with trio.move_on_after(LINGER_SECONDS):
-            if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
-                self._lingering = True
-                self._reading.cancel()  # the reader stops; what it has not parsed is discarded
-                await self._reader_done.wait()
             discarded = 0
             while discarded < LINGER_BYTES:
                 data = await self.stream.receive_some(MAX_RECV)
