@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import resource
 import socket
 import struct
@@ -31,6 +32,8 @@ from tests.faults.scripted import (
 )
 from tests.h11peer import SeenRequest
 from tests.security.rawhttp import address, post, read_reply
+from tproxy.pipeline import exchanger as exchanger_module
+from tproxy.pipeline.live import LiveFlight
 
 NO_STORE = {"cache-control": "no-store"}
 ENDLESS = 1 << 30  # the nominal length of an answer that is never sent whole
@@ -508,3 +511,24 @@ async def test_an_answer_finished_during_a_drain_is_completed_though_its_client_
     assert received.endswith(b"data: [DONE]\n\n")
     await proxy.exchanger.telemetry.flush()
     assert [line["state"] for line in access_lines(caplog)] == ["completed"]
+
+
+async def test_an_http_1_0_answer_ends_when_its_last_byte_is_out_not_when_its_request_ends(
+    proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP/1.0 client's streamed answer has no framing: it ends when the proxy shuts its
+    side of the connection. That goes out with the answer's last bytes, not once the request's
+    task has ended: here it waits (for good) to learn what became of storing the answer."""
+    monkeypatch.setattr(exchanger_module, "SETTLE_TIMEOUT", math.inf)
+    monkeypatch.setattr(LiveFlight, "settled", property(lambda _: trio.Event()))  # never set
+    body = chat("an old client")
+    request = raw_chat(body, {}).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    received = b""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            await stream.send_all(request)
+            while data := await stream.receive_some():
+                received += data
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert len(proxy.inflight) == 1  # the request itself still waits

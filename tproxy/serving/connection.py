@@ -376,12 +376,17 @@ class Connection(TCPServer):
     async def _close(self) -> None:
         if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
             # Asked by an answer's task (the answer is out, the connection ends): the
-            # connection's own task closes it, lingering, once its reading stops. The answer's
-            # last write returns now: it used to linger here, up to LINGER_SECONDS for a client
-            # that keeps its socket (a pooled one), and a drain's deadline then cut an answer
-            # the client had whole.
+            # connection's own task closes it, lingering, once its reading stops and its
+            # requests' tasks end. The answer's last write returns now: it used to linger here,
+            # up to LINGER_SECONDS for a client that keeps its socket (a pooled one), and a
+            # drain's deadline then cut an answer the client had whole. The end of the answer
+            # goes out now all the same (an HTTP/1.0 client's ends with the connection), unless
+            # a write is in progress: the close after it sends it.
             self._lingering = True
             self._reading.cancel()
+            if self._plain and not self.send_lock.locked():
+                with suppress(OSError):
+                    self.socket.shutdown(trio.socket.SHUT_WR)
             return
         try:
             try:
