@@ -269,6 +269,17 @@ async def test_repeated_connection_failures_log_one_line_per_interval(
     assert "test_serving.py" in lines[0]
 
 
+# An HTTP/2 request whose declared length is over ``max_body_bytes = 1000``, and one beside it.
+DECLARED_TOO_LARGE = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":authority", "tproxy"),
+    (":path", "/v1/chat/completions"),
+    ("content-length", "30000"),
+]
+MODELS = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
+
+
 async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -290,22 +301,14 @@ async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
                     ended.add(event.stream_id)
             await stream.send_all(connection.data_to_send())
 
-    post = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "tproxy"),
-        (":path", "/v1/chat/completions"),
-        ("content-length", "30000"),
-    ]
-    models = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
     with trio.fail_after(10):
         async with stream:
-            connection.send_headers(1, post)
+            connection.send_headers(1, DECLARED_TOO_LARGE)
             connection.send_data(1, b"x" * 10000)
             await stream.send_all(connection.data_to_send())
             await read_until(lambda: 1 in ended)
             connection.send_data(1, b"x" * 10000)  # the client has not noticed yet
-            connection.send_headers(3, models, end_stream=True)
+            connection.send_headers(3, MODELS, end_stream=True)
             await stream.send_all(connection.data_to_send())
             await read_until(lambda: 3 in ended)
     assert statuses == {1: 413, 3: 200}
@@ -324,23 +327,15 @@ async def test_an_h2_stream_refused_early_with_its_body_queued_frees_its_connect
     proxy = await start_proxy("[server]\nmax_body_bytes = 1000\nclient_stall_timeout = 0.5\n")
     stream, connection = await open_h2(proxy)
     connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
-    post = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "tproxy"),
-        (":path", "/v1/chat/completions"),
-        ("content-length", "30000"),
-    ]
-    models = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
     statuses: dict[int, int] = {}
     ended: set[int] = set()
     reset: set[int] = set()
     with trio.fail_after(10):
         async with stream:
-            connection.send_headers(1, post)
+            connection.send_headers(1, DECLARED_TOO_LARGE)
             for _ in range(30):
                 connection.send_data(1, b"x" * 100)
-            connection.send_headers(3, models, end_stream=True)
+            connection.send_headers(3, MODELS, end_stream=True)
             await stream.send_all(connection.data_to_send())
             while 3 not in ended or 1 not in ended | reset:
                 data = await stream.receive_some()
