@@ -15,6 +15,7 @@ from collections.abc import Callable
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import h11
 import httpx2
 import pytest
@@ -30,6 +31,7 @@ from hypercorn.typing import (
     ASGIReceiveCallable,
     ASGISendCallable,
     ConnectionState,
+    HTTPRequestEvent,
     Scope,
 )
 from hypercorn.utils import wrap_app
@@ -267,6 +269,17 @@ async def test_repeated_connection_failures_log_one_line_per_interval(
     assert "test_serving.py" in lines[0]
 
 
+# An HTTP/2 request whose declared length is over ``max_body_bytes = 1000``, and one beside it.
+DECLARED_TOO_LARGE = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":authority", "tproxy"),
+    (":path", "/v1/chat/completions"),
+    ("content-length", "30000"),
+]
+MODELS = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
+
+
 async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -288,26 +301,59 @@ async def test_an_h2_stream_refused_early_leaves_its_connection_serving(
                     ended.add(event.stream_id)
             await stream.send_all(connection.data_to_send())
 
-    post = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "tproxy"),
-        (":path", "/v1/chat/completions"),
-        ("content-length", "30000"),
-    ]
-    models = [(":method", "GET"), (":scheme", "http"), (":authority", "x"), (":path", "/v1/models")]
     with trio.fail_after(10):
         async with stream:
-            connection.send_headers(1, post)
+            connection.send_headers(1, DECLARED_TOO_LARGE)
             connection.send_data(1, b"x" * 10000)
             await stream.send_all(connection.data_to_send())
             await read_until(lambda: 1 in ended)
             connection.send_data(1, b"x" * 10000)  # the client has not noticed yet
-            connection.send_headers(3, models, end_stream=True)
+            connection.send_headers(3, MODELS, end_stream=True)
             await stream.send_all(connection.data_to_send())
             await read_until(lambda: 3 in ended)
     assert statuses == {1: 413, 3: 200}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_h2_stream_refused_early_with_its_body_queued_frees_its_connection(
+    start_proxy: StartProxy,
+) -> None:
+    """A 413 decided from the declared length, while the client sends more DATA frames than a
+    request's queue holds and keeps its window small: the queue fills (the app never reads
+    it), and the connection's reading task waits for room. The stream is then reset at
+    ``client_stall_timeout`` (its answer cannot go out), and its departure must free that
+    reading task: it used to wait for room in the same queue, and the connection hung for good,
+    every stream on it, its socket and its exchange."""
+    proxy = await start_proxy("[server]\nmax_body_bytes = 1000\nclient_stall_timeout = 0.5\n")
+    stream, connection = await open_h2(proxy)
+    connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 10})
+    statuses: dict[int, int] = {}
+    ended: set[int] = set()
+    reset: set[int] = set()
+    with trio.fail_after(10):
+        async with stream:
+            connection.send_headers(1, DECLARED_TOO_LARGE)
+            for _ in range(30):
+                connection.send_data(1, b"x" * 100)
+            connection.send_headers(3, MODELS, end_stream=True)
+            await stream.send_all(connection.data_to_send())
+            while 3 not in ended or 1 not in ended | reset:
+                data = await stream.receive_some()
+                assert data, "the connection closed"
+                for event in connection.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived):
+                        statuses[event.stream_id] = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                    elif isinstance(event, h2.events.StreamReset):
+                        reset.add(event.stream_id)
+                await stream.send_all(connection.data_to_send())
+        await proxy.inflight.wait_idle()
+    assert statuses == {1: 413, 3: 200}
 
 
 # --- writes and the idle timer -------------------------------------------------------------------
@@ -584,3 +630,26 @@ async def test_a_listener_that_stopped_or_a_cancelled_reader_hears_no_departure(
         ends.listen(None)
         await ends.put({"type": "http.disconnect"})
         assert told == []
+
+
+async def test_a_departure_never_waits_for_room_in_a_full_queue() -> None:
+    """A departure while the queue is full (an app that is not reading its body) is not queued
+    behind the body: it closes the queue, a body message waiting for room is dropped, and the
+    app reads what was queued, then the departure."""
+    ends = RequestEnds(trio.lowlevel.checkpoint, 1)
+    told: list[str] = []
+    ends.listen(lambda: told.append("left"))
+    first: HTTPRequestEvent = {"type": "http.request", "body": b"{", "more_body": True}
+    second: HTTPRequestEvent = {"type": "http.request", "body": b"x", "more_body": True}
+    with trio.fail_after(5):  # the departure used to wait, and the put before it, for good
+        async with trio.open_nursery() as nursery:
+            await ends.put(first)
+            nursery.start_soon(ends.put, second)
+            await trio.testing.wait_all_tasks_blocked()
+            await ends.put({"type": "http.disconnect"})
+    assert told == ["left"]
+    assert [await ends.receive() for _ in range(3)] == [
+        first,
+        {"type": "http.disconnect"},
+        {"type": "http.disconnect"},
+    ]

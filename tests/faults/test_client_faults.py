@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import resource
 import socket
+import struct
 from contextlib import aclosing
 
 import httpx2
@@ -30,6 +32,8 @@ from tests.faults.scripted import (
 )
 from tests.h11peer import SeenRequest
 from tests.security.rawhttp import address, post, read_reply
+from tproxy.pipeline import exchanger as exchanger_module
+from tproxy.pipeline.live import LiveFlight
 
 NO_STORE = {"cache-control": "no-store"}
 ENDLESS = 1 << 30  # the nominal length of an answer that is never sent whole
@@ -141,6 +145,27 @@ async def test_a_client_leaving_during_a_replay_harms_neither_the_entry_nor_the_
     assert replayed.headers["cache-status"].startswith("tproxy; hit")
     assert replayed.content == stored.content
     assert scripted.calls(CHAT) == 1
+
+
+async def test_a_client_leaving_with_a_request_pipelined_behind_its_stream_frees_its_connection(
+    start_proxy: StartProxy,
+) -> None:
+    """A request pipelined behind a streamed answer pauses the connection's reading until that
+    answer is over; the client then leaves (a reset), and the answer's next write fails. That
+    failure ends the exchange, and must end the connection too: its reading task stayed paused
+    for good, holding its socket, and a drain waited for it until ``graceful_timeout``."""
+    proxy = await start_proxy("[server]\ngraceful_timeout = 60\n")
+    body = json.dumps(chat(words(200))).encode()
+    request = post(CHAT.encode(), body, extra=b"x-fake-delay: 0.02\r\ncache-control: no-store\r\n")
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        await stream.send_all(request + request)
+        assert await stream.receive_some()  # the first answer is flowing
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        await proxy.inflight.wait_idle()
+        proxy.stop.set()
+        await proxy.stopped.wait()
 
 
 # --- clients that do not read ------------------------------------------------------------------
@@ -460,3 +485,50 @@ async def test_followers_that_never_read_are_cut_off_and_the_shared_call_ends_wi
     with trio.fail_after(10):
         await proxy.flush()
     assert len(access_lines(caplog)) == 4
+
+
+async def test_an_answer_finished_during_a_drain_is_completed_though_its_client_keeps_the_socket(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a drain, a connection closes after its answer, and lingers to read what its client
+    still sends. A pooled client (httpx's) keeps its socket until its next use, so the linger
+    lasts its whole ``LINGER_SECONDS``: that is the connection's own business, not the
+    answer's. The answer's last write used to wait for it, and the exchange, whole at the
+    client, was cut at ``graceful_timeout`` and recorded as shut down."""
+    caplog.set_level(logging.INFO, logger="tproxy.access")
+    proxy = await start_proxy("[server]\ngraceful_timeout = 2\n")
+    body = chat(words(20))
+    headers = {"x-fake-delay": "0.02", **NO_STORE}
+    with trio.fail_after(20):
+        async with httpx2.AsyncClient(base_url=proxy.url, timeout=10) as http:
+            async with http.stream("POST", CHAT, json=body, headers=headers) as answer:
+                chunks = aiter(answer.aiter_bytes())
+                received = await anext(chunks)
+                proxy.stop.set()
+                async for chunk in chunks:
+                    received += chunk
+            await proxy.stopped.wait()
+    assert received.endswith(b"data: [DONE]\n\n")
+    await proxy.exchanger.telemetry.flush()
+    assert [line["state"] for line in access_lines(caplog)] == ["completed"]
+
+
+async def test_an_http_1_0_answer_ends_when_its_last_byte_is_out_not_when_its_request_ends(
+    proxy: RunningProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HTTP/1.0 client's streamed answer has no framing: it ends when the proxy shuts its
+    side of the connection. That goes out with the answer's last bytes, not once the request's
+    task has ended: here it waits (for good) to learn what became of storing the answer."""
+    monkeypatch.setattr(exchanger_module, "SETTLE_TIMEOUT", math.inf)
+    monkeypatch.setattr(LiveFlight, "settled", property(lambda _: trio.Event()))  # never set
+    body = chat("an old client")
+    request = raw_chat(body, {}).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    received = b""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*address(proxy.url))
+        async with stream:
+            await stream.send_all(request)
+            while data := await stream.receive_some():
+                received += data
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert len(proxy.inflight) == 1  # the request itself still waits

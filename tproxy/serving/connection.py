@@ -132,7 +132,8 @@ class Connection(TCPServer):
       until collected.
     - Closing lingers: after the end of the answer is sent, what the client still sends is read
       and discarded (:data:`LINGER_SECONDS`, :data:`LINGER_BYTES`), so a client still writing a
-      refused body receives its answer rather than a reset. Nothing read then is parsed.
+      refused body receives its answer rather than a reset. Nothing read then is parsed. The
+      connection's own task lingers, never the answer's (see :meth:`_close`).
     - An HTTP/1.1 answer that has started is finished before the connection closes, even when
       the client breaks the protocol meanwhile (see :meth:`_answer_in_progress`).
     - Its idle timer is the reading loop's deadline, which each request moves
@@ -221,6 +222,7 @@ class Connection(TCPServer):
                     self.protocol_send,
                     alpn_protocol=alpn_protocol,
                     stall_timeout=self._stall_timeout,
+                    closed=self._closed,
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
@@ -290,6 +292,16 @@ class Connection(TCPServer):
             self._reading.deadline = -inf
         else:
             self._reading.deadline = trio.current_time() + self.config.keep_alive_timeout
+
+    def _closed(self) -> None:
+        """The protocol was told the connection closed: when another task told it (a write
+        failed: the client reset or left), the reading loop stops too, and the connection
+        closes. It may not notice by itself: an HTTP/1.1 connection with a request pipelined
+        behind the answer reads nothing until that answer is over, and the answer is over
+        without a ``StreamClosed`` to resume the reading, which waited for good with its
+        socket open."""
+        if trio.lowlevel.current_task() is not self._reader:
+            self._reading.cancel()
 
     def close_if_idle(self) -> None:
         """The server drains: close now if no answer is in progress (busy connections close
@@ -362,6 +374,20 @@ class Connection(TCPServer):
                 return None
 
     async def _close(self) -> None:
+        if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
+            # Asked by an answer's task (the answer is out, the connection ends): the
+            # connection's own task closes it, lingering, once its reading stops and its
+            # requests' tasks end. The answer's last write returns now: it used to linger here,
+            # up to LINGER_SECONDS for a client that keeps its socket (a pooled one), and a
+            # drain's deadline then cut an answer the client had whole. The end of the answer
+            # goes out now all the same (an HTTP/1.0 client's ends with the connection), unless
+            # a write is in progress: the close after it sends it.
+            self._lingering = True
+            self._reading.cancel()
+            if self._plain and not self.send_lock.locked():
+                with suppress(OSError):
+                    self.socket.shutdown(trio.socket.SHUT_WR)
+            return
         try:
             try:
                 self.send_lock.acquire_nowait()
@@ -380,10 +406,6 @@ class Connection(TCPServer):
     async def _linger(self) -> None:
         """Read and discard what the client still sends, for a bounded time and size."""
         with trio.move_on_after(LINGER_SECONDS):
-            if self._reader is not None and trio.lowlevel.current_task() is not self._reader:
-                self._lingering = True
-                self._reading.cancel()  # the reader stops; what it has not parsed is discarded
-                await self._reader_done.wait()
             discarded = 0
             while discarded < LINGER_BYTES:
                 data = await self.stream.receive_some(MAX_RECV)

@@ -5,6 +5,7 @@ socket is :mod:`tproxy.serving.connection`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from http import HTTPStatus
 from typing import Any
@@ -215,9 +216,20 @@ class RepairedH11Protocol(H11Protocol):
 
 class Protocols(ProtocolWrapper):
     """HTTP/1.1 (:class:`RepairedH11Protocol`), switching to :class:`BoundedH2Protocol` for
-    prior-knowledge HTTP/2; HTTP/2 from the start when TLS's ALPN agreed on it."""
+    prior-knowledge HTTP/2; HTTP/2 from the start when TLS's ALPN agreed on it.
 
-    def __init__(self, *arguments: Any, alpn_protocol: str, stall_timeout: float) -> None:
+    ``closed`` is called each time the protocol is told the connection has closed: by the
+    reading loop at its end, and by a write that failed (Hypercorn's), which the reading loop
+    may not notice by itself (see :meth:`Connection._closed
+    <tproxy.serving.connection.Connection._closed>`)."""
+
+    def __init__(
+        self,
+        *arguments: Any,
+        alpn_protocol: str,
+        stall_timeout: float,
+        closed: Callable[[], None],
+    ) -> None:
         super().__init__(*arguments)
         self.protocol = (
             BoundedH2Protocol(*arguments, stall_timeout=stall_timeout)
@@ -226,6 +238,7 @@ class Protocols(ProtocolWrapper):
         )
         self._arguments = arguments
         self._stall_timeout = stall_timeout
+        self._closed = closed
 
     async def handle(self, event: Event) -> None:
         try:
@@ -236,3 +249,5 @@ class Protocols(ProtocolWrapper):
             )
             await h2_protocol.initiate()
             await h2_protocol.handle(RawData(data=switch.data))
+        if isinstance(event, Closed):
+            self._closed()

@@ -12,6 +12,7 @@ chain and cancel scope per request just to wait for it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import cast
 
 import trio
@@ -35,10 +36,11 @@ class RequestEnds:
     """The server's side of one request: ``receive`` for the app (sending ``100 Continue`` first
     when the client waits for it), ``put`` for Hypercorn, and the departure's listener.
 
-    Hypercorn queues the request's messages in a bounded channel (``max_app_queue_size``): its
-    body, then ``http.disconnect``. Once the app has the whole body only the departure can
-    follow, and a flag says it: the channel is let go then, rather than held for the whole
-    answer (a channel's state, its two ends and its deque: ~1.7 KB per open stream)."""
+    Hypercorn queues the request's body in a bounded channel (``max_app_queue_size``); its
+    ``http.disconnect`` closes the channel (see :meth:`put`). Once the app has the whole body
+    only the departure can follow, and a flag says it: the channel is let go then, rather than
+    held for the whole answer (a channel's state, its two ends and its deque: ~1.7 KB per open
+    stream)."""
 
     __slots__ = ("_continue_if_expected", "_from_server", "_gone", "_left", "_listener", "_to_app")
 
@@ -62,29 +64,49 @@ class RequestEnds:
                 await self._left.wait()
             return {"type": "http.disconnect"}
         await self._continue_if_expected()
-        message = await queue.receive()
+        try:
+            message = await queue.receive()
+        except trio.EndOfChannel:  # the client left before its body was whole (see put)
+            self._from_server = None
+            return {"type": "http.disconnect"}
         if message["type"] == "http.request" and not message.get("more_body", False):
             self._to_app = self._from_server = None
         return message
 
     async def put(self, message: ASGIReceiveEvent) -> None:
-        """Queue a message for the app; once a departure is queued, tell it to the listener.
+        """Queue a body message for the app; tell it a departure (``http.disconnect``).
 
-        Once queued, as a task waiting on ``receive()`` would learn it: a reading task that is
-        itself cancelled (the drain's deadline, closing the sockets) queues nothing, and the
-        request ends as shut down, not as a client gone."""
-        queue = self._to_app
+        A departure never waits for room in the queue: it closes the queue, and the app reads
+        what was queued, then the departure. A body message waiting for room (an app that
+        answered without reading its body, an HTTP/2 client still sending it) is dropped then.
+        Waiting, it held the connection's reading task, and the app's own task that closed the
+        stream, on a queue nobody would read again: the connection hung for good, and on
+        HTTP/2 every stream on it.
+
+        A departure is told once it is past the cancel check, as a task waiting on
+        ``receive()`` would learn it: a reading task that is itself cancelled (the drain's
+        deadline, closing the sockets) tells nothing, and the request ends as shut down, not as
+        a client gone."""
+        if message["type"] != "http.disconnect":
+            queue = self._to_app
+            if queue is None:  # the client has left: nothing more is read
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return
+            with suppress(trio.ClosedResourceError):  # it left while this waited for room
+                await queue.send(message)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._gone:
+            return
+        self._gone = True
+        queue, self._to_app = self._to_app, None
         if queue is not None:
-            await queue.send(message)
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        if message["type"] == "http.disconnect" and not self._gone:
-            self._gone = True
-            if self._left is not None:
-                self._left.set()
-            listener, self._listener = self._listener, None
-            if listener is not None:
-                listener()
+            queue.close()
+        if self._left is not None:
+            self._left.set()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener()
 
     def listen(self, listener: Callable[[], None] | None) -> None:
         """Call ``listener`` once, when the client leaves (at once if it has already left);
