@@ -3,8 +3,8 @@
 This is the connection, not the tier (the tier's policy, which commands to send when and what to
 count, is :mod:`tproxy.store.shared`): a coredis client for a ``redis://``, ``rediss://`` or
 ``unix://`` URL, for a Redis Cluster's nodes, or for the primary a set of Redis Sentinels
-watches (each new connection asks them where it is), the few commands the tier sends, and what their
-failures mean, translated at this edge:
+watches (each new connection asks them where it is), the few commands the tier sends, and what
+their failures mean, translated at this edge:
 
 - :class:`SharedConnection` is the proxy's: one client held open for the tier's life and
   reopened when it cannot start (:meth:`SharedConnection.hold`). A command never raises; it
@@ -99,8 +99,9 @@ def _read_password(key: str, variable: str | None, environ: Mapping[str, str]) -
 
 
 def _tls_context(settings: SharedStoreSettings) -> ssl.SSLContext | None:
-    """The client context of a ``rediss://`` URL or of a cluster with ``tls``, checking
-    each server's certificate and name; ConfigError when ``ca_file`` cannot be used."""
+    """The client context of a ``rediss://`` URL, or of a cluster's or sentinels' nodes with
+    ``tls``, checking each server's certificate and name; ConfigError when ``ca_file`` cannot
+    be used."""
     rediss = settings.url is not None and settings.url.startswith("rediss://")
     if not (rediss or settings.tls):
         return None
@@ -129,15 +130,7 @@ async def _opened_client(
         "stream_timeout": settings.write_timeout,
         "retry_policy": NoRetryPolicy(),
     }
-    client: Client
-    if settings.cluster_nodes:
-        nodes = [parse_host_port(node) for node in settings.cluster_nodes]
-        client = coredis.RedisCluster(
-            startup_nodes=[{"host": host, "port": port} for host, port in nodes],
-            ssl_context=context,
-            **options,
-        )
-    elif settings.sentinels:
+    if settings.sentinels:
         assert settings.sentinel_primary is not None
         sentinels = coredis.Sentinel(
             [TCPLocation(*parse_host_port(node)) for node in settings.sentinels],
@@ -153,6 +146,14 @@ async def _opened_client(
         async with sentinels, sentinels.primary_for(settings.sentinel_primary) as primary:
             yield primary
         return
+    client: Client
+    if settings.cluster_nodes:
+        nodes = [parse_host_port(node) for node in settings.cluster_nodes]
+        client = coredis.RedisCluster(
+            startup_nodes=[{"host": host, "port": port} for host, port in nodes],
+            ssl_context=context,
+            **options,
+        )
     else:
         assert settings.url is not None
         client = coredis.Redis.from_url(settings.url, ssl_context=context, **options)
