@@ -217,6 +217,12 @@ class SharedStoreSettings:
     breaker_failures: int = field(default=5, metadata=check(SIZE))
     breaker_reset: float = field(default=5.0, metadata=check(SECONDS))
 
+    @property
+    def over_tls(self) -> bool:
+        """Whether the tier is reached over TLS: a ``rediss://`` URL, or ``tls`` for a cluster's
+        or sentinels' nodes."""
+        return self.tls or (self.url or "").startswith("rediss://")
+
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:

@@ -89,15 +89,15 @@ def read_shared_store(
         problems.at("shared_store", "sentinels and sentinel_primary go together")
     if "sentinel_password_env" in table and "sentinels" not in table:
         problems.at("shared_store.sentinel_password_env", "only used with sentinels")
-    if values.get("tls") and "url" in table:
+    settings = dataclasses.replace(SharedStoreSettings(), **values)
+    if settings.tls and "url" in table:
         problems.at("shared_store.tls", "not with a url: a url asks for TLS with rediss://")
-    over_tls = str(values.get("url", "")).startswith("rediss://") or values.get("tls")
-    if "ca_file" in values and not over_tls:
+    if settings.ca_file is not None and not settings.over_tls:
         problems.at("shared_store.ca_file", "only used with a rediss:// url or tls")
-    elif "ca_file" in values:
-        for setting, reason in check_ca_file(values["ca_file"], setting="shared_store.ca_file"):
+    elif settings.ca_file is not None:
+        for setting, reason in check_ca_file(settings.ca_file, setting="shared_store.ca_file"):
             problems.at(setting, reason)
-    return dataclasses.replace(SharedStoreSettings(), **values)
+    return settings
 
 
 def _read_key_file(path: Path, problems: Problems) -> list[str]:

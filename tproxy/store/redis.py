@@ -102,8 +102,7 @@ def _tls_context(settings: SharedStoreSettings) -> ssl.SSLContext | None:
     """The client context of a ``rediss://`` URL, or of a cluster's or sentinels' nodes with
     ``tls``, checking each server's certificate and name; ConfigError when ``ca_file`` cannot
     be used."""
-    rediss = settings.url is not None and settings.url.startswith("rediss://")
-    if not (rediss or settings.tls):
+    if not settings.over_tls:
         return None
     try:
         return upstream_context(
