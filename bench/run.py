@@ -184,9 +184,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far (from /proc)."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.process.pid)
 
     def memory_kib(self) -> tuple[int, int]:
         """Resident set size now and at its peak, in KiB."""
@@ -219,6 +217,12 @@ class Target:
         """Resident set size now and at its peak, in KiB, summed over the processes."""
         now, peak = zip(*(server.memory_kib() for server in self.servers), strict=True)
         return sum(now), sum(peak)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_ports(count: int) -> list[int]:

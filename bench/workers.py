@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import resource
 import statistics
 import sys
@@ -42,6 +41,7 @@ from run import (
     cpu_in_window,
     free_ports,
     port_open,
+    process_cpu_seconds,
     start_script,
     start_tproxy,
     wait_until,
@@ -57,11 +57,7 @@ def cpu_seconds(server: Server) -> float:
     # Each thread lists the children it started: the supervisor may start workers from any.
     tasks = Path(f"/proc/{pid}/task").iterdir()
     children = [child for task in tasks for child in (task / "children").read_text().split()]
-    total = 0.0
-    for each in (pid, *map(int, children)):
-        fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(process_cpu_seconds(each) for each in (pid, *map(int, children)))
 
 
 def children_cpu() -> float:
